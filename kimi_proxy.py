@@ -1,0 +1,1274 @@
+"""kimi_proxy: an OpenAI-compatible Chat Completions server in front of Kimi's web chat.
+
+Paste the ``refresh_token`` of your Kimi web account as the API key (several, joined by
+commas, are used in turn) and any OpenAI client can chat with Kimi through this server:
+
+    pip install -r requirements.txt && python kimi_proxy.py        # serves on 0.0.0.0:8000
+    curl -N localhost:8000/v1/chat/completions -H "Authorization: Bearer $KIMI_REFRESH_TOKEN" \
+         -d '{"model": "kimi", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+
+Every Kimi chat the proxy creates for a request is deleted when that request ends, unless the
+client asked to keep it with ``"conversation_id": "new"``.
+
+Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
+    HOST, PORT                 where to listen (0.0.0.0, 8000)
+    KIMI_BASE_URL              Kimi's address (https://kimi.moonshot.cn)
+    KIMI_PROTOCOL              Kimi's dialect: legacy (REST + SSE)
+    UPSTREAM_CONNECT_TIMEOUT   seconds to connect to Kimi (10)
+    UPSTREAM_READ_TIMEOUT      seconds without a byte from Kimi before giving up (120)
+    KEEPALIVE_INTERVAL         seconds of silence before an SSE keep-alive comment (15)
+    MAX_BODY_MB                largest request body accepted, in MiB (100)
+    LOG_LEVEL                  DEBUG, INFO, WARNING or ERROR (INFO)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import re
+import secrets
+import sys
+import time
+from collections import OrderedDict
+from contextlib import aclosing, asynccontextmanager
+from typing import AsyncIterator, Awaitable, Mapping, NamedTuple, Protocol
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("kimi_proxy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+PROTOCOLS = {"legacy": "https://kimi.moonshot.cn"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; its message names the variable and is shown as is at start-up."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    kimi_base_url: str = PROTOCOLS["legacy"]
+    kimi_protocol: str = "legacy"
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 120.0
+    keepalive_interval: float = 15.0
+    max_body_mb: float = 100.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
+        env = os.environ if env is None else env
+        protocol = env.get("KIMI_PROTOCOL", "legacy").strip().lower()
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"KIMI_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        base_url = env.get("KIMI_BASE_URL", "").strip().rstrip("/") or PROTOCOLS[protocol]
+        if not re.match(r"https?://[^/\s]+", base_url):
+            raise ConfigError(f"KIMI_BASE_URL must be an http(s) URL, got {base_url!r}")
+        log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        return cls(
+            host=env.get("HOST", cls.host).strip() or cls.host,
+            port=_port_setting(env, "PORT", cls.port),
+            kimi_base_url=base_url,
+            kimi_protocol=protocol,
+            upstream_connect_timeout=_positive_setting(env, "UPSTREAM_CONNECT_TIMEOUT", cls.upstream_connect_timeout),
+            upstream_read_timeout=_positive_setting(env, "UPSTREAM_READ_TIMEOUT", cls.upstream_read_timeout),
+            keepalive_interval=_positive_setting(env, "KEEPALIVE_INTERVAL", cls.keepalive_interval),
+            max_body_mb=_positive_setting(env, "MAX_BODY_MB", cls.max_body_mb),
+            log_level=log_level,
+        )
+
+
+def _port_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {raw!r}")
+    return int(raw)
+
+
+def _positive_setting(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# App keys and errors
+# ---------------------------------------------------------------------------------------------
+
+
+class ProxyError(Exception):
+    """A failure the client sees: an HTTP status plus the OpenAI error envelope."""
+
+    def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def envelope(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> ProxyError:
+    return ProxyError(400, message, param=param)
+
+
+def upstream_error(message: str) -> ProxyError:
+    return ProxyError(502, message, error_type="server_error", code="upstream_error")
+
+
+def upstream_timeout(message: str) -> ProxyError:
+    return ProxyError(504, message, error_type="server_error", code="upstream_timeout")
+
+
+class TokenRejected(ProxyError):
+    """Kimi refused this credential; the request may move on to the next token."""
+
+    def __init__(self, message: str = "Kimi rejected the token: send a valid Kimi refresh_token as the API key"):
+        super().__init__(401, message, code="invalid_api_key")
+
+
+class RateLimited(ProxyError):
+    """Kimi is limiting this account; the request may move on to the next token."""
+
+    def __init__(self, message: str, retry_after: int | None = None, code: str = "rate_limit_exceeded"):
+        super().__init__(429, message, error_type="rate_limit_error", code=code, retry_after=retry_after)
+
+
+def error_response(error: ProxyError) -> web.Response:
+    response = web.Response(status=error.status, body=orjson.dumps(error.envelope()) + b"\n",
+                            content_type="application/json")
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+# ---------------------------------------------------------------------------------------------
+# Kimi client: the only place that knows Kimi's paths, headers, tokens and retries
+# ---------------------------------------------------------------------------------------------
+
+# Dialect-neutral events that every Kimi dialect yields for one answer.
+TEXT = "text"            # answer text delta
+REASONING = "reasoning"  # thinking text delta
+SOURCE = "source"        # one web-search source (title, url)
+LENGTH = "length"        # the answer was cut at Kimi's length limit
+DONE = "done"            # the answer is complete
+ERROR = "error"          # Kimi aborted the answer; text holds Kimi's message
+CHAT = "chat"            # the Kimi chat id the answer lives in (added by kimi_events)
+
+
+class Event(NamedTuple):
+    kind: str
+    text: str = ""
+    url: str = ""
+
+
+DONE_EVENT = Event(DONE)
+LENGTH_EVENT = Event(LENGTH)
+
+K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ agent id that selects the K1 reasoning model
+CHAT_ID = re.compile(r"[0-9a-z]{20}")
+MAX_CONTINUATIONS = 3
+RETRY_BACKOFF = (0.25, 0.75)  # seconds before the 2nd and 3rd try of a call that hit a 5xx or a dead connection
+ACCESS_TOKEN_DEFAULT_LIFETIME = 300.0
+
+
+class KimiDialect(Protocol):
+    """What the handlers need from a Kimi dialect. Errors are raised as ProxyError."""
+
+    models: tuple[str, ...]
+
+    async def check_token(self, credential: str) -> bool: ...
+    async def open_chat(self, credential: str, plan: "Plan") -> str: ...
+    def stream_turn(self, credential: str, chat_id: str, plan: "Plan") -> AsyncIterator[Event]: ...
+    async def delete_chat(self, credential: str, chat_id: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Janitor:
+    """Owns background clean-up calls (chat deletions) so that they outlive the request that
+    started them, never delay its answer, and are awaited at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+def jwt_claims(token: str) -> dict:
+    """The payload of a JWT, unverified; {} for anything that is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+class Grant(NamedTuple):
+    access_token: str
+    user_id: str
+    refresh_at: float  # loop time after which the access token is renewed
+
+
+def refresh_time(access_token: str, now_wall: float, now_loop: float) -> float:
+    """When to renew an access token: shortly before its JWT exp, else after the default lifetime."""
+    exp = jwt_claims(access_token).get("exp")
+    if not isinstance(exp, (int, float)):
+        return now_loop + ACCESS_TOKEN_DEFAULT_LIFETIME
+    lifetime = exp - now_wall
+    return now_loop + max(0.0, lifetime - min(60.0, lifetime * 0.2))
+
+
+class AccessTokens:
+    """Access tokens cached per credential, renewed before expiry, one refresh in flight per token."""
+
+    def __init__(self, refresh) -> None:
+        self._refresh = refresh
+        self._grants: dict[str, Grant] = {}
+        self._pending: dict[str, asyncio.Future] = {}
+
+    async def get(self, credential: str) -> Grant:
+        grant = self._grants.get(credential)
+        if grant is not None and asyncio.get_running_loop().time() < grant.refresh_at:
+            return grant
+        pending = self._pending.get(credential)
+        if pending is None:
+            pending = asyncio.ensure_future(self._refresh(credential))
+            self._pending[credential] = pending
+            pending.add_done_callback(lambda done: self._settle(credential, done))
+        # shield: a waiter that goes away must not cancel the refresh the others wait for
+        return await asyncio.shield(pending)
+
+    def _settle(self, credential: str, done: asyncio.Future) -> None:
+        self._pending.pop(credential, None)
+        if not done.cancelled() and done.exception() is None:
+            self._grants[credential] = done.result()
+
+    def drop(self, credential: str, grant: Grant) -> None:
+        if self._grants.get(credential) is grant:
+            del self._grants[credential]
+
+    def close(self) -> None:
+        for pending in self._pending.values():
+            pending.cancel()
+
+
+def browser_headers(base_url: str) -> dict[str, str]:
+    """Headers Kimi's web app sends on every call; the device ids are fixed per process."""
+    return {
+        "Accept": "*/*",
+        "Accept-Language": "zh-CN,zh;q=0.9,en-US;q=0.8,en;q=0.7",
+        "Origin": base_url,
+        "User-Agent": ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                       "(KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
+        "X-Msh-Platform": "web",
+        "X-Msh-Device-Id": "7" + "".join(random.choices("0123456789", k=18)),
+        "X-Msh-Session-Id": "17" + "".join(random.choices("0123456789", k=17)),
+    }
+
+
+async def read_kimi_json(response: aiohttp.ClientResponse) -> object:
+    """A Kimi JSON body, or None when it is not JSON."""
+    try:
+        return orjson.loads(await response.read())
+    except orjson.JSONDecodeError:
+        return None
+
+
+def from_kimi_failure(status: int, body: object, retry_after: str | None) -> ProxyError:
+    """Map a non-2xx Kimi answer (other than token rejection) to what the client sees."""
+    error_type = body.get("error_type") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    if status == 429 or (isinstance(message, str) and "次数超过" in message):
+        seconds = int(retry_after) if retry_after and retry_after.isdigit() else None
+        return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}", seconds)
+    detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
+    return upstream_error(f"Kimi refused the request: {detail}")
+
+
+def is_auth_failure(status: int, body: object) -> bool:
+    return status == 401 or (isinstance(body, dict) and body.get("error_type") == "auth.token.invalid")
+
+
+class LegacyKimi:
+    """Kimi's REST + SSE dialect (kimi.moonshot.cn): refresh token -> access token -> chat."""
+
+    models = ("kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
+              "kimi-silent", "kimi-search-silent")
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+        self._session = session
+        self._base = config.kimi_base_url
+        self._headers = browser_headers(config.kimi_base_url)
+        self._timeout_seconds = config.upstream_read_timeout
+        self.tokens = AccessTokens(self._refresh)
+
+    # -- public interface ----------------------------------------------------------------------
+
+    async def check_token(self, credential: str) -> bool:
+        try:
+            await self._exchange(credential)
+        except TokenRejected:
+            return False
+        return True
+
+    async def open_chat(self, credential: str, plan: "Plan") -> str:
+        if plan.research:
+            await self._check_research_quota(credential)
+        if plan.chat_id is not None:
+            return plan.chat_id
+        chat = await self._call_json(credential, "POST", "/api/chat", to_legacy_new_chat(plan))
+        chat_id = chat.get("id") if isinstance(chat, dict) else None
+        if not isinstance(chat_id, str) or not chat_id:
+            raise upstream_error("Kimi did not return a chat id")
+        return chat_id
+
+    async def stream_turn(self, credential: str, chat_id: str, plan: "Plan") -> AsyncIterator[Event]:
+        """Ask the question and yield the answer; a length-cut answer is continued up to 3 times."""
+        body = to_legacy_completion(plan)
+        for continuation in range(MAX_CONTINUATIONS + 1):
+            segment = SegmentState()
+            async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as events:
+                async for event in events:
+                    yield event
+            if not segment.truncated:
+                yield DONE_EVENT
+                return
+            if segment.id is None or continuation == MAX_CONTINUATIONS:
+                break
+            body = to_legacy_continuation(plan, segment.id)
+        yield LENGTH_EVENT
+        yield DONE_EVENT
+
+    async def delete_chat(self, credential: str, chat_id: str) -> None:
+        try:
+            async with await self._call(credential, "DELETE", f"/api/chat/{chat_id}"):
+                pass
+        except ProxyError as error:
+            log.warning("could not delete Kimi chat %s: %s", chat_id, error.message)
+        else:
+            log.debug("deleted Kimi chat %s", chat_id)
+
+    def close(self) -> None:
+        self.tokens.close()
+
+    # -- one answer segment ----------------------------------------------------------------------
+
+    async def _stream_segment(self, credential: str, chat_id: str, body: dict,
+                              segment: "SegmentState") -> AsyncIterator[Event]:
+        response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream", body,
+                                    referer=f"{self._base}/chat/{chat_id}")
+        async with response:
+            if "json" in response.headers.get("Content-Type", ""):
+                # an error body with status 200 instead of a stream
+                failure = await read_kimi_json(response)
+                raise from_kimi_failure(response.status, failure, None)
+            decoder = SSEDecoder()
+            try:
+                async for data in response.content.iter_any():
+                    for payload in decoder.feed(data):
+                        event = from_legacy_payload(payload, segment)
+                        if event is not None:
+                            yield event
+                            if event.kind == ERROR:
+                                return
+                        if segment.finished:
+                            return
+            except asyncio.TimeoutError:
+                raise upstream_timeout(f"Kimi sent nothing for {self._timeout_seconds:g} s") from None
+            except aiohttp.ClientError:
+                raise upstream_error("The connection to Kimi broke off mid-answer") from None
+            if not segment.truncated:
+                raise upstream_error("Kimi ended the answer stream before finishing the answer")
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    async def _exchange(self, credential: str) -> str:
+        """Trade a refresh token for an access token (Kimi rotates the refresh token too, but
+        keeps the old one valid, so the credential the client sent stays the cache key)."""
+        headers = {**self._headers, "Authorization": f"Bearer {credential}"}
+        async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
+            body = await read_kimi_json(response)
+            if response.status >= 500:
+                raise upstream_error(f"Kimi's token refresh failed with HTTP {response.status}")
+        access_token = body.get("access_token") if isinstance(body, dict) else None
+        if response.status >= 300 or not isinstance(access_token, str) or not access_token \
+                or not body.get("refresh_token"):
+            raise TokenRejected()
+        return access_token
+
+    async def _refresh(self, credential: str) -> Grant:
+        access_token = await self._exchange(credential)
+        headers = {**self._headers, "Authorization": f"Bearer {access_token}"}
+        async with await self._send("GET", "/api/user", headers) as response:
+            user = await read_kimi_json(response)
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if response.status >= 300 or not isinstance(user_id, str) or not user_id:
+            raise TokenRejected()
+        log.debug("refreshed a Kimi access token")
+        loop = asyncio.get_running_loop()
+        return Grant(access_token, user_id, refresh_time(access_token, time.time(), loop.time()))
+
+    async def _check_research_quota(self, credential: str) -> None:
+        usage = await self._call_json(credential, "GET", "/api/chat/research/usage")
+        if isinstance(usage, dict) and isinstance(usage.get("used"), int) and isinstance(usage.get("total"), int) \
+                and usage["used"] >= usage["total"]:
+            raise RateLimited("The research quota of this Kimi account is used up", code="insufficient_quota")
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+
+    async def _call_json(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
+        async with await self._call(credential, method, path, body) as response:
+            return await read_kimi_json(response)
+
+    async def _call(self, credential: str, method: str, path: str, body: dict | None = None,
+                    referer: str | None = None) -> aiohttp.ClientResponse:
+        """An authenticated call that answered 2xx; a rejected access token is renewed once."""
+        for attempt in range(2):
+            grant = await self.tokens.get(credential)
+            headers = {**self._headers, "Authorization": f"Bearer {grant.access_token}",
+                       "X-Traffic-Id": grant.user_id}
+            if referer:
+                headers["Referer"] = referer
+            response = await self._send(method, path, headers, body)
+            if response.status < 300:
+                return response
+            async with response:
+                failure = await read_kimi_json(response)
+            if is_auth_failure(response.status, failure) and attempt == 0:
+                self.tokens.drop(credential, grant)
+                continue
+            if is_auth_failure(response.status, failure):
+                raise TokenRejected()
+            log.warning("Kimi answered %s %s with HTTP %d", method, path.split("/")[2], response.status)
+            raise from_kimi_failure(response.status, failure, response.headers.get("Retry-After"))
+        raise AssertionError("unreachable")
+
+    async def _send(self, method: str, path: str, headers: dict, body: dict | None = None) -> aiohttp.ClientResponse:
+        """One HTTP call, tried again (twice at most) on a dead connection or a 5xx."""
+        if body is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+        data = None if body is None else orjson.dumps(body)
+        for attempt, backoff in enumerate((*RETRY_BACKOFF, None)):
+            try:
+                response = await self._session.request(method, self._base + path, headers=headers, data=data)
+            except asyncio.TimeoutError:
+                raise upstream_timeout("Kimi did not answer in time") from None
+            except aiohttp.ClientError as error:
+                if backoff is None:
+                    raise upstream_error("Could not reach Kimi") from None
+                log.info("retrying Kimi call after a connection error: %s", type(error).__name__)
+            else:
+                if response.status < 500 or backoff is None:
+                    return response
+                response.release()
+                log.info("retrying Kimi call after HTTP %d", response.status)
+            await asyncio.sleep(backoff)
+        raise AssertionError("unreachable")
+
+
+DIALECTS = {"legacy": LegacyKimi}
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation, pure: OpenAI request -> plan -> Kimi request; Kimi events -> OpenAI pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated chat request, in the terms Kimi needs."""
+
+    model: str
+    prompt: str
+    kimiplus_id: str = "kimi"
+    search: bool = False
+    research: bool = False
+    reasoning: bool = False
+    math: bool = False
+    silent: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    chat_id: str | None = None  # an existing Kimi chat to continue
+    keep: bool = False          # the client manages the conversation: report its id, never delete it
+
+
+ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+              "tool": "tool", "function": "tool"}
+TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
+ATTACHMENT_PARTS = {"image_url", "input_image", "file", "input_file"}
+URL = re.compile(r"https?://[^\s<>\"'，。！？；）】」]+")
+NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
+LATEST_MESSAGE_HINT = "关注用户最新的消息"
+LATEST_FILE_HINT = "关注用户最新发送文件和消息"
+
+
+def to_plan(body: dict) -> Plan:
+    """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError."""
+    model = optional(body, "model", str) or "kimi"
+    stream = bool(optional(body, "stream", bool))
+    stream_options = optional(body, "stream_options", dict) or {}
+    include_usage = stream and bool(optional(stream_options, "include_usage", bool, "stream_options.include_usage"))
+    n = optional(body, "n", int)
+    if n is not None and n != 1:
+        raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
+    tool_choice = body.get("tool_choice")
+    if tool_choice == "required" or isinstance(tool_choice, dict):
+        raise bad_request("Tool calling is not supported, so tool_choice can only be 'auto' or 'none'", "tool_choice")
+    for field in NUMBER_FIELDS:
+        value = optional(body, field, (int, float))
+        if isinstance(value, bool):
+            raise bad_request(f"'{field}' must be a number", field)
+    for field in INTEGER_FIELDS:
+        optional(body, field, int)
+    use_search = bool(optional(body, "use_search", bool))
+    chat_id, keep = to_conversation(body.get("conversation_id"))
+    messages = to_messages(body.get("messages"))
+    prompt = to_continuation_prompt(messages) if chat_id else to_folded_prompt(messages)
+    flags = model_flags(model)
+    return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
+                keep=keep, **{**flags, "search": flags["search"] or use_search})
+
+
+def optional(body: dict, field: str, kind, param: str | None = None):
+    """The value of an optional field (None when absent or null), checked for its JSON type."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = {str: "a string", bool: "a boolean", int: "an integer", dict: "an object"}
+        raise bad_request(f"'{param or field}' must be {names.get(kind, 'a number')}", param or field)
+    return value
+
+
+def to_conversation(value: object) -> tuple[str | None, bool]:
+    """(chat to continue, keep the chat) from the request's conversation_id."""
+    if value is None:
+        return None, False
+    if value == "new":
+        return None, True
+    if isinstance(value, str) and CHAT_ID.fullmatch(value):
+        return value, True
+    raise bad_request("'conversation_id' must be \"new\" or a Kimi chat id (20 characters of 0-9a-z)",
+                      "conversation_id")
+
+
+def model_flags(model: str) -> dict:
+    """Kimi options from a model name: combinable substrings, or a Kimi+ agent id."""
+    if CHAT_ID.fullmatch(model):
+        return {"kimiplus_id": model, "search": False, "research": False, "reasoning": False,
+                "math": False, "silent": False}
+    name = model.lower()
+    reasoning = "k1" in name or "thinking" in name
+    return {"kimiplus_id": K1_AGENT_ID if reasoning else "kimi", "search": "search" in name,
+            "research": "research" in name, "reasoning": reasoning, "math": "math" in name,
+            "silent": "silent" in name}
+
+
+class Message(NamedTuple):
+    role: str
+    text: str
+    has_attachment: bool
+
+
+def to_messages(messages: object) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array of messages", "messages")
+    return [to_message(message, index, index == len(messages) - 1) for index, message in enumerate(messages)]
+
+
+def to_message(message: object, index: int, is_last: bool) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"'{where}' must be an object", where)
+    role = ROLE_NAMES.get(message.get("role"))
+    if role is None:
+        raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        return Message(role, "", False)  # a tool-call turn replayed by the client
+    if isinstance(content, str):
+        return Message(role, content, False)
+    if not isinstance(content, list):
+        raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
+    texts, has_attachment = [], False
+    for part_index, part in enumerate(content):
+        part_where = f"{where}.content[{part_index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PARTS:
+            text = part.get(TEXT_PARTS[kind])
+            if not isinstance(text, str):
+                raise bad_request(f"'{part_where}.{TEXT_PARTS[kind]}' must be a string", part_where)
+            texts.append(text)
+        elif kind in ATTACHMENT_PARTS:
+            if is_last:
+                raise bad_request(f"'{part_where}': files and images are not supported yet", part_where)
+            has_attachment = True
+        else:
+            raise bad_request(f"'{part_where}.type' must be one of text, image_url, file", f"{part_where}.type")
+    return Message(role, "\n".join(texts), has_attachment)
+
+
+def wrap_urls(text: str) -> str:
+    """Kimi's web app marks links in user text this way; without the mark Kimi does not open them."""
+    return URL.sub(_wrap_url, text)
+
+
+def _wrap_url(match: re.Match) -> str:
+    link = match[0].rstrip(".,;:!?")  # sentence punctuation after a link is not part of it
+    return f'<url id="" type="url" status="" title="" wc="">{link}</url>{match[0][len(link):]}'
+
+
+
+def to_kimi_text(message: Message) -> str:
+    return wrap_urls(message.text) if message.role == "user" else message.text
+
+
+def to_folded_prompt(messages: list[Message]) -> str:
+    """Kimi takes one message per turn: fold the history into it with role prefixes."""
+    last = messages[-1]
+    if not last.text.strip():
+        raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
+    if len(messages) == 1:
+        return to_kimi_text(last) + "\n"
+    hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
+    earlier = "".join(f"{m.role}:{to_kimi_text(m)}\n" for m in messages[:-1] if m.text)
+    return f"{earlier}system:{hint}\n{last.role}:{to_kimi_text(last)}\n"
+
+
+def to_continuation_prompt(messages: list[Message]) -> str:
+    """A kept Kimi chat already holds the history: send only the newest user message."""
+    last = messages[-1]
+    where = f"messages[{len(messages) - 1}]"
+    if last.role != "user":
+        raise bad_request(f"To continue a conversation the last message must be a user message ({where})", "messages")
+    if not last.text.strip():
+        raise bad_request(f"'{where}.content' has no text", f"{where}.content")
+    return to_kimi_text(last) + "\n"
+
+
+def to_legacy_new_chat(plan: Plan) -> dict:
+    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": plan.kimiplus_id, "name": "未命名会话"}
+
+
+def to_legacy_completion(plan: Plan) -> dict:
+    return {"kimiplus_id": plan.kimiplus_id, "messages": [{"role": "user", "content": plan.prompt}],
+            "refs": [], "refs_file": [], "use_math": plan.math, "use_research": plan.research,
+            "use_search": plan.search, "extend": {"sidebar": True}}
+
+
+def to_legacy_continuation(plan: Plan, segment_id: str) -> dict:
+    return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": " "}],
+            "kimiplus_id": plan.kimiplus_id, "extend": {"sidebar": True}}
+
+
+class SSEDecoder:
+    """Server-sent events from network reads: yields each event's data as bytes.
+
+    Lines are split on the raw bytes and decoded (by orjson) only once whole, so a multi-byte
+    character split across two reads comes out intact."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self._tail + chunk).split(b"\n")
+        self._tail = lines.pop()
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        return events
+
+
+@dataclasses.dataclass(slots=True)
+class SegmentState:
+    """What one legacy answer stream said about itself besides the answer."""
+
+    id: str | None = None      # the `req` event id: what a continuation refers to
+    truncated: bool = False    # a `length` event came
+    finished: bool = False     # `all_done` came
+
+
+def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
+    """One legacy SSE data payload -> a neutral event (None for the many events we ignore)."""
+    try:
+        kimi = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(kimi, dict):
+        return None
+    name = kimi.get("event")
+    if name == "cmpl":
+        text = kimi.get("text")
+        return Event(TEXT, text) if isinstance(text, str) and text else None
+    if name == "k1":
+        text = kimi.get("text")
+        return Event(REASONING, text) if isinstance(text, str) and text else None
+    if name == "search_plus":
+        found = kimi.get("msg")
+        if isinstance(found, dict) and found.get("type") == "get_res" and isinstance(found.get("url"), str):
+            title = found.get("title")
+            return Event(SOURCE, title if isinstance(title, str) and title else found["url"], found["url"])
+    elif name == "req":
+        if isinstance(kimi.get("id"), str):
+            segment.id = kimi["id"]
+    elif name == "length":
+        segment.truncated = True
+    elif name == "all_done":
+        segment.finished = True
+    elif name == "error":
+        error = kimi.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return Event(ERROR, message if isinstance(message, str) and message else "Kimi stopped the answer")
+    return None
+
+
+def estimate_tokens(text_bytes: int) -> int:
+    """Our documented usage estimate: one token per 4 bytes of UTF-8 (about 4 English
+    characters, or 1.3 Chinese characters), rounded up."""
+    return (text_bytes + 3) // 4
+
+
+async def to_pieces(events: AsyncIterator[Event], plan: Plan) -> AsyncIterator[tuple[str, object]]:
+    """Neutral Kimi events -> the pieces of an OpenAI answer, shared by streaming and JSON:
+    ("conversation_id", id), ("content" | "reasoning_content", text), ("finish_reason", reason),
+    ("usage", dict). A Kimi error is raised as a ProxyError."""
+    sources = 0
+    after_source = truncated = False
+    received = 0
+    async for event in events:
+        kind = event.kind
+        if kind == TEXT:
+            text = "\n" + event.text if after_source else event.text
+            after_source = False
+            received += len(text.encode())
+            yield "content", text
+        elif kind == REASONING:
+            received += len(event.text.encode())
+            yield "reasoning_content", event.text
+        elif kind == SOURCE:
+            if not plan.silent:
+                sources += 1
+                after_source = True
+                line = f"【检索 {sources}】 [{event.text}]({event.url})\n"
+                received += len(line.encode())
+                yield "content", line
+        elif kind == LENGTH:
+            truncated = True
+        elif kind == CHAT:
+            if plan.keep:
+                yield "conversation_id", event.text
+        elif kind == ERROR:
+            raise upstream_error(f"Kimi stopped the answer: {event.text}")
+        elif kind == DONE:
+            yield "finish_reason", "length" if truncated else "stop"
+            prompt_tokens, completion_tokens = estimate_tokens(len(plan.prompt.encode())), estimate_tokens(received)
+            yield "usage", {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+            return
+    raise upstream_error("Kimi's answer ended without finishing")
+
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+async def fold_pieces(pieces: AsyncIterator[tuple[str, object]], plan: Plan) -> dict:
+    """The non-streaming answer: the same pieces the stream sends, folded into one object."""
+    parts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
+    extra: dict[str, object] = {}
+    async for field, value in pieces:
+        if field in parts:
+            parts[field].append(value)
+        else:
+            extra[field] = value
+    message = {"role": "assistant", "content": "".join(parts["content"]), "refusal": None}
+    if parts["reasoning_content"]:
+        message["reasoning_content"] = "".join(parts["reasoning_content"])
+    completion = {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
+                  "model": plan.model, "system_fingerprint": None,
+                  "choices": [{"index": 0, "message": message, "logprobs": None,
+                               "finish_reason": extra["finish_reason"]}],
+                  "usage": extra["usage"]}
+    if "conversation_id" in extra:
+        completion["conversation_id"] = extra["conversation_id"]
+    return completion
+
+
+class ChunkEncoder:
+    """Streaming pieces -> SSE bytes. Every chunk shares one pre-encoded head (id, created,
+    model and conversation id), built once per response rather than once per chunk."""
+
+    DONE = b"data: [DONE]\n\n"
+
+    def __init__(self, plan: Plan) -> None:
+        self._model = plan.model
+        self._include_usage = plan.include_usage
+        self._id = new_completion_id()
+        self._created = int(time.time())
+        self._role_sent = False
+        self._tail = b',"usage":null}\n\n' if plan.include_usage else b"}\n\n"
+        self.set_conversation(None)
+
+    def set_conversation(self, conversation_id: str | None) -> None:
+        head = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                "model": self._model, "system_fingerprint": None}
+        if conversation_id is not None:
+            head["conversation_id"] = conversation_id
+        self._head = b"data: " + orjson.dumps(head)[:-1]  # the chunk object, still open
+
+    def encode(self, field: str, value: object) -> bytes:
+        if field == "usage":
+            if not self._include_usage:
+                return b""
+            return self._head + b',"choices":[],"usage":' + orjson.dumps(value) + b"}\n\n"
+        if field == "finish_reason":
+            chunk = self._choice(b"{}", orjson.dumps(value))
+        else:
+            chunk = self._choice(b'{"' + field.encode() + b'":' + orjson.dumps(value) + b"}", b"null")
+        if self._role_sent:
+            return chunk
+        self._role_sent = True
+        return self._choice(b'{"role":"assistant","content":""}', b"null") + chunk
+
+    def _choice(self, delta: bytes, finish_reason: bytes) -> bytes:
+        return (self._head + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'
+                + finish_reason + b"}]" + self._tail)
+
+    @staticmethod
+    def error(error: ProxyError) -> bytes:
+        return b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------------------------
+
+class ChatOwners:
+    """Which credential created each kept chat, so later turns continue on the same account."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._size = size
+
+    def remember(self, chat_id: str, credential: str) -> None:
+        self._owners[chat_id] = credential
+        self._owners.move_to_end(chat_id)
+        if len(self._owners) > self._size:
+            self._owners.popitem(last=False)
+
+    def owner(self, chat_id: str) -> str | None:
+        return self._owners.get(chat_id)
+
+
+CONFIG = web.AppKey("config", Config)
+KIMI = web.AppKey("kimi", KimiDialect)
+JANITOR = web.AppKey("janitor", Janitor)
+CHAT_OWNERS = web.AppKey("chat_owners", ChatOwners)
+TOKEN_TURN = web.AppKey("token_turn", itertools.count)
+# what the request log line reports
+MODEL = web.RequestKey("model", str)
+CHUNKS_SENT = web.RequestKey("chunks_sent", int)
+CLIENT_GONE = web.RequestKey("client_gone", bool)
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def bearer_credentials(request: web.Request) -> list[str]:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    credentials = [token.strip() for token in value.split(",") if token.strip()] if scheme.lower() == "bearer" else []
+    if not credentials:
+        raise ProxyError(401, "Missing API key: send your Kimi refresh_token as 'Authorization: Bearer <token>'",
+                         code="invalid_api_key")
+    return credentials
+
+
+def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan) -> list[str]:
+    """The order in which this request tries the client's tokens."""
+    if plan.chat_id is not None:
+        owner = app[CHAT_OWNERS].owner(plan.chat_id)
+        # only a token the caller itself sent: someone else's chat id must not borrow its creator's account
+        return [owner if owner in credentials else credentials[0]]
+    start = next(app[TOKEN_TURN]) % len(credentials)
+    return credentials[start:] + credentials[:start]
+
+
+async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) -> AsyncIterator[Event]:
+    """The answer's neutral events, from the first token Kimi accepts. A token that Kimi rejects
+    or rate-limits hands over to the next one, as long as nothing has been yielded."""
+    kimi, janitor = app[KIMI], app[JANITOR]
+    refusals: list[ProxyError] = []
+    for credential in credentials_in_turn(app, credentials, plan):
+        answered = False
+        try:
+            chat_id = await kimi.open_chat(credential, plan)
+            created = plan.chat_id is None
+            try:
+                if created and plan.keep:
+                    app[CHAT_OWNERS].remember(chat_id, credential)
+                yield Event(CHAT, chat_id)
+                async with aclosing(kimi.stream_turn(credential, chat_id, plan)) as events:
+                    async for event in events:
+                        answered = True
+                        yield event
+                return
+            finally:
+                # a kept chat stays only once the client has seen its id; failed attempts go too
+                if created and not (plan.keep and answered):
+                    janitor.spawn(kimi.delete_chat(credential, chat_id))
+        except (TokenRejected, RateLimited) as refusal:
+            if answered:
+                raise
+            log.info("Kimi refused a token (%s); %s", refusal.code,
+                     "trying the next" if len(refusals) + 1 < len(credentials) else "no token left")
+            refusals.append(refusal)
+    limited = [refusal for refusal in refusals if isinstance(refusal, RateLimited)]
+    raise limited[-1] if limited else refusals[-1]
+
+
+def answer_pieces(request: web.Request, plan: Plan, credentials: list[str]) -> AsyncIterator[tuple[str, object]]:
+    return to_pieces(kimi_events(request.app, plan, credentials), plan)
+
+
+async def read_json_object(request: web.Request) -> dict:
+    """The request body as a JSON object, whatever its Content-Type says (curl -d sends a form type)."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("The request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object")
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json_object(request)
+    plan = to_plan(body)
+    request[MODEL] = plan.model
+    credentials = bearer_credentials(request)
+    pieces = answer_pieces(request, plan, credentials)
+    if plan.stream:
+        return await stream_answer(request, plan, pieces)
+    async with aclosing(pieces):
+        completion = await fold_pieces(pieces, plan)
+    response = web.Response(body=orjson.dumps(completion), content_type="application/json")
+    if "conversation_id" in completion:
+        response.headers["X-Conversation-Id"] = completion["conversation_id"]
+    return response
+
+
+class SSEStream:
+    """The client's event stream. Its headers go out late, with the first chunk or keep-alive,
+    so that anything failing before then still gets a real HTTP status."""
+
+    KEEPALIVE = b": keep-alive\n\n"
+
+    def __init__(self, request: web.Request, keepalive_interval: float) -> None:
+        self._request = request
+        self._interval = keepalive_interval
+        self._loop = asyncio.get_running_loop()
+        self._last_write = self._loop.time()
+        self._start_lock = asyncio.Lock()
+        self.response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        })
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def send(self, data: bytes) -> None:
+        if not self.response.prepared:
+            async with self._start_lock:
+                if not self.response.prepared:
+                    await self.response.prepare(self._request)
+        self._last_write = self._loop.time()
+        await self.response.write(data)
+
+    @asynccontextmanager
+    async def keeping_alive(self):
+        task = asyncio.ensure_future(self._keep_alive())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _keep_alive(self) -> None:
+        try:
+            while True:
+                wait = self._last_write + self._interval - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                else:
+                    await self.send(self.KEEPALIVE)
+        except ConnectionError:
+            pass  # the client left; the main loop finds out on its own write or by cancellation
+
+
+async def stream_answer(request: web.Request, plan: Plan, pieces: AsyncIterator[tuple[str, object]]) -> web.StreamResponse:
+    stream = SSEStream(request, request.app[CONFIG].keepalive_interval)
+    encoder = ChunkEncoder(plan)
+    chunks = 0
+    try:
+        try:
+            async with aclosing(pieces), stream.keeping_alive():
+                async for field, value in pieces:
+                    if field == "conversation_id":
+                        encoder.set_conversation(value)
+                        stream.response.headers["X-Conversation-Id"] = value
+                        continue
+                    data = encoder.encode(field, value)
+                    if data:
+                        chunks += 1
+                        await stream.send(data)
+        except ProxyError as error:
+            if not stream.started:
+                raise
+            log.warning("answer failed mid-stream: %s", error.message)
+            await stream.send(encoder.error(error))
+        await stream.send(encoder.DONE)
+        await stream.response.write_eof()
+    except ConnectionError:
+        request[CLIENT_GONE] = True
+    finally:
+        request[CHUNKS_SENT] = chunks
+    return stream.response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [to_model_card(name) for name in request.app[KIMI].models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    if model_id not in request.app[KIMI].models:
+        raise ProxyError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
+    return json_response(to_model_card(model_id))
+
+
+MODELS_CREATED = 1710000000  # when the original Kimi web API models appeared (2024-03)
+
+
+def to_model_card(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "moonshot-kimi-web"}
+
+
+async def check_token(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    token = body.get("token")
+    if not isinstance(token, str) or not token.strip():
+        raise bad_request("'token' must be a Kimi refresh token", "token")
+    return json_response({"live": await request.app[KIMI].check_token(token.strip())})
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(text="pong")
+
+
+INDEX_PAGE = """<!doctype html><meta charset="utf-8"><title>kimi_proxy</title>
+<h1>kimi_proxy</h1>
+<p>An OpenAI-compatible API in front of Kimi's web chat. Point an OpenAI client at
+<code>/v1</code> on this host and use your Kimi <code>refresh_token</code> as the API key.</p>
+<ul><li><code>POST /v1/chat/completions</code></li><li><code>GET /v1/models</code></li>
+<li><code>POST /token/check</code></li><li><code>GET /ping</code></li></ul>
+"""
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=INDEX_PAGE, content_type="text/html")
+
+
+async def preflight(request: web.Request) -> web.Response:
+    requested = request.headers.get("Access-Control-Request-Headers", "")
+    allowed = {"authorization", "content-type"} | {h.strip().lower() for h in requested.split(",") if h.strip()}
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": ", ".join(sorted(allowed)),
+        "Access-Control-Max-Age": "86400",
+    })
+
+
+def json_response(body: object) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+               413: ("invalid_request_error", "request_too_large")}
+
+
+def from_http_exception(request: web.Request, error: web.HTTPException) -> web.Response:
+    type_, code = HTTP_ERRORS.get(error.status, ("invalid_request_error", None))
+    if error.status == 413:
+        message = f"The request body is larger than the {request.app[CONFIG].max_body_mb:g} MiB limit (MAX_BODY_MB)"
+    elif error.status == 404:
+        message = f"No such endpoint: {request.method} {request.path}"
+    elif error.status == 405:
+        message = f"Method {request.method} is not allowed on {request.path}"
+    else:
+        message = error.reason
+    response = error_response(ProxyError(error.status, message, error_type=type_, code=code))
+    if "Allow" in error.headers:
+        response.headers["Allow"] = error.headers["Allow"]
+    return response
+
+
+@web.middleware
+async def errors_and_logging(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure becomes the OpenAI error envelope; every request gets one log line."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except ProxyError as error:
+            response = error_response(error)
+        except web.HTTPException as error:
+            response = from_http_exception(request, error)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            response = error_response(ProxyError(500, "Internal error in kimi_proxy", error_type="server_error",
+                                                 code="internal_error"))
+        status = 499 if request.get(CLIENT_GONE) else response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d", request.method, request.path,
+                 request.get(MODEL, "-"), status, (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0))
+
+
+async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS and a request id on every response, streams and errors included."""
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, X-Conversation-Id"
+    response.headers["X-Request-ID"] = request.setdefault(REQUEST_ID, secrets.token_hex(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# App factory
+# ---------------------------------------------------------------------------------------------
+
+CLEANUP_GRACE = 10.0  # seconds the shutdown waits for pending chat deletions
+
+
+async def kimi_client(app: web.Application):
+    """The one HTTP session to Kimi, and the chat deletions still in flight when the app stops."""
+    config = app[CONFIG]
+    timeout = aiohttp.ClientTimeout(total=None, connect=config.upstream_connect_timeout,
+                                    sock_read=config.upstream_read_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        app[JANITOR] = Janitor()
+        app[KIMI] = DIALECTS[config.kimi_protocol](session, config)
+        app[CHAT_OWNERS] = ChatOwners()
+        app[TOKEN_TURN] = itertools.count()
+        yield
+        await app[JANITOR].drain(CLEANUP_GRACE)
+        app[KIMI].close()
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=int(config.max_body_mb * 1024 * 1024), middlewares=[errors_and_logging])
+    app[CONFIG] = config
+    app.cleanup_ctx.append(kimi_client)
+    app.on_response_prepare.append(add_common_headers)
+    for prefix in ("/v1", ""):
+        app.router.add_post(prefix + "/chat/completions", chat_completions)
+        app.router.add_get(prefix + "/models", list_models)
+        app.router.add_get(prefix + "/models/{model_id:.+}", get_model)
+    app.router.add_post("/token/check", check_token)
+    app.router.add_get("/ping", ping)
+    app.router.add_get("/", index)
+    app.router.add_route("OPTIONS", "/{path:.*}", preflight)
+    return app
+
+
+# Handlers are cancelled when their client disconnects, so Kimi stops generating at once.
+RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
+
+
+async def start_server(config: Config) -> web.AppRunner:
+    """Start serving `config` in the running loop (used by tests and benchmarks)."""
+    runner = web.AppRunner(create_app(config), **RUNNER_OPTIONS)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    return runner
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="OpenAI-compatible API for Kimi's web chat")
+    parser.add_argument("--host", help="address to listen on (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (env PORT, default 8000)")
+    args = parser.parse_args(argv)
+    try:
+        config = Config.from_env()
+    except ConfigError as error:
+        sys.exit(f"kimi_proxy: {error}")
+    config = dataclasses.replace(config, host=args.host or config.host,
+                                 port=config.port if args.port is None else args.port)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("kimi_proxy on http://%s:%d, Kimi at %s (%s dialect)", config.host, config.port,
+             config.kimi_base_url, config.kimi_protocol)
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None, **RUNNER_OPTIONS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,824 @@
+"""Tests for kimi_proxy: the real server in front of a fake Kimi, talked to over HTTP.
+
+The fake Kimi follows ../shared/KIMI_LEGACY_PROTOCOL.md (section 10) and is strict: it rejects
+requests that real Kimi would reject, and records what it saw so the tests can check it.
+Scripted scenarios are picked by a `scenario:NAME` marker in the user's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+import kimi_proxy as kp
+
+# ---------------------------------------------------------------------------------------------
+# The fake Kimi (legacy REST + SSE dialect)
+# ---------------------------------------------------------------------------------------------
+
+ANSWER = ["长城是", "中国古代修建的", "大型军事防御工程。"]
+THINKING = ["比较小数，先看整数部分；", "再看十分位。"]
+SOURCES = [("杭州天气预报", "https://weather.example.cn/hangzhou"), ("杭州今日实况", "https://news.example.com/hz")]
+
+
+def xid() -> str:
+    return "".join(secrets.choice("0123456789abcdefghijklmnopqrstuv") for _ in range(20))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(claims: dict) -> str:
+    header = b64url(b'{"alg":"HS512","typ":"JWT"}')
+    return f"{header}.{b64url(orjson.dumps(claims))}.{b64url(secrets.token_bytes(32))}"
+
+
+def kimi_error(status: int, error_type: str, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error_type": error_type, "message": message}, status=status, headers=headers)
+
+
+@dataclass
+class Chat:
+    owner: str
+    kimiplus_id: str
+    question: str = ""                              # the first prompt, which continuations go on with
+    segment_ids: list = field(default_factory=list)  # `req` ids a continuation may name
+    streaming: bool = False
+    deleted: bool = False
+
+
+class FakeKimi:
+    """A strict stand-in for kimi.moonshot.cn, recording everything it is asked."""
+
+    def __init__(self, access_ttl: float = 3600) -> None:
+        self.access_ttl = access_ttl
+        self.users: dict[str, str] = {}        # refresh token -> user id
+        self.banned: set[str] = set()
+        self.access: dict[str, tuple[str, float]] = {}  # access token -> (user id, expiry)
+        self.chats: dict[str, Chat] = {}
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+        self.refreshes: Counter = Counter()    # refresh token -> refresh calls
+        self.completions: list[dict] = []      # {"chat", "user", "body", "headers"}
+        self.calls: list[tuple[str, str]] = []
+        self.faults: list[dict] = []
+        self.rate_limited: set[str] = set()    # user ids answered with 429
+        self.research: dict[str, dict] = {}
+        self.closed_streams: list[str] = []    # chat ids whose stream the client closed early
+        self.open_streams = 0
+        self.max_open_streams = 0
+        self.hold_deletes: asyncio.Event | None = None
+        self.url = ""
+
+    # -- test controls ---------------------------------------------------------------------------
+
+    def add_user(self) -> str:
+        user_id = xid()
+        token = make_jwt({"iss": "user-center", "typ": "refresh", "sub": user_id, "jti": xid(),
+                          "iat": int(time.time()), "exp": int(time.time()) + 90 * 86400})
+        self.users[token] = user_id
+        self.research[user_id] = {"remain": 3, "total": 3, "used": 0}
+        return token
+
+    def fail(self, method: str, path_pattern: str, status: int, times: int = 1, body: dict | None = None,
+             headers: dict | None = None) -> None:
+        self.faults.append({"method": method, "path": re.compile(path_pattern), "status": status, "times": times,
+                            "body": body or {"error_type": "server.internal", "message": "服务内部错误"},
+                            "headers": headers or {}})
+
+    def revoke_access_tokens(self) -> None:
+        self.access.clear()
+
+    def user_of(self, refresh_token: str) -> str:
+        return self.users[refresh_token]
+
+    @property
+    def live_chats(self) -> list[str]:
+        return [chat_id for chat_id, chat in self.chats.items() if not chat.deleted]
+
+    async def wait_deleted(self, count: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.deleted) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(self.deleted) >= count, f"{len(self.deleted)} of {count} chats deleted"
+
+    # -- app -------------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record_and_inject_faults])
+        app.router.add_get("/api/auth/token/refresh", self.refresh)
+        app.router.add_get("/api/user", self.user)
+        app.router.add_post("/api/chat", self.create_chat)
+        app.router.add_delete("/api/chat/{chat_id}", self.delete_chat)
+        app.router.add_post("/api/chat/{chat_id}/completion/stream", self.completion)
+        app.router.add_get("/api/chat/research/usage", self.research_usage)
+        return app
+
+    @web.middleware
+    async def _record_and_inject_faults(self, request: web.Request, handler):
+        self.calls.append((request.method, request.path))
+        for fault in self.faults:
+            if fault["times"] > 0 and fault["method"] == request.method and fault["path"].fullmatch(request.path):
+                fault["times"] -= 1
+                return web.json_response(fault["body"], status=fault["status"], headers=fault["headers"])
+        return await handler(request)
+
+    def _bearer(self, request: web.Request) -> str:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return token if scheme == "Bearer" else ""
+
+    def _authenticated_user(self, request: web.Request) -> str | None:
+        grant = self.access.get(self._bearer(request))
+        if grant is None or grant[1] < time.time():
+            return None
+        return grant[0]
+
+    async def _json_body(self, request: web.Request) -> dict | None:
+        if request.content_type != "application/json":
+            return None
+        try:
+            body = await request.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    # -- endpoints ---------------------------------------------------------------------------------
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        token = self._bearer(request)
+        self.refreshes[token] += 1
+        if token in self.banned:
+            return web.Response(status=400)
+        user_id = self.users.get(token)
+        if user_id is None:
+            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+        now = int(time.time())
+        access = make_jwt({"typ": "access", "sub": user_id, "iat": now, "exp": now + self.access_ttl, "jti": xid()})
+        self.access[access] = (user_id, now + self.access_ttl)
+        rotated = make_jwt({"typ": "refresh", "sub": user_id, "iat": now, "exp": now + 90 * 86400, "jti": xid()})
+        self.users[rotated] = user_id  # the legacy server keeps the old refresh token valid too
+        return web.json_response({"access_token": access, "refresh_token": rotated})
+
+    async def user(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+        return web.json_response({"id": user_id, "name": "用户1234", "status": "normal"})
+
+    async def create_chat(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+        body = await self._json_body(request)
+        if body is None or not isinstance(body.get("name"), str) or not isinstance(body.get("kimiplus_id"), str) \
+                or not (body["kimiplus_id"] == "kimi" or re.fullmatch(r"[0-9a-z]{20}", body["kimiplus_id"])):
+            return kimi_error(400, "chat.invalid_params", "参数错误")
+        chat_id = xid()
+        self.chats[chat_id] = Chat(owner=user_id, kimiplus_id=body["kimiplus_id"])
+        self.created.append(chat_id)
+        return web.json_response({"id": chat_id, "name": body["name"], "created_at": "2024-11-02T08:15:31+08:00"})
+
+    async def delete_chat(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+        chat = self.chats.get(request.match_info["chat_id"])
+        if chat is None or chat.owner != user_id or chat.deleted:
+            return kimi_error(404, "chat.not_found", "会话不存在")
+        if self.hold_deletes is not None:
+            await self.hold_deletes.wait()
+        chat.deleted = True
+        self.deleted.append(request.match_info["chat_id"])
+        return web.json_response({})
+
+    async def research_usage(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+        return web.json_response(self.research[user_id])
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+        chat_id = request.match_info["chat_id"]
+        chat = self.chats.get(chat_id)
+        if chat is None or chat.deleted:
+            return kimi_error(404, "chat.not_found", "会话不存在")
+        if chat.owner != user_id:
+            return kimi_error(403, "chat.forbidden", "此会话已被禁用")
+        body = await self._json_body(request)
+        problem = self._completion_problem(body, chat)
+        if problem:
+            return kimi_error(400, "chat.invalid_params", problem)
+        if user_id in self.rate_limited:
+            return kimi_error(429, "chat.rate_limit", "请求过于频繁", headers={"Retry-After": "7"})
+        if chat.streaming:
+            return kimi_error(400, "chat.user_stream_pushing", "已有对话流正在输出")
+        self.completions.append({"chat": chat_id, "user": user_id, "body": body, "headers": dict(request.headers)})
+        continuing = body.get("action") == "continue"
+        if not continuing:
+            chat.question = body["messages"][0]["content"]
+        scenario = re.search(r"scenario:(\w+)", chat.question)
+        segment_id = xid()
+        chat.segment_ids.append(segment_id)
+        chat.streaming = True
+        self.open_streams += 1
+        self.max_open_streams = max(self.max_open_streams, self.open_streams)
+        try:
+            return await self._stream(request, scenario[1] if scenario else "plain", body, chat, segment_id, continuing)
+        except (ConnectionError, asyncio.CancelledError):
+            self.closed_streams.append(chat_id)
+            raise
+        finally:
+            chat.streaming = False
+            self.open_streams -= 1
+
+    def _completion_problem(self, body: dict | None, chat: Chat) -> str | None:
+        if body is None:
+            return "body must be a JSON object"
+        messages = body.get("messages")
+        if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict) \
+                or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str) \
+                or not messages[0]["content"]:
+            return "messages must be one user message with string content"
+        if body.get("kimiplus_id") != chat.kimiplus_id:
+            return "kimiplus_id does not match the chat"
+        if body.get("action") == "continue":
+            if body.get("segment_id") not in chat.segment_ids:
+                return "unknown segment_id"
+            return None
+        for flag in ("use_search", "use_research", "use_math"):
+            if not isinstance(body.get(flag), bool):
+                return f"{flag} must be a boolean"
+        if body.get("refs") != [] or not isinstance(body.get("refs_file"), list):
+            return "refs must be a list of file ids"
+        return None
+
+    def _events(self, scenario: str, body: dict, chat: Chat, segment_id: str, continuing: bool) -> list:
+        """The scripted stream: dicts are events, numbers are pauses, "DROP" cuts the connection."""
+        head = [{"content": body["messages"][0]["content"], "event": "req", "group_id": xid(), "id": segment_id,
+                 "refs": []},
+                {"event": "resp", "group_id": xid(), "id": xid()},
+                {"event": "debug", "message": {"need2search": bool(body.get("use_search")), "search_target": ""}},
+                {"event": "zone_set", "zone": {"x": 1}}]
+        if body.get("use_search"):
+            head += [{"event": "search_plus", "msg": {"type": "start"}},
+                     {"event": "search_plus", "msg": {"type": "start_res"}}]
+            head += [{"event": "search_plus", "msg": {"successNum": n, "title": title, "type": "get_res", "url": url}}
+                     for n, (title, url) in enumerate(SOURCES, 1)]
+        if chat.kimiplus_id == kp.K1_AGENT_ID:
+            head += [{"event": "k1", "text": text} for text in THINKING]
+        answer = [{"event": "cmpl", "idx_s": 0, "idx_z": 0, "text": text, "view": "cmpl"} for text in ANSWER]
+        done = [{"event": "rename", "text": "长城简介"}, {"event": "all_done"}]
+        error = {"error": {"error_type": "openai.completion.stream", "message": "Kimi 现在有点累了，晚一点再来问问我吧！",
+                           "detail": "upstream aborted"}, "event": "error"}
+        if scenario == "error":
+            return head + answer[:1] + [error]
+        if scenario == "error_first":
+            return head + [error]
+        if scenario == "drop":
+            return head + answer[:1] + [0.05, "DROP"]
+        if scenario == "drop_first":
+            return head + ["DROP"]
+        if scenario == "slow":
+            return head + [0.7] + answer + done
+        if scenario == "stall":
+            return head + [5] + answer + done
+        if scenario == "stall_mid":
+            return head + answer[:1] + [5] + answer[1:] + done
+        if scenario == "endless":
+            return head + [item for i in range(400) for item in (0.05, {"event": "cmpl", "text": f"{i} "})] + done
+        if scenario == "length":
+            text = "第二段" if continuing else "第一段"
+            return head + [{"event": "cmpl", "text": text}] + ([] if continuing else [{"event": "length"}]) + done
+        if scenario == "length_forever":
+            return head + [{"event": "cmpl", "text": "段"}, {"event": "length"}] + done
+        if scenario == "length_no_all_done":
+            return head + [{"event": "cmpl", "text": "x"}] + ([] if continuing else [{"event": "length"}]) + \
+                ([{"event": "all_done"}] if continuing else [])
+        if scenario == "no_all_done":
+            return head + answer
+        if scenario == "pace":
+            return head + [item for text in ANSWER for item in (0.02, {"event": "cmpl", "text": text})] + done
+        return head + [{"event": "done"}] + answer + done
+
+    async def _stream(self, request, scenario, body, chat, segment_id, continuing) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        for item in self._events(scenario, body, chat, segment_id, continuing):
+            if item == "DROP":
+                request.transport.abort()
+                return response
+            if isinstance(item, (int, float)):
+                await asyncio.sleep(item)
+                continue
+            data = b"data: " + orjson.dumps(item) + b"\n\n"
+            if scenario == "split":
+                # 5-byte writes cut lines and multi-byte characters apart
+                for start in range(0, len(data), 5):
+                    await response.write(data[start:start + 5])
+                    await asyncio.sleep(0.001)
+            else:
+                await response.write(data)
+        await response.write_eof()
+        return response
+
+
+async def start_app(app: web.Application, **options) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, handler_cancellation=True, **options)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def kimi():
+    fake = FakeKimi()
+    runner, fake.url = await start_app(fake.app())
+    yield fake
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def start_proxy(kimi):
+    """Start the real proxy (as main() would) against the fake, with settings as env variables."""
+    runners = []
+
+    async def start(**settings: str) -> str:
+        env = {"KIMI_BASE_URL": kimi.url, "HOST": "127.0.0.1", "PORT": "0", **settings}
+        runner = await kp.start_server(kp.Config.from_env(env))
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(start_proxy):
+    return await start_proxy()
+
+
+@pytest.fixture
+def token(kimi):
+    return kimi.add_user()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def sdk(proxy, token):
+    client = openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=token, max_retries=0)
+    yield client
+    await client.close()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def post_chat(http, proxy, token, **body):
+    body.setdefault("model", "kimi")
+    body.setdefault("messages", user("用一句话介绍长城"))
+    return await http.post(proxy + "/v1/chat/completions", json=body, headers=auth(token))
+
+
+def sse_payloads(raw: bytes) -> list:
+    """The data payloads of an SSE body, checking the framing rules OpenAI clients rely on."""
+    assert b"\r" not in raw
+    assert raw.endswith(b"\n\n")
+    payloads = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        assert "\n" not in block, block
+        if block.startswith(":"):
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        payloads.append(data if data == "[DONE]" else json.loads(data))
+    assert payloads[-1] == "[DONE]"
+    return payloads[:-1]
+
+
+def content_of(chunks: list[dict], field: str = "content") -> str:
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in chunks if c.get("choices"))
+
+
+async def stream_chunks(http, proxy, token, **body) -> tuple[aiohttp.ClientResponse, bytes, list]:
+    response = await post_chat(http, proxy, token, stream=True, **body)
+    raw = await response.read()
+    return response, raw, sse_payloads(raw) if response.status == 200 else []
+
+
+def assert_envelope(body: dict, status_code: str | None = None, param: str | None = None) -> dict:
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if status_code is not None:
+        assert error["code"] == status_code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure translation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("kimi", {"kimiplus_id": "kimi", "search": False, "research": False, "reasoning": False, "math": False, "silent": False}),
+    ("kimi-search", {"search": True, "research": False}),
+    ("kimi-research", {"search": True, "research": True}),
+    ("kimi-k1", {"reasoning": True, "kimiplus_id": kp.K1_AGENT_ID}),
+    ("kimi-thinking", {"reasoning": True, "kimiplus_id": kp.K1_AGENT_ID}),
+    ("kimi-math", {"math": True, "search": False}),
+    ("kimi-search-silent", {"search": True, "silent": True}),
+    ("KIMI-K1-SEARCH", {"search": True, "reasoning": True}),
+    ("gpt-4o-mini", {"kimiplus_id": "kimi", "search": False}),
+    ("search0000000000000a", {"kimiplus_id": "search0000000000000a", "search": False}),  # a Kimi+ agent id
+])
+def test_model_flags(model, expected):
+    flags = kp.model_flags(model)
+    assert {key: flags[key] for key in expected} == expected
+
+
+def test_use_search_adds_search_and_keeps_other_flags():
+    plan = kp.to_plan({"model": "kimi-k1-silent", "use_search": True, "messages": user("hi")})
+    assert (plan.search, plan.reasoning, plan.silent) == (True, True, True)
+
+
+@pytest.mark.parametrize("messages, prompt", [
+    (user("你好"), "你好\n"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}], "hi\nthere\n"),
+    (user("hi\nthere"), "hi\nthere\n"),
+    ([{"role": "system", "content": "你是一个翻译助手"}, {"role": "user", "content": "把 hello 翻译成中文"},
+      {"role": "assistant", "content": "你好", "reasoning_content": "想一想"},
+      {"role": "user", "content": "再翻译 https://example.com/a 这个页面的标题"}],
+     'system:你是一个翻译助手\nuser:把 hello 翻译成中文\nassistant:你好\nsystem:关注用户最新的消息\n'
+     'user:再翻译 <url id="" type="url" status="" title="" wc="">https://example.com/a</url> 这个页面的标题\n'),
+    ([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "see http://a.example/x."}],
+     'system:be brief\nsystem:关注用户最新的消息\nuser:see <url id="" type="url" status="" title="" wc="">'
+     'http://a.example/x</url>.\n'),
+    ([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
+      {"role": "tool", "tool_call_id": "c", "content": "18C"}],
+     "user:weather?\nsystem:关注用户最新的消息\ntool:18C\n"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "a"}]},
+      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     "user:a\nassistant:b\nsystem:关注用户最新的消息\nuser:c\n"),
+    ([{"role": "system", "content": "http://not.wrapped"}, {"role": "user", "content": "x"}],
+     "system:http://not.wrapped\nsystem:关注用户最新的消息\nuser:x\n"),
+])
+def test_folding_history_into_one_kimi_message(messages, prompt):
+    body = {"model": "kimi", "messages": messages}
+    untouched = copy.deepcopy(body)
+    assert kp.to_plan(body).prompt == prompt
+    assert body == untouched  # the caller's data is never mutated
+
+
+def test_continuing_a_chat_sends_only_the_newest_user_message():
+    plan = kp.to_plan({"conversation_id": "cr7p4ik2lq1s5t0u9v3g",
+                       "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "第二个问题"}]})
+    assert (plan.prompt, plan.chat_id, plan.keep) == ("第二个问题\n", "cr7p4ik2lq1s5t0u9v3g", True)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "   "}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": user("hi"), "model": 5}, "model"),
+    ({"messages": user("hi"), "stream": "yes"}, "stream"),
+    ({"messages": user("hi"), "n": 2}, "n"),
+    ({"messages": user("hi"), "tool_choice": "required"}, "tool_choice"),
+    ({"messages": user("hi"), "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"messages": user("hi"), "temperature": "hot"}, "temperature"),
+    ({"messages": user("hi"), "max_tokens": 1.5}, "max_tokens"),
+    ({"messages": user("hi"), "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"messages": user("hi"), "conversation_id": "abc"}, "conversation_id"),
+    ({"messages": user("hi"), "conversation_id": 12}, "conversation_id"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "conversation_id": "cr7p4ik2lq1s5t0u9v3g"}, "messages"),
+])
+def test_bad_requests_name_the_field(body, param):
+    with pytest.raises(kp.ProxyError) as caught:
+        kp.to_plan(body)
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_lenient_fields_are_accepted():
+    plan = kp.to_plan({"messages": user("hi"), "model": None, "n": 1, "stream": None, "stream_options": None,
+                       "temperature": 0.2, "top_p": 1, "max_tokens": 5, "tool_choice": "auto", "tools": [{}],
+                       "top_k": 40, "conversation_id": None, "stream_options_extra": {}})
+    assert (plan.model, plan.stream, plan.keep) == ("kimi", False, False)
+    assert kp.to_plan({"messages": user("hi"), "stream_options": {"include_usage": True}}).include_usage is False
+
+
+@pytest.mark.parametrize("chunks", [
+    [b'data: {"event":"cmpl","text":"\xe9\x95\xbf\xe5\x9f\x8e"}\n\n'],
+    [b'data: {"event":"cmpl","text":"\xe9', b'\x95\xbf\xe5', b'\x9f\x8e"}\n', b'\n'],
+    [b'da', b'ta:{"event":"cmpl","text":"\xe9\x95\xbf\xe5\x9f\x8e"}\r\n\r\n'],
+    [b': comment\n\nevent: message\nid: 1\ndata: {"event":"cmpl",\ndata: "text":"\xe9\x95\xbf\xe5\x9f\x8e"}\n\n'],
+])
+def test_sse_decoder_survives_any_split(chunks):
+    decoder = kp.SSEDecoder()
+    payloads = [payload for chunk in chunks for payload in decoder.feed(chunk)]
+    assert [orjson.loads(p) for p in payloads] == [{"event": "cmpl", "text": "长城"}]
+
+
+@pytest.mark.parametrize("payload, event", [
+    (b'{"event":"cmpl","text":"a"}', kp.Event(kp.TEXT, "a")),
+    (b'{"event":"cmpl","text":""}', None),
+    (b'{"event":"k1","text":"t"}', kp.Event(kp.REASONING, "t")),
+    (b'{"event":"search_plus","msg":{"type":"get_res","title":"T","url":"https://u"}}', kp.Event(kp.SOURCE, "T", "https://u")),
+    (b'{"event":"search_plus","msg":{"type":"get_res","url":"https://u"}}', kp.Event(kp.SOURCE, "https://u", "https://u")),
+    (b'{"event":"search_plus","msg":{"type":"start"}}', None),
+    (b'{"event":"error","error":{"message":"too long"}}', kp.Event(kp.ERROR, "too long")),
+    (b'{"event":"zone_set"}', None),
+    (b'not json', None),
+    (b'[1,2]', None),
+])
+def test_legacy_payloads(payload, event):
+    assert kp.from_legacy_payload(payload, kp.SegmentState()) == event
+
+
+def test_refresh_time_uses_jwt_exp():
+    now = 1_000_000.0
+    short = make_jwt({"exp": int(now) + 10})
+    long = make_jwt({"exp": int(now) + 86400})
+    assert kp.refresh_time(short, now, 0) == pytest.approx(8.0)
+    assert kp.refresh_time(long, now, 0) == pytest.approx(86400 - 60)
+    assert kp.refresh_time("opaque-token", now, 0) == kp.ACCESS_TOKEN_DEFAULT_LIFETIME
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PORT": "abc"}, "PORT"), ({"PORT": "70000"}, "PORT"), ({"UPSTREAM_READ_TIMEOUT": "0"}, "UPSTREAM_READ_TIMEOUT"),
+    ({"MAX_BODY_MB": "lots"}, "MAX_BODY_MB"), ({"KIMI_PROTOCOL": "grpc"}, "KIMI_PROTOCOL"),
+    ({"KIMI_BASE_URL": "kimi.moonshot.cn"}, "KIMI_BASE_URL"), ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"KEEPALIVE_INTERVAL": "-1"}, "KEEPALIVE_INTERVAL"), ({"UPSTREAM_CONNECT_TIMEOUT": "nan"}, "UPSTREAM_CONNECT_TIMEOUT"),
+])
+def test_invalid_settings_name_the_variable(env, variable):
+    with pytest.raises(kp.ConfigError, match=variable):
+        kp.Config.from_env(env)
+
+
+def test_default_settings():
+    config = kp.Config.from_env({})
+    assert (config.host, config.port, config.kimi_base_url, config.kimi_protocol) == \
+        ("0.0.0.0", 8000, "https://kimi.moonshot.cn", "legacy")
+    assert (config.upstream_read_timeout, config.max_body_mb, config.keepalive_interval, config.log_level) == \
+        (120, 100, 15, "INFO")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat through the proxy: non-streaming
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_sdk_chat_completion(sdk, kimi, token):
+    reply = await sdk.chat.completions.create(model="kimi", messages=user("用一句话介绍长城"))
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+    assert abs(reply.created - time.time()) < 300 and reply.model == "kimi"
+    choice = reply.choices[0]
+    assert (choice.index, choice.message.role, choice.finish_reason) == (0, "assistant", "stop")
+    assert choice.message.content == "".join(ANSWER)
+    usage = reply.usage
+    assert usage.prompt_tokens == kp.estimate_tokens(len("用一句话介绍长城\n".encode()))
+    assert usage.completion_tokens == kp.estimate_tokens(len("".join(ANSWER).encode()))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # what Kimi saw: one chat, created and then deleted, asked the folded question as this user
+    await kimi.wait_deleted(1)
+    assert kimi.created == kimi.deleted and kimi.live_chats == []
+    [completion] = kimi.completions
+    assert completion["user"] == kimi.user_of(token)
+    assert completion["body"] == {"kimiplus_id": "kimi", "messages": [{"role": "user", "content": "用一句话介绍长城\n"}],
+                                  "refs": [], "refs_file": [], "use_math": False, "use_research": False,
+                                  "use_search": False, "extend": {"sidebar": True}}
+    assert completion["headers"]["X-Traffic-Id"] == kimi.user_of(token)
+    assert completion["headers"]["Referer"] == f"{kimi.url}/chat/{completion['chat']}"
+    assert kimi.refreshes[token] == 1
+
+
+async def test_raw_completion_shape(http, proxy, token):
+    response = await post_chat(http, proxy, token, model="anything-goes", max_tokens=5, temperature=0.2,
+                               top_k=40, metadata={"a": "b"}, chat_template_kwargs={"x": 1})
+    assert response.status == 200 and response.content_type == "application/json"
+    body = await response.json()
+    assert body["model"] == "anything-goes" and body["object"] == "chat.completion"
+    assert body["choices"][0]["logprobs"] is None and body["choices"][0]["message"]["refusal"] is None
+    assert "conversation_id" not in body and "X-Conversation-Id" not in response.headers
+    assert response.headers["X-Request-ID"]
+
+
+async def test_body_without_content_type_is_read_as_json(http, proxy, token):
+    body = orjson.dumps({"model": "kimi", "messages": user("hi")})
+    response = await http.post(proxy + "/v1/chat/completions", data=body,
+                               headers={**auth(token), "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 200
+    assert (await response.json())["object"] == "chat.completion"
+
+
+async def test_chat_path_without_v1(http, proxy, token):
+    response = await http.post(proxy + "/chat/completions", json={"messages": user("hi")}, headers=auth(token))
+    assert response.status == 200
+
+
+async def test_search_adds_citations_unless_silent(sdk, kimi):
+    reply = await sdk.chat.completions.create(model="kimi-search", messages=user("今天杭州天气怎么样"))
+    citations = "".join(f"【检索 {n}】 [{title}]({url})\n" for n, (title, url) in enumerate(SOURCES, 1))
+    assert reply.choices[0].message.content == citations + "\n" + "".join(ANSWER)
+    silent = await sdk.chat.completions.create(model="kimi-search-silent", messages=user("今天杭州天气怎么样"))
+    assert silent.choices[0].message.content == "".join(ANSWER)
+    assert [c["body"]["use_search"] for c in kimi.completions] == [True, True]
+
+
+async def test_use_search_field_turns_search_on(sdk, kimi):
+    await sdk.chat.completions.create(model="kimi", messages=user("q"), extra_body={"use_search": True})
+    assert kimi.completions[0]["body"]["use_search"] is True
+
+
+async def test_k1_thinking_becomes_reasoning_content(sdk, kimi, http, proxy, token):
+    reply = await sdk.chat.completions.create(model="kimi-k1", messages=user("9.11和9.9哪个大"))
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning_content"] == "".join(THINKING)
+    assert message.content == "".join(ANSWER)
+    assert kimi.completions[0]["body"]["kimiplus_id"] == kp.K1_AGENT_ID
+    assert kimi.chats[kimi.completions[0]["chat"]].kimiplus_id == kp.K1_AGENT_ID
+    _, _, chunks = await stream_chunks(http, proxy, token, model="kimi-k1")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert not any(d.get("content") and d.get("reasoning_content") for d in deltas)
+    kinds = [("reasoning" if d.get("reasoning_content") else "content") for d in deltas if d.get("reasoning_content") or d.get("content")]
+    assert kinds == ["reasoning"] * len(THINKING) + ["content"] * len(ANSWER)
+
+
+async def test_math_and_agent_models(sdk, kimi):
+    await sdk.chat.completions.create(model="kimi-math", messages=user("1+1"))
+    await sdk.chat.completions.create(model="search0000000000000a", messages=user("hi"))
+    math, agent = kimi.completions
+    assert math["body"]["use_math"] is True
+    assert agent["body"]["kimiplus_id"] == "search0000000000000a" and agent["body"]["use_search"] is False
+    assert kimi.chats[agent["chat"]].kimiplus_id == "search0000000000000a"
+
+
+async def test_research_checks_the_quota(sdk, kimi, token):
+    await sdk.chat.completions.create(model="kimi-research", messages=user("深入研究"))
+    assert kimi.completions[0]["body"]["use_research"] is True and kimi.completions[0]["body"]["use_search"] is True
+    assert ("GET", "/api/chat/research/usage") in kimi.calls
+    kimi.research[kimi.user_of(token)] = {"remain": 0, "total": 3, "used": 3}
+    with pytest.raises(openai.RateLimitError) as caught:
+        await sdk.chat.completions.create(model="kimi-research", messages=user("深入研究"))
+    assert caught.value.body["code"] == "insufficient_quota"
+    assert len(kimi.created) == 1  # no chat was opened for the refused request
+
+
+async def test_multi_turn_history_is_folded_for_kimi(sdk, kimi):
+    messages = [{"role": "system", "content": "你是一个翻译助手"}, {"role": "user", "content": "把 hello 翻译成中文"},
+                {"role": "assistant", "content": "你好"}, {"role": "user", "content": "再翻译 https://example.com/a"}]
+    await sdk.chat.completions.create(model="kimi", messages=messages)
+    assert kimi.completions[0]["body"]["messages"][0]["content"] == (
+        'system:你是一个翻译助手\nuser:把 hello 翻译成中文\nassistant:你好\nsystem:关注用户最新的消息\n'
+        'user:再翻译 <url id="" type="url" status="" title="" wc="">https://example.com/a</url>\n')
+
+
+async def test_array_content_reaches_kimi_like_the_string(sdk, kimi):
+    await sdk.chat.completions.create(model="kimi", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}])
+    await sdk.chat.completions.create(model="kimi", messages=user("hi\nthere"))
+    assert kimi.completions[0]["body"]["messages"] == kimi.completions[1]["body"]["messages"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat through the proxy: streaming
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_stream_framing_and_chunks(http, proxy, token, kimi):
+    response, raw, chunks = await stream_chunks(http, proxy, token, model="kimi",
+                                                extra_headers=None) if False else await stream_chunks(http, proxy, token)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-cache" and response.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in response.headers
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert len({c["created"] for c in chunks}) == 1 and isinstance(chunks[0]["created"], int)
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "kimi" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert sum("role" in c["choices"][0]["delta"] for c in chunks) == 1
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert content_of(chunks) == "".join(ANSWER)
+    assert not any("usage" in c for c in chunks)
+    await kimi.wait_deleted(1)
+
+
+async def test_stream_with_accept_json_is_still_sse(http, proxy, token):
+    response = await http.post(proxy + "/v1/chat/completions", json={"stream": True, "messages": user("hi")},
+                               headers={**auth(token), "Accept": "application/json"})
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    sse_payloads(await response.read())
+
+
+async def test_stream_usage_chunk(http, proxy, token):
+    _, _, chunks = await stream_chunks(http, proxy, token, stream_options={"include_usage": True})
+    *answer, last = chunks
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == \
+        last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"] > 0
+    assert all(c["usage"] is None for c in answer)
+
+
+async def test_sdk_stream_helper_accumulates(sdk):
+    async with sdk.chat.completions.stream(model="kimi-k1", messages=user("hi")) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.role == "assistant"
+    assert final.choices[0].message.content == "".join(ANSWER)
+
+
+async def test_sdk_streaming_iterates(sdk):
+    stream = await sdk.chat.completions.create(model="kimi-search", messages=user("hi"), stream=True)
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text.endswith("".join(ANSWER)) and "【检索 1】" in text
+
+
+async def test_split_lines_and_characters_come_out_whole(http, proxy, token, sdk):
+    _, _, chunks = await stream_chunks(http, proxy, token, messages=user("scenario:split"))
+    assert content_of(chunks) == "".join(ANSWER)
+    reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:split"))
+    assert reply.choices[0].message.content == "".join(ANSWER)
+
+
+async def test_keepalive_while_kimi_is_silent(start_proxy, http, token, kimi):
+    proxy = await start_proxy(KEEPALIVE_INTERVAL="0.2")
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:slow"))
+    assert response.status == 200
+    raw = await response.read()
+    assert raw.startswith(b": keep-alive\n\n")
+    assert content_of(sse_payloads(raw)) == "".join(ANSWER)
+
+
+async def test_length_is_continued_in_both_modes(http, proxy, token, kimi, sdk):
+    _, _, chunks = await stream_chunks(http, proxy, token, messages=user("scenario:length"))
+    assert content_of(chunks) == "第一段第二段" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:length"))
+    assert reply.choices[0].message.content == "第一段第二段"
+    first, continuation = kimi.completions[:2]
+    assert continuation["chat"] == first["chat"]
+    assert continuation["body"] == {"segment_id": continuation["body"]["segment_id"], "action": "continue",
+                                    "messages": [{"role": "user", "content": " "}], "kimiplus_id": "kimi",
+                                    "extend": {"sidebar": True}}
+    assert len(kimi.created) == 2
+    await kimi.wait_deleted(2)
+
+
+async def test_length_is_continued_at_most_three_times(sdk, kimi):
+    reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:length_forever"))
+    assert reply.choices[0].message.content == "段" * 4 and reply.choices[0].finish_reason == "length"
+    assert len(kimi.completions) == 4
+
+
+async def test_length_without_all_done_still_continues(sdk, kimi):
+    reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:length_no_all_done"))
+    assert reply.choices[0].message.content == "xx" and reply.choices[0].finish_reason == "stop"
