@@ -193,6 +193,7 @@ class Event(NamedTuple):
     url: str = ""
 
 
+VISIBLE = frozenset((TEXT, REASONING, SOURCE))  # events that put something in front of the client
 DONE_EVENT = Event(DONE)
 LENGTH_EVENT = Event(LENGTH)
 
@@ -958,7 +959,7 @@ async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) 
                 yield Event(CHAT, chat_id)
                 async with aclosing(kimi.stream_turn(credential, chat_id, plan)) as events:
                     async for event in events:
-                        answered = True
+                        answered = answered or event.kind in VISIBLE
                         yield event
                 return
             finally:
@@ -1131,7 +1132,7 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=INDEX_PAGE, content_type="text/html")
 
 
-async def preflight(request: web.Request) -> web.Response:
+def preflight(request: web.Request) -> web.Response:
     requested = request.headers.get("Access-Control-Request-Headers", "")
     allowed = {"authorization", "content-type"} | {h.strip().lower() for h in requested.split(",") if h.strip()}
     return web.Response(status=204, headers={
@@ -1168,6 +1169,8 @@ def from_http_exception(request: web.Request, error: web.HTTPException) -> web.R
 @web.middleware
 async def errors_and_logging(request: web.Request, handler) -> web.StreamResponse:
     """Every failure becomes the OpenAI error envelope; every request gets one log line."""
+    if request.method == "OPTIONS":
+        return preflight(request)  # browsers send no Authorization on a CORS preflight, for any path
     started = time.perf_counter()
     status = 500
     try:
@@ -1232,7 +1235,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/token/check", check_token)
     app.router.add_get("/ping", ping)
     app.router.add_get("/", index)
-    app.router.add_route("OPTIONS", "/{path:.*}", preflight)
     return app
 
 

@@ -737,8 +737,7 @@ async def test_array_content_reaches_kimi_like_the_string(sdk, kimi):
 
 
 async def test_stream_framing_and_chunks(http, proxy, token, kimi):
-    response, raw, chunks = await stream_chunks(http, proxy, token, model="kimi",
-                                                extra_headers=None) if False else await stream_chunks(http, proxy, token)
+    response, raw, chunks = await stream_chunks(http, proxy, token)
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert response.headers["Cache-Control"] == "no-cache" and response.headers["X-Accel-Buffering"] == "no"
@@ -822,3 +821,447 @@ async def test_length_is_continued_at_most_three_times(sdk, kimi):
 async def test_length_without_all_done_still_continues(sdk, kimi):
     reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:length_no_all_done"))
     assert reply.choices[0].message.content == "xx" and reply.choices[0].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: real statuses before the stream starts, one error event after
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"model": "kimi"}', 400, "messages"),
+    (b'{"messages": []}', 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "video"}]}]}', 400, "messages[0].content[0].type"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, "n"),
+])
+async def test_client_mistakes_are_400_envelopes(http, proxy, token, kimi, body, status, param):
+    response = await http.post(proxy + "/v1/chat/completions", data=body, headers=auth(token))
+    assert response.status == status and response.content_type == "application/json"
+    assert_envelope(await response.json(), param=param)
+    assert kimi.calls == []  # nothing reached Kimi
+
+
+async def test_sdk_sees_typed_errors(sdk, proxy, kimi):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model="kimi", messages=user("hi"), n=2)
+    assert caught.value.body["param"] == "n"
+    wrong_key = openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await wrong_key.chat.completions.create(model="kimi", messages=user("hi"))
+    assert caught.value.body["code"] == "invalid_api_key" and caught.value.request_id
+    await wrong_key.close()
+
+
+async def test_missing_and_rejected_tokens_are_401(http, proxy, kimi):
+    response = await http.post(proxy + "/v1/chat/completions", json={"messages": user("hi")})
+    assert response.status == 401
+    assert_envelope(await response.json(), "invalid_api_key")
+    response = await post_chat(http, proxy, "not-a-kimi-token")
+    assert response.status == 401
+    assert_envelope(await response.json(), "invalid_api_key")
+    kimi.banned.add(banned := kimi.add_user())
+    response = await post_chat(http, proxy, banned, stream=True)
+    assert response.status == 401
+    assert kimi.created == []
+
+
+async def test_unknown_path_wrong_method_and_big_body(http, start_proxy, token):
+    proxy = await start_proxy(MAX_BODY_MB="0.01")
+    response = await http.post(proxy + "/v1/nope")
+    assert response.status == 404
+    assert_envelope(await response.json())
+    response = await http.get(proxy + "/v1/chat/completions")
+    assert response.status == 405 and "POST" in response.headers["Allow"]
+    assert_envelope(await response.json(), "method_not_allowed")
+    response = await post_chat(http, proxy, token, messages=user("x" * 20_000))
+    assert response.status == 413
+    assert_envelope(await response.json(), "request_too_large")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_kimi_error_before_any_text_is_502(http, proxy, token, kimi, stream):
+    response = await post_chat(http, proxy, token, stream=stream, messages=user("scenario:error_first"))
+    assert response.status == 502 and response.content_type == "application/json"
+    assert "Kimi 现在有点累了" in assert_envelope(await response.json())["message"]
+    await kimi.wait_deleted(1)
+
+
+async def test_kimi_error_mid_answer(http, proxy, token, kimi, sdk):
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:error"))
+    raw = await response.read()
+    assert response.status == 200
+    *chunks, error = sse_payloads(raw)  # the last payload before [DONE] is the error event
+    assert content_of(chunks) == ANSWER[0]
+    assert "Kimi 现在有点累了" in assert_envelope(error)["message"]
+    stream = await sdk.chat.completions.create(model="kimi", messages=user("scenario:error"), stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    assert not isinstance(caught.value, openai.APIStatusError) and "Kimi 现在有点累了" in caught.value.message
+    with pytest.raises(openai.InternalServerError) as caught:  # non-streaming: 502 with Kimi's message
+        await sdk.chat.completions.create(model="kimi", messages=user("scenario:error"))
+    assert caught.value.status_code == 502 and "Kimi 现在有点累了" in caught.value.message
+    await kimi.wait_deleted(3)
+
+
+@pytest.mark.parametrize("scenario", ["drop", "no_all_done"])
+async def test_stream_cut_after_text_ends_with_error_event(http, proxy, token, kimi, scenario):
+    response = await post_chat(http, proxy, token, stream=True, messages=user(f"scenario:{scenario}"))
+    assert response.status == 200
+    *chunks, error = sse_payloads(await response.read())
+    assert content_of(chunks).startswith(ANSWER[0])
+    assert_envelope(error, "upstream_error")
+    await kimi.wait_deleted(1)
+
+
+async def test_stream_cut_before_text_is_502(http, proxy, token, kimi):
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:drop_first"))
+    assert response.status == 502
+    assert_envelope(await response.json(), "upstream_error")
+    await kimi.wait_deleted(1)
+
+
+async def test_read_timeouts(http, start_proxy, token, kimi):
+    proxy = await start_proxy(UPSTREAM_READ_TIMEOUT="0.3")
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:stall"))
+    assert response.status == 504
+    assert_envelope(await response.json(), "upstream_timeout")
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:stall_mid"))
+    assert response.status == 200
+    *chunks, error = sse_payloads(await response.read())
+    assert content_of(chunks) == ANSWER[0]
+    assert_envelope(error, "upstream_timeout")
+    response = await post_chat(http, proxy, token, messages=user("scenario:stall_mid"))
+    assert response.status == 504
+    await kimi.wait_deleted(3)
+
+
+async def test_kimi_5xx_is_retried_then_502(http, proxy, token, kimi):
+    kimi.fail("POST", "/api/chat", 503, times=1)
+    response = await post_chat(http, proxy, token)
+    assert response.status == 200
+    assert kimi.calls.count(("POST", "/api/chat")) == 2
+    kimi.fail("POST", r"/api/chat/\w+/completion/stream", 500, times=3)
+    response = await post_chat(http, proxy, token, stream=True)
+    assert response.status == 502
+    assert_envelope(await response.json(), "upstream_error")
+    assert len(kimi.completions) == 1  # the three failed tries never reached the stream
+    await kimi.wait_deleted(2)
+    assert kimi.live_chats == []
+
+
+async def test_kimi_4xx_is_502_with_its_message(http, proxy, token, kimi):
+    kimi.fail("POST", r"/api/chat/\w+/completion/stream", 400, body={"error_type": "chat.forbidden", "message": "此会话已被禁用"})
+    response = await post_chat(http, proxy, token)
+    assert response.status == 502
+    assert "此会话已被禁用" in assert_envelope(await response.json())["message"]
+    await kimi.wait_deleted(1)
+
+
+async def test_unreachable_kimi_is_502(http, start_proxy, kimi, token):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    proxy = await start_proxy(KIMI_BASE_URL=f"http://127.0.0.1:{closed_port}")
+    response = await post_chat(http, proxy, token, stream=True)
+    assert response.status == 502
+    assert_envelope(await response.json(), "upstream_error")
+
+
+async def test_rate_limit_is_429_with_retry_after(http, proxy, kimi, token):
+    kimi.rate_limited.add(kimi.user_of(token))
+    response = await post_chat(http, proxy, token, stream=True)
+    assert response.status == 429 and response.headers["Retry-After"] == "7"
+    assert_envelope(await response.json(), "rate_limit_exceeded")
+    await kimi.wait_deleted(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens: rotation, caching, refresh
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_a_rejected_token_hands_over_to_the_next(http, proxy, kimi):
+    good = kimi.add_user()
+    kimi.banned.add(bad := kimi.add_user())
+    for _ in range(4):  # whichever token the turn starts with, the answer comes from the good one
+        response = await post_chat(http, proxy, f"{bad},{good}", stream=True)
+        assert response.status == 200
+        assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
+    assert {c["user"] for c in kimi.completions} == {kimi.user_of(good)}
+    assert 1 <= kimi.refreshes[bad] <= 4 and kimi.refreshes[good] == 1
+    response = await post_chat(http, proxy, f"{bad},not-a-token")
+    assert response.status == 401
+
+
+async def test_a_rate_limited_token_hands_over_to_the_next(http, proxy, kimi):
+    good, limited = kimi.add_user(), kimi.add_user()
+    kimi.rate_limited.add(kimi.user_of(limited))
+    for _ in range(2):
+        response = await post_chat(http, proxy, f"{limited},{good}")
+        assert response.status == 200
+    assert {c["user"] for c in kimi.completions} == {kimi.user_of(good)}
+    await kimi.wait_deleted(len(kimi.created))  # the limited attempt's chat is deleted too
+    assert kimi.live_chats == []
+
+
+async def test_tokens_are_spread_over_requests(http, proxy, kimi):
+    tokens = [kimi.add_user() for _ in range(3)]
+    for _ in range(6):
+        assert (await post_chat(http, proxy, " , ".join(tokens))).status == 200
+    assert Counter(c["user"] for c in kimi.completions) == {kimi.user_of(t): 2 for t in tokens}
+
+
+async def test_access_token_is_cached_and_refreshed_once_when_cold(http, proxy, kimi, token):
+    replies = await asyncio.gather(*(post_chat(http, proxy, token) for _ in range(10)))
+    assert [r.status for r in replies] == [200] * 10
+    assert kimi.refreshes[token] == 1  # single flight for the cold token
+    assert (await post_chat(http, proxy, token)).status == 200
+    assert kimi.refreshes[token] == 1
+
+
+async def test_access_token_is_renewed_before_it_expires(http, proxy, kimi, token):
+    kimi.access_ttl = 1
+    assert (await post_chat(http, proxy, token)).status == 200
+    await asyncio.sleep(1.1)
+    assert (await post_chat(http, proxy, token)).status == 200
+    assert kimi.refreshes[token] == 2
+
+
+async def test_an_access_token_kimi_rejects_is_refreshed_and_the_call_retried(http, proxy, kimi, token):
+    assert (await post_chat(http, proxy, token)).status == 200
+    kimi.revoke_access_tokens()
+    assert (await post_chat(http, proxy, token, stream=True)).status == 200
+    assert kimi.refreshes[token] == 2
+    assert kimi.calls.count(("POST", "/api/chat")) == 3  # the rejected create was tried once more
+
+
+async def test_token_check(http, proxy, kimi, token):
+    async def check(body):
+        response = await http.post(proxy + "/token/check", json=body)
+        return response.status, await response.json()
+
+    assert await check({"token": token}) == (200, {"live": True})
+    assert await check({"token": "expired"}) == (200, {"live": False})
+    status, body = await check({"tok": token})
+    assert status == 400 and assert_envelope(body, param="token")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kept conversations
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_kept_conversation_round_trip(http, proxy, kimi):
+    first, second = kimi.add_user(), kimi.add_user()
+    response, _, chunks = await stream_chunks(http, proxy, f"{first},{second}", conversation_id="new")
+    conversation_id = response.headers["X-Conversation-Id"]
+    assert {c["conversation_id"] for c in chunks} == {conversation_id} and len(conversation_id) == 20
+    owner = kimi.chats[conversation_id].owner
+    for tokens in (f"{first},{second}", f"{second},{first}"):  # the creating token is used either way
+        response = await post_chat(http, proxy, tokens, conversation_id=conversation_id,
+                                   messages=[{"role": "user", "content": "第一个问题"}, {"role": "assistant", "content": "好"},
+                                             {"role": "user", "content": "第二个问题"}])
+        body = await response.json()
+        assert body["conversation_id"] == response.headers["X-Conversation-Id"] == conversation_id
+    assert len(kimi.created) == 1
+    follow_ups = kimi.completions[1:]
+    assert [c["chat"] for c in follow_ups] == [conversation_id] * 2
+    assert {c["user"] for c in follow_ups} == {owner}
+    assert [c["body"]["messages"][0]["content"] for c in follow_ups] == ["第二个问题\n"] * 2
+    await asyncio.sleep(0.2)
+    assert kimi.deleted == []  # the user's conversation stays
+
+
+async def test_unknown_conversation_uses_the_first_token(http, proxy, kimi):
+    first, second = kimi.add_user(), kimi.add_user()
+    response = await post_chat(http, proxy, second, conversation_id="new")
+    conversation_id = response.headers["X-Conversation-Id"]
+    # another client's chat id does not borrow its creator's token: the caller's first token is used
+    response = await post_chat(http, proxy, first, conversation_id=conversation_id)
+    assert response.status == 502
+    assert kimi.completions[-1]["user"] == kimi.user_of(second) and len(kimi.completions) == 1
+
+
+async def test_kept_chat_of_a_failed_attempt_is_deleted(http, proxy, kimi, token):
+    response = await post_chat(http, proxy, token, conversation_id="new", messages=user("scenario:error_first"))
+    assert response.status == 502
+    await kimi.wait_deleted(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, CORS and the small endpoints
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_models(sdk, http, proxy):
+    models = [m async for m in sdk.models.list()]
+    ids = [m.id for m in models]
+    assert {"kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-math", "kimi-silent", "kimi-search-silent"} <= set(ids)
+    assert all(m.object == "model" and isinstance(m.created, int) and m.owned_by for m in models)
+    for model_id in ids:
+        assert (await sdk.models.retrieve(model_id)).id == model_id
+        reply = await sdk.chat.completions.create(model=model_id, messages=user("ping"))
+        assert reply.model == model_id
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.models.retrieve("no-such-model")
+    assert caught.value.body["code"] == "model_not_found"
+    listing = await (await http.get(proxy + "/models")).json()
+    assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ids
+    response = await http.get(proxy + "/v1/models/org%2Fname")
+    assert response.status == 404
+    assert_envelope(await response.json(), "model_not_found")
+    assert (await http.get(proxy + "/models/kimi")).status == 200
+
+
+async def test_cors(http, proxy, token):
+    response = await http.options(proxy + "/v1/chat/completions", headers={
+        "Origin": "http://localhost:3210", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-retry-count"})
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "*" and "POST" in response.headers["Access-Control-Allow-Methods"]
+    allowed = {h.strip() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"authorization", "content-type", "x-stainless-os", "x-stainless-retry-count"} <= allowed
+    origin = {"Origin": "http://localhost:3210"}
+    for response in [await http.post(proxy + "/v1/chat/completions", json={"messages": user("hi")}, headers={**origin, **auth(token)}),
+                     await http.post(proxy + "/v1/chat/completions", json={"messages": user("hi"), "stream": True},
+                                     headers={**origin, **auth(token)}),
+                     await http.post(proxy + "/v1/chat/completions", json={"messages": user("hi")}, headers=origin),
+                     await http.get(proxy + "/v1/models", headers=origin), await http.get(proxy + "/nope", headers=origin)]:
+        await response.read()
+        assert response.headers.getall("Access-Control-Allow-Origin") == ["*"]
+        assert "X-Request-ID" in response.headers["Access-Control-Expose-Headers"]
+        assert "Retry-After" in response.headers["Access-Control-Expose-Headers"]
+
+
+async def test_ping_and_index(http, proxy):
+    response = await http.get(proxy + "/ping")
+    assert (response.status, await response.text()) == (200, "pong")
+    response = await http.get(proxy + "/")
+    assert response.status == 200 and "/v1/chat/completions" in await response.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifetimes: no chat left behind, however the request ends
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_client_disconnect_closes_kimi_stream_and_deletes_chat(http, proxy, token, kimi):
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
+    async for line in response.content:
+        if b'"content":"0 "' in line:
+            break
+    response.close()
+    gone = time.monotonic()
+    await kimi.wait_deleted(1, timeout=2)
+    assert kimi.closed_streams == kimi.created and time.monotonic() - gone < 2
+    assert len(kimi.completions) == 1
+
+
+async def test_deletion_does_not_delay_the_answer(http, proxy, token, kimi):
+    kimi.hold_deletes = asyncio.Event()
+    response = await post_chat(http, proxy, token)
+    assert (await response.json())["choices"][0]["message"]["content"] == "".join(ANSWER)
+    assert kimi.deleted == []  # the answer arrived while Kimi was still deleting
+    kimi.hold_deletes.set()
+    await kimi.wait_deleted(1)
+
+
+async def test_chats_are_deleted_during_shutdown(kimi, token, http):
+    runner = await kp.start_server(kp.Config.from_env({"KIMI_BASE_URL": kimi.url, "HOST": "127.0.0.1", "PORT": "0"}))
+    proxy = "http://%s:%d" % runner.addresses[0][:2]
+    kimi.hold_deletes = asyncio.Event()
+    assert (await post_chat(http, proxy, token)).status == 200
+    streaming = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
+    await streaming.content.readline()
+    asyncio.get_running_loop().call_later(0.3, kimi.hold_deletes.set)
+    await runner.cleanup()  # what SIGTERM/SIGINT do in run_app
+    assert sorted(kimi.deleted) == sorted(kimi.created) and len(kimi.created) == 2
+    streaming.close()
+
+
+async def test_hundred_concurrent_streams(http, proxy, kimi):
+    tokens = [kimi.add_user() for _ in range(4)]
+
+    async def one(index: int) -> str:
+        response = await post_chat(http, proxy, ",".join(tokens), stream=True, messages=user(f"scenario:pace #{index}"))
+        assert response.status == 200
+        return content_of(sse_payloads(await response.read()))
+
+    answers = await asyncio.gather(*(one(i) for i in range(100)))
+    assert answers == ["".join(ANSWER)] * 100
+    assert kimi.max_open_streams > 1
+    await kimi.wait_deleted(100)
+    assert sorted(kimi.deleted) == sorted(kimi.created) and kimi.live_chats == []
+    assert sum(kimi.refreshes[t] for t in tokens) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs never hold secrets or message contents
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_logs_hold_no_tokens_or_contents(http, start_proxy, kimi, caplog):
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy(LOG_LEVEL="DEBUG", UPSTREAM_READ_TIMEOUT="0.3")
+    good = kimi.add_user()
+    kimi.banned.add(bad := kimi.add_user())
+    secret_text = "my-secret-question-text"
+    for scenario in ("plain", "error", "error_first", "drop", "stall", "length", "split"):
+        await (await post_chat(http, proxy, f"{bad},{good}", stream=True,
+                               messages=user(f"{secret_text} scenario:{scenario}"))).read()
+    await (await post_chat(http, proxy, good, messages=user(secret_text))).read()
+    kimi.revoke_access_tokens()
+    await (await post_chat(http, proxy, good, messages=user(secret_text))).read()
+    await (await post_chat(http, proxy, "sk-not-a-token-at-all")).read()
+    await (await http.post(proxy + "/token/check", json={"token": good})).read()
+    await kimi.wait_deleted(len(kimi.created))
+    logged = caplog.text
+    assert "status=200" in logged and "model=kimi" in logged  # the request lines are there
+    secrets_seen = [good, bad, "sk-not-a-token-at-all", secret_text, *kimi.access, *kimi.users]
+    assert not [s for s in secrets_seen if s in logged]
+    for token in (good, bad):  # nor any recognisable piece of a token
+        assert token.split(".")[1][:24] not in logged and token.split(".")[2][:16] not in logged
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it as a user would: python kimi_proxy.py
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_main_serves_with_flags_over_env(kimi, token, http):
+    port = free_port()
+    env = {**os.environ, "KIMI_BASE_URL": kimi.url, "PORT": "1", "HOST": "192.0.2.1"}
+    server = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", "--host", "127.0.0.1",
+                                                  "--port", str(port), env=env, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            try:
+                response = await http.get(f"http://127.0.0.1:{port}/ping")
+                break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        assert await response.text() == "pong"
+        response = await post_chat(http, f"http://127.0.0.1:{port}", token, stream=True)
+        assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
+    finally:
+        server.terminate()
+        _, stderr = await server.communicate()
+    assert server.returncode == 0
+    assert "status=200" in stderr.decode() and token not in stderr.decode()
+    assert kimi.deleted == kimi.created
+
+
+def test_bad_setting_stops_startup_with_one_line():
+    result = subprocess.run([sys.executable, "kimi_proxy.py"], env={**os.environ, "UPSTREAM_READ_TIMEOUT": "soon"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "UPSTREAM_READ_TIMEOUT" in result.stderr
