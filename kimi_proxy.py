@@ -18,6 +18,7 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     UPSTREAM_READ_TIMEOUT      seconds without a byte from Kimi before giving up (120)
     KEEPALIVE_INTERVAL         seconds of silence before an SSE keep-alive comment (15)
     MAX_BODY_MB                largest request body accepted, in MiB (100)
+    SHUTDOWN_GRACE             seconds open answers may run on after SIGTERM/SIGINT (30)
     LOG_LEVEL                  DEBUG, INFO, WARNING or ERROR (INFO)
 """
 
@@ -68,6 +69,7 @@ class Config:
     upstream_read_timeout: float = 120.0
     keepalive_interval: float = 15.0
     max_body_mb: float = 100.0
+    shutdown_grace: float = 30.0
     log_level: str = "INFO"
 
     @classmethod
@@ -91,6 +93,7 @@ class Config:
             upstream_read_timeout=_positive_setting(env, "UPSTREAM_READ_TIMEOUT", cls.upstream_read_timeout),
             keepalive_interval=_positive_setting(env, "KEEPALIVE_INTERVAL", cls.keepalive_interval),
             max_body_mb=_positive_setting(env, "MAX_BODY_MB", cls.max_body_mb),
+            shutdown_grace=_positive_setting(env, "SHUTDOWN_GRACE", cls.shutdown_grace),
             log_level=log_level,
         )
 
@@ -1238,13 +1241,15 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-# Handlers are cancelled when their client disconnects, so Kimi stops generating at once.
-RUNNER_OPTIONS = {"access_log": None, "handler_cancellation": True}
+def runner_options(config: Config) -> dict:
+    # Handlers are cancelled when their client disconnects, so Kimi stops generating at once;
+    # the request log line replaces aiohttp's access log (which would print query strings).
+    return {"access_log": None, "handler_cancellation": True, "shutdown_timeout": config.shutdown_grace}
 
 
 async def start_server(config: Config) -> web.AppRunner:
     """Start serving `config` in the running loop (used by tests and benchmarks)."""
-    runner = web.AppRunner(create_app(config), **RUNNER_OPTIONS)
+    runner = web.AppRunner(create_app(config), **runner_options(config))
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     return runner
@@ -1269,7 +1274,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("kimi_proxy on http://%s:%d, Kimi at %s (%s dialect)", config.host, config.port,
              config.kimi_base_url, config.kimi_protocol)
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None, **RUNNER_OPTIONS)
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None, **runner_options(config))
 
 
 if __name__ == "__main__":

@@ -1170,15 +1170,19 @@ async def test_deletion_does_not_delay_the_answer(http, proxy, token, kimi):
 
 
 async def test_chats_are_deleted_during_shutdown(kimi, token, http):
-    runner = await kp.start_server(kp.Config.from_env({"KIMI_BASE_URL": kimi.url, "HOST": "127.0.0.1", "PORT": "0"}))
+    settings = {"KIMI_BASE_URL": kimi.url, "HOST": "127.0.0.1", "PORT": "0", "SHUTDOWN_GRACE": "0.3"}
+    runner = await kp.start_server(kp.Config.from_env(settings))
     proxy = "http://%s:%d" % runner.addresses[0][:2]
     kimi.hold_deletes = asyncio.Event()
     assert (await post_chat(http, proxy, token)).status == 200
     streaming = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
     await streaming.content.readline()
-    asyncio.get_running_loop().call_later(0.3, kimi.hold_deletes.set)
-    await runner.cleanup()  # what SIGTERM/SIGINT do in run_app
+    asyncio.get_running_loop().call_later(0.5, kimi.hold_deletes.set)
+    started = time.monotonic()
+    await runner.cleanup()  # what SIGTERM/SIGINT do in run_app: the open answer is cut after the grace
+    assert time.monotonic() - started < 5
     assert sorted(kimi.deleted) == sorted(kimi.created) and len(kimi.created) == 2
+    assert kimi.closed_streams == [kimi.created[1]]
     streaming.close()
 
 
