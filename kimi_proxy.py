@@ -232,8 +232,13 @@ class Janitor:
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self, timeout: float) -> None:
+        """Let pending work finish for up to `timeout` seconds, then cancel what is left."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+        leftovers = set(self._tasks)
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
 
 
 def jwt_claims(token: str) -> dict:
@@ -328,6 +333,12 @@ def from_kimi_failure(status: int, body: object, retry_after: str | None) -> Pro
         return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}", seconds)
     detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
     return upstream_error(f"Kimi refused the request: {detail}")
+
+
+def raise_for_outage(response: aiohttp.ClientResponse, body: object) -> None:
+    """Kimi failing or rate limiting is not a verdict on the token."""
+    if response.status >= 500 or response.status == 429:
+        raise from_kimi_failure(response.status, body, response.headers.get("Retry-After"))
 
 
 def is_auth_failure(status: int, body: object) -> bool:
@@ -433,8 +444,7 @@ class LegacyKimi:
         headers = {**self._headers, "Authorization": f"Bearer {credential}"}
         async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
             body = await read_kimi_json(response)
-            if response.status >= 500:
-                raise upstream_error(f"Kimi's token refresh failed with HTTP {response.status}")
+        raise_for_outage(response, body)
         access_token = body.get("access_token") if isinstance(body, dict) else None
         if response.status >= 300 or not isinstance(access_token, str) or not access_token \
                 or not body.get("refresh_token"):
@@ -446,6 +456,7 @@ class LegacyKimi:
         headers = {**self._headers, "Authorization": f"Bearer {access_token}"}
         async with await self._send("GET", "/api/user", headers) as response:
             user = await read_kimi_json(response)
+        raise_for_outage(response, user)
         user_id = user.get("id") if isinstance(user, dict) else None
         if response.status >= 300 or not isinstance(user_id, str) or not user_id:
             raise TokenRejected()
@@ -467,8 +478,8 @@ class LegacyKimi:
 
     async def _call(self, credential: str, method: str, path: str, body: dict | None = None,
                     referer: str | None = None) -> aiohttp.ClientResponse:
-        """An authenticated call that answered 2xx; a rejected access token is renewed once."""
-        for attempt in range(2):
+        """An authenticated call that answered 2xx; an access token Kimi rejects is renewed once."""
+        for _ in range(2):
             grant = await self.tokens.get(credential)
             headers = {**self._headers, "Authorization": f"Bearer {grant.access_token}",
                        "X-Traffic-Id": grant.user_id}
@@ -479,21 +490,18 @@ class LegacyKimi:
                 return response
             async with response:
                 failure = await read_kimi_json(response)
-            if is_auth_failure(response.status, failure) and attempt == 0:
-                self.tokens.drop(credential, grant)
-                continue
-            if is_auth_failure(response.status, failure):
-                raise TokenRejected()
-            log.warning("Kimi answered %s %s with HTTP %d", method, path.split("/")[2], response.status)
-            raise from_kimi_failure(response.status, failure, response.headers.get("Retry-After"))
-        raise AssertionError("unreachable")
+            if not is_auth_failure(response.status, failure):
+                log.warning("Kimi answered %s %s with HTTP %d", method, path, response.status)
+                raise from_kimi_failure(response.status, failure, response.headers.get("Retry-After"))
+            self.tokens.drop(credential, grant)
+        raise TokenRejected()
 
     async def _send(self, method: str, path: str, headers: dict, body: dict | None = None) -> aiohttp.ClientResponse:
         """One HTTP call, tried again (twice at most) on a dead connection or a 5xx."""
         if body is not None:
             headers = {**headers, "Content-Type": "application/json"}
         data = None if body is None else orjson.dumps(body)
-        for attempt, backoff in enumerate((*RETRY_BACKOFF, None)):
+        for backoff in (*RETRY_BACKOFF, None):
             try:
                 response = await self._session.request(method, self._base + path, headers=headers, data=data)
             except asyncio.TimeoutError:
@@ -501,12 +509,12 @@ class LegacyKimi:
             except aiohttp.ClientError as error:
                 if backoff is None:
                     raise upstream_error("Could not reach Kimi") from None
-                log.info("retrying Kimi call after a connection error: %s", type(error).__name__)
+                log.info("retrying a Kimi call after %s", type(error).__name__)
             else:
                 if response.status < 500 or backoff is None:
                     return response
                 response.release()
-                log.info("retrying Kimi call after HTTP %d", response.status)
+                log.info("retrying a Kimi call after HTTP %d", response.status)
             await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
 
@@ -525,7 +533,7 @@ class Plan:
 
     model: str
     prompt: str
-    kimiplus_id: str = "kimi"
+    agent_id: str | None = None  # a Kimi+ agent named by the model
     search: bool = False
     research: bool = False
     reasoning: bool = False
@@ -601,13 +609,11 @@ def to_conversation(value: object) -> tuple[str | None, bool]:
 def model_flags(model: str) -> dict:
     """Kimi options from a model name: combinable substrings, or a Kimi+ agent id."""
     if CHAT_ID.fullmatch(model):
-        return {"kimiplus_id": model, "search": False, "research": False, "reasoning": False,
+        return {"agent_id": model, "search": False, "research": False, "reasoning": False,
                 "math": False, "silent": False}
     name = model.lower()
-    reasoning = "k1" in name or "thinking" in name
-    return {"kimiplus_id": K1_AGENT_ID if reasoning else "kimi", "search": "search" in name,
-            "research": "research" in name, "reasoning": reasoning, "math": "math" in name,
-            "silent": "silent" in name}
+    return {"agent_id": None, "search": "search" in name, "research": "research" in name,
+            "reasoning": "k1" in name or "thinking" in name, "math": "math" in name, "silent": "silent" in name}
 
 
 class Message(NamedTuple):
@@ -692,19 +698,24 @@ def to_continuation_prompt(messages: list[Message]) -> str:
     return to_kimi_text(last) + "\n"
 
 
+def to_kimiplus_id(plan: Plan) -> str:
+    """The legacy dialect picks agents, and the K1 reasoning model, by a Kimi+ id."""
+    return plan.agent_id or (K1_AGENT_ID if plan.reasoning else "kimi")
+
+
 def to_legacy_new_chat(plan: Plan) -> dict:
-    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": plan.kimiplus_id, "name": "未命名会话"}
+    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(plan), "name": "未命名会话"}
 
 
 def to_legacy_completion(plan: Plan) -> dict:
-    return {"kimiplus_id": plan.kimiplus_id, "messages": [{"role": "user", "content": plan.prompt}],
+    return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt}],
             "refs": [], "refs_file": [], "use_math": plan.math, "use_research": plan.research,
             "use_search": plan.search, "extend": {"sidebar": True}}
 
 
 def to_legacy_continuation(plan: Plan, segment_id: str) -> dict:
     return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": " "}],
-            "kimiplus_id": plan.kimiplus_id, "extend": {"sidebar": True}}
+            "kimiplus_id": to_kimiplus_id(plan), "extend": {"sidebar": True}}
 
 
 class SSEDecoder:

@@ -463,20 +463,28 @@ def assert_envelope(body: dict, status_code: str | None = None, param: str | Non
 
 
 @pytest.mark.parametrize("model, expected", [
-    ("kimi", {"kimiplus_id": "kimi", "search": False, "research": False, "reasoning": False, "math": False, "silent": False}),
+    ("kimi", {"agent_id": None, "search": False, "research": False, "reasoning": False, "math": False, "silent": False}),
     ("kimi-search", {"search": True, "research": False}),
     ("kimi-research", {"search": True, "research": True}),
-    ("kimi-k1", {"reasoning": True, "kimiplus_id": kp.K1_AGENT_ID}),
-    ("kimi-thinking", {"reasoning": True, "kimiplus_id": kp.K1_AGENT_ID}),
+    ("kimi-k1", {"reasoning": True, "agent_id": None}),
+    ("kimi-thinking", {"reasoning": True}),
     ("kimi-math", {"math": True, "search": False}),
     ("kimi-search-silent", {"search": True, "silent": True}),
     ("KIMI-K1-SEARCH", {"search": True, "reasoning": True}),
-    ("gpt-4o-mini", {"kimiplus_id": "kimi", "search": False}),
-    ("search0000000000000a", {"kimiplus_id": "search0000000000000a", "search": False}),  # a Kimi+ agent id
+    ("gpt-4o-mini", {"agent_id": None, "search": False}),
+    ("search0000000000000a", {"agent_id": "search0000000000000a", "search": False}),  # a Kimi+ agent id
 ])
 def test_model_flags(model, expected):
     flags = kp.model_flags(model)
     assert {key: flags[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("model, kimiplus_id", [
+    ("kimi", "kimi"), ("kimi-k1-search", kp.K1_AGENT_ID), ("kimi-thinking", kp.K1_AGENT_ID),
+    ("crm40ee9e5jvhsn7pt00", "crm40ee9e5jvhsn7pt00"),
+])
+def test_legacy_kimiplus_id(model, kimiplus_id):
+    assert kp.to_kimiplus_id(kp.to_plan({"model": model, "messages": user("hi")})) == kimiplus_id
 
 
 def test_use_search_adds_search_and_keeps_other_flags():
