@@ -1083,7 +1083,8 @@ async def stream_answer(request: web.Request, plan: Plan, pieces: AsyncIterator[
                 async for field, value in pieces:
                     if field == "conversation_id":
                         encoder.set_conversation(value)
-                        stream.response.headers["X-Conversation-Id"] = value
+                        if not stream.started:
+                            stream.response.headers["X-Conversation-Id"] = value
                         continue
                     data = encoder.encode(field, value)
                     if data:
