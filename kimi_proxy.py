@@ -12,8 +12,8 @@ client asked to keep it with ``"conversation_id": "new"``.
 
 Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     HOST, PORT                 where to listen (0.0.0.0, 8000)
-    KIMI_BASE_URL              Kimi's address (https://kimi.moonshot.cn)
-    KIMI_PROTOCOL              Kimi's dialect: legacy (REST + SSE)
+    KIMI_PROTOCOL              Kimi's dialect: connect (www.kimi.com today) or legacy (REST + SSE)
+    KIMI_BASE_URL              Kimi's address (https://www.kimi.com, legacy: https://kimi.moonshot.cn)
     UPSTREAM_CONNECT_TIMEOUT   seconds to connect to Kimi (10)
     UPSTREAM_READ_TIMEOUT      seconds without a byte from Kimi before giving up (120)
     KEEPALIVE_INTERVAL         seconds of silence before an SSE keep-alive comment (15)
@@ -51,7 +51,7 @@ log = logging.getLogger("kimi_proxy")
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
-PROTOCOLS = {"legacy": "https://kimi.moonshot.cn"}
+PROTOCOLS = {"connect": "https://www.kimi.com", "legacy": "https://kimi.moonshot.cn"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -63,8 +63,8 @@ class ConfigError(ValueError):
 class Config:
     host: str = "0.0.0.0"
     port: int = 8000
-    kimi_base_url: str = PROTOCOLS["legacy"]
-    kimi_protocol: str = "legacy"
+    kimi_base_url: str = PROTOCOLS["connect"]
+    kimi_protocol: str = "connect"
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 120.0
     keepalive_interval: float = 15.0
@@ -75,7 +75,7 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
         env = os.environ if env is None else env
-        protocol = env.get("KIMI_PROTOCOL", "legacy").strip().lower()
+        protocol = env.get("KIMI_PROTOCOL", "connect").strip().lower()
         if protocol not in PROTOCOLS:
             raise ConfigError(f"KIMI_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         base_url = env.get("KIMI_BASE_URL", "").strip().rstrip("/") or PROTOCOLS[protocol]
@@ -210,11 +210,12 @@ ACCESS_TOKEN_DEFAULT_LIFETIME = 300.0
 class KimiDialect(Protocol):
     """What the handlers need from a Kimi dialect. Errors are raised as ProxyError."""
 
-    models: tuple[str, ...]
+    wraps_links: bool  # whether user links are sent in the web app's <url> markup
 
+    async def model_ids(self) -> list[str]: ...
     async def check_token(self, credential: str) -> bool: ...
-    async def open_chat(self, credential: str, plan: "Plan") -> str: ...
-    def stream_turn(self, credential: str, chat_id: str, plan: "Plan") -> AsyncIterator[Event]: ...
+    def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
+        """Ask the plan's question; yields CHAT with the chat id as soon as a chat exists."""
     async def delete_chat(self, credential: str, chat_id: str) -> None: ...
     def close(self) -> None: ...
 
@@ -241,6 +242,20 @@ class Janitor:
         await asyncio.gather(*leftovers, return_exceptions=True)
 
 
+class BoundedMap(OrderedDict):
+    """A dict that forgets its oldest entries past `size` (for per-chat memory)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        super().__init__()
+        self._size = size
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self._size:
+            self.popitem(last=False)
+
+
 def jwt_claims(token: str) -> dict:
     """The payload of a JWT, unverified; {} for anything that is not one."""
     parts = token.split(".")
@@ -256,36 +271,37 @@ def jwt_claims(token: str) -> dict:
 class Grant(NamedTuple):
     access_token: str
     user_id: str
-    refresh_at: float  # loop time after which the access token is renewed
+    renew_at: float  # loop time after which the access token is renewed
 
 
-def refresh_time(access_token: str, now_wall: float, now_loop: float) -> float:
-    """When to renew an access token: shortly before its JWT exp, else after the default lifetime."""
+def renewal_time(access_token: str, now_wall: float, now_loop: float) -> float:
+    """When to renew an access token: a little before its JWT exp (a fifth of its life, at most
+    four minutes early), else after the default lifetime."""
     exp = jwt_claims(access_token).get("exp")
     if not isinstance(exp, (int, float)):
         return now_loop + ACCESS_TOKEN_DEFAULT_LIFETIME
     lifetime = exp - now_wall
-    return now_loop + max(0.0, lifetime - min(60.0, lifetime * 0.2))
+    return now_loop + max(0.0, lifetime - min(240.0, lifetime * 0.2))
 
 
 class AccessTokens:
-    """Access tokens cached per credential, renewed before expiry, one refresh in flight per token."""
+    """Access tokens cached per credential, renewed before expiry, one renewal in flight per token."""
 
-    def __init__(self, refresh) -> None:
-        self._refresh = refresh
+    def __init__(self, renew) -> None:
+        self._renew = renew
         self._grants: dict[str, Grant] = {}
         self._pending: dict[str, asyncio.Future] = {}
 
     async def get(self, credential: str) -> Grant:
         grant = self._grants.get(credential)
-        if grant is not None and asyncio.get_running_loop().time() < grant.refresh_at:
+        if grant is not None and asyncio.get_running_loop().time() < grant.renew_at:
             return grant
         pending = self._pending.get(credential)
         if pending is None:
-            pending = asyncio.ensure_future(self._refresh(credential))
+            pending = asyncio.ensure_future(self._renew(credential))
             self._pending[credential] = pending
             pending.add_done_callback(lambda done: self._settle(credential, done))
-        # shield: a waiter that goes away must not cancel the refresh the others wait for
+        # shield: a waiter that goes away must not cancel the renewal the others wait for
         return await asyncio.shield(pending)
 
     def _settle(self, credential: str, done: asyncio.Future) -> None:
@@ -294,8 +310,12 @@ class AccessTokens:
             self._grants[credential] = done.result()
 
     def drop(self, credential: str, grant: Grant) -> None:
+        """Forget `grant` (unless a newer one has replaced it already)."""
         if self._grants.get(credential) is grant:
             del self._grants[credential]
+
+    def forget(self, credential: str) -> None:
+        self._grants.pop(credential, None)
 
     def close(self) -> None:
         for pending in self._pending.values():
@@ -324,183 +344,97 @@ async def read_kimi_json(response: aiohttp.ClientResponse) -> object:
         return None
 
 
-def from_kimi_failure(status: int, body: object, retry_after: str | None) -> ProxyError:
-    """Map a non-2xx Kimi answer (other than token rejection) to what the client sees."""
-    error_type = body.get("error_type") if isinstance(body, dict) else None
-    message = body.get("message") if isinstance(body, dict) else None
-    if status == 429 or (isinstance(message, str) and "次数超过" in message):
-        seconds = int(retry_after) if retry_after and retry_after.isdigit() else None
-        return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}", seconds)
-    detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
-    return upstream_error(f"Kimi refused the request: {detail}")
+def retry_after_seconds(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
 
 
-def raise_for_outage(response: aiohttp.ClientResponse, body: object) -> None:
-    """Kimi failing or rate limiting is not a verdict on the token."""
-    if response.status >= 500 or response.status == 429:
-        raise from_kimi_failure(response.status, body, response.headers.get("Retry-After"))
+class KimiHTTP:
+    """What both dialects share: the session, retries of failed calls, and access tokens that
+    are renewed before expiry and once more when Kimi rejects them."""
 
-
-def is_auth_failure(status: int, body: object) -> bool:
-    return status == 401 or (isinstance(body, dict) and body.get("error_type") == "auth.token.invalid")
-
-
-class LegacyKimi:
-    """Kimi's REST + SSE dialect (kimi.moonshot.cn): refresh token -> access token -> chat."""
-
-    models = ("kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
-              "kimi-silent", "kimi-search-silent")
+    wraps_links = False
 
     def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
         self._session = session
         self._base = config.kimi_base_url
         self._headers = browser_headers(config.kimi_base_url)
-        self._timeout_seconds = config.upstream_read_timeout
-        self.tokens = AccessTokens(self._refresh)
+        self._read_timeout = config.upstream_read_timeout
+        self.tokens = AccessTokens(self._grant)
 
-    # -- public interface ----------------------------------------------------------------------
+    # -- what a dialect defines ------------------------------------------------------------------
 
-    async def check_token(self, credential: str) -> bool:
-        try:
-            await self._exchange(credential)
-        except TokenRejected:
-            return False
-        return True
+    async def _grant(self, credential: str) -> Grant:
+        raise NotImplementedError
 
-    async def open_chat(self, credential: str, plan: "Plan") -> str:
-        if plan.research:
-            await self._check_research_quota(credential)
-        if plan.chat_id is not None:
-            return plan.chat_id
-        chat = await self._call_json(credential, "POST", "/api/chat", to_legacy_new_chat(plan))
-        chat_id = chat.get("id") if isinstance(chat, dict) else None
-        if not isinstance(chat_id, str) or not chat_id:
-            raise upstream_error("Kimi did not return a chat id")
-        return chat_id
+    def _is_auth_failure(self, status: int, body: object) -> bool:
+        raise NotImplementedError
 
-    async def stream_turn(self, credential: str, chat_id: str, plan: "Plan") -> AsyncIterator[Event]:
-        """Ask the question and yield the answer; a length-cut answer is continued up to 3 times."""
-        body = to_legacy_completion(plan)
-        for continuation in range(MAX_CONTINUATIONS + 1):
-            segment = SegmentState()
-            async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as events:
-                async for event in events:
-                    yield event
-            if not segment.truncated:
-                yield DONE_EVENT
-                return
-            if segment.id is None or continuation == MAX_CONTINUATIONS:
-                break
-            body = to_legacy_continuation(plan, segment.id)
-        yield LENGTH_EVENT
-        yield DONE_EVENT
+    def _failure(self, status: int, body: object, retry_after: str | None) -> ProxyError:
+        raise NotImplementedError
+
+    def _rejected(self, credential: str) -> TokenRejected:
+        return TokenRejected()
+
+    def _auth_headers(self, grant: Grant) -> dict[str, str]:
+        return {**self._headers, "Authorization": f"Bearer {grant.access_token}", "X-Traffic-Id": grant.user_id}
+
+    # -- shared ------------------------------------------------------------------------------------
 
     async def delete_chat(self, credential: str, chat_id: str) -> None:
         try:
-            async with await self._call(credential, "DELETE", f"/api/chat/{chat_id}"):
-                pass
+            await self._delete(credential, chat_id)
         except ProxyError as error:
             log.warning("could not delete Kimi chat %s: %s", chat_id, error.message)
         else:
             log.debug("deleted Kimi chat %s", chat_id)
 
+    async def _delete(self, credential: str, chat_id: str) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.tokens.close()
 
-    # -- one answer segment ----------------------------------------------------------------------
-
-    async def _stream_segment(self, credential: str, chat_id: str, body: dict,
-                              segment: "SegmentState") -> AsyncIterator[Event]:
-        response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream", body,
-                                    referer=f"{self._base}/chat/{chat_id}")
-        async with response:
-            if "json" in response.headers.get("Content-Type", ""):
-                # an error body with status 200 instead of a stream
-                failure = await read_kimi_json(response)
-                raise from_kimi_failure(response.status, failure, None)
-            decoder = SSEDecoder()
-            try:
-                async for data in response.content.iter_any():
-                    for payload in decoder.feed(data):
-                        event = from_legacy_payload(payload, segment)
-                        if event is not None:
-                            yield event
-                            if event.kind == ERROR:
-                                return
-                        if segment.finished:
-                            return
-            except asyncio.TimeoutError:
-                raise upstream_timeout(f"Kimi sent nothing for {self._timeout_seconds:g} s") from None
-            except aiohttp.ClientError:
-                raise upstream_error("The connection to Kimi broke off mid-answer") from None
-            if not segment.truncated:
-                raise upstream_error("Kimi ended the answer stream before finishing the answer")
-
-    # -- tokens ------------------------------------------------------------------------------------
-
-    async def _exchange(self, credential: str) -> str:
-        """Trade a refresh token for an access token (Kimi rotates the refresh token too, but
-        keeps the old one valid, so the credential the client sent stays the cache key)."""
-        headers = {**self._headers, "Authorization": f"Bearer {credential}"}
+    async def _exchange(self, refresh_token: str) -> tuple[str, str]:
+        """Trade a refresh token for (access token, next refresh token) at Kimi's REST endpoint,
+        which both dialects use."""
+        headers = {**self._headers, "Authorization": f"Bearer {refresh_token}"}
         async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
             body = await read_kimi_json(response)
-        raise_for_outage(response, body)
-        access_token = body.get("access_token") if isinstance(body, dict) else None
-        if response.status >= 300 or not isinstance(access_token, str) or not access_token \
-                or not body.get("refresh_token"):
+        if response.status >= 500 or response.status == 429:
+            raise self._failure(response.status, body, response.headers.get("Retry-After"))
+        tokens = body.get("data", body) if isinstance(body, dict) else {}
+        tokens = tokens if isinstance(tokens, dict) else {}
+        access = tokens.get("access_token") or tokens.get("accessToken") or tokens.get("token")
+        refresh = tokens.get("refresh_token") or tokens.get("refreshToken")
+        if response.status >= 300 or not isinstance(access, str) or not access:
             raise TokenRejected()
-        return access_token
+        return access, refresh if isinstance(refresh, str) and refresh else refresh_token
 
-    async def _refresh(self, credential: str) -> Grant:
-        access_token = await self._exchange(credential)
-        headers = {**self._headers, "Authorization": f"Bearer {access_token}"}
-        async with await self._send("GET", "/api/user", headers) as response:
-            user = await read_kimi_json(response)
-        raise_for_outage(response, user)
-        user_id = user.get("id") if isinstance(user, dict) else None
-        if response.status >= 300 or not isinstance(user_id, str) or not user_id:
-            raise TokenRejected()
-        log.debug("refreshed a Kimi access token")
-        loop = asyncio.get_running_loop()
-        return Grant(access_token, user_id, refresh_time(access_token, time.time(), loop.time()))
-
-    async def _check_research_quota(self, credential: str) -> None:
-        usage = await self._call_json(credential, "GET", "/api/chat/research/usage")
-        if isinstance(usage, dict) and isinstance(usage.get("used"), int) and isinstance(usage.get("total"), int) \
-                and usage["used"] >= usage["total"]:
-            raise RateLimited("The research quota of this Kimi account is used up", code="insufficient_quota")
-
-    # -- HTTP ----------------------------------------------------------------------------------------
-
-    async def _call_json(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
-        async with await self._call(credential, method, path, body) as response:
+    async def _json_call(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
+        data = None if body is None else orjson.dumps(body)
+        async with await self._call(credential, method, path, data) as response:
             return await read_kimi_json(response)
 
-    async def _call(self, credential: str, method: str, path: str, body: dict | None = None,
-                    referer: str | None = None) -> aiohttp.ClientResponse:
+    async def _call(self, credential: str, method: str, path: str, data: bytes | None = None,
+                    headers: dict | None = None) -> aiohttp.ClientResponse:
         """An authenticated call that answered 2xx; an access token Kimi rejects is renewed once."""
         for _ in range(2):
             grant = await self.tokens.get(credential)
-            headers = {**self._headers, "Authorization": f"Bearer {grant.access_token}",
-                       "X-Traffic-Id": grant.user_id}
-            if referer:
-                headers["Referer"] = referer
-            response = await self._send(method, path, headers, body)
+            response = await self._send(method, path, {**self._auth_headers(grant), **(headers or {})}, data)
             if response.status < 300:
                 return response
             async with response:
                 failure = await read_kimi_json(response)
-            if not is_auth_failure(response.status, failure):
+            if not self._is_auth_failure(response.status, failure):
                 log.warning("Kimi answered %s %s with HTTP %d", method, path, response.status)
-                raise from_kimi_failure(response.status, failure, response.headers.get("Retry-After"))
+                raise self._failure(response.status, failure, response.headers.get("Retry-After"))
             self.tokens.drop(credential, grant)
-        raise TokenRejected()
+        raise self._rejected(credential)
 
-    async def _send(self, method: str, path: str, headers: dict, body: dict | None = None) -> aiohttp.ClientResponse:
+    async def _send(self, method: str, path: str, headers: dict, data: bytes | None = None) -> aiohttp.ClientResponse:
         """One HTTP call, tried again (twice at most) on a dead connection or a 5xx."""
-        if body is not None:
+        if data is not None and "Content-Type" not in headers:
             headers = {**headers, "Content-Type": "application/json"}
-        data = None if body is None else orjson.dumps(body)
         for backoff in (*RETRY_BACKOFF, None):
             try:
                 response = await self._session.request(method, self._base + path, headers=headers, data=data)
@@ -518,8 +452,259 @@ class LegacyKimi:
             await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
 
+    async def _read_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """An answer stream's bytes as they arrive, with transport failures as ProxyErrors."""
+        try:
+            async for data in response.content.iter_any():
+                yield data
+        except asyncio.TimeoutError:
+            raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
+        except aiohttp.ClientError:
+            raise upstream_error("The connection to Kimi broke off mid-answer") from None
 
-DIALECTS = {"legacy": LegacyKimi}
+
+# -- the legacy dialect ---------------------------------------------------------------------------
+
+
+def from_legacy_failure(status: int, body: object, retry_after: str | None) -> ProxyError:
+    """Map a non-2xx legacy answer (other than token rejection) to what the client sees."""
+    error_type = body.get("error_type") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    if status == 429 or (isinstance(message, str) and "次数超过" in message):
+        return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}",
+                           retry_after_seconds(retry_after))
+    detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
+    return upstream_error(f"Kimi refused the request: {detail}")
+
+
+class LegacyKimi(KimiHTTP):
+    """Kimi's REST + SSE dialect (kimi.moonshot.cn): refresh token -> access token -> chat."""
+
+    wraps_links = True
+    MODELS = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
+              "kimi-silent", "kimi-search-silent"]
+
+    async def model_ids(self) -> list[str]:
+        return self.MODELS
+
+    async def check_token(self, credential: str) -> bool:
+        try:
+            await self._exchange(credential)
+        except TokenRejected:
+            return False
+        return True
+
+    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
+        """Open (or reuse) a chat and stream the answer; a length-cut answer is continued up to
+        3 times in the same chat."""
+        if plan.research:
+            await self._check_research_quota(credential)
+        chat_id = plan.chat_id or await self._create_chat(credential, plan)
+        yield Event(CHAT, chat_id)
+        body = to_legacy_completion(plan)
+        for continuation in range(MAX_CONTINUATIONS + 1):
+            segment = SegmentState()
+            async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as events:
+                async for event in events:
+                    yield event
+            if not segment.truncated:
+                yield DONE_EVENT
+                return
+            if segment.id is None or continuation == MAX_CONTINUATIONS:
+                break
+            body = to_legacy_continuation(plan, segment.id)
+        yield LENGTH_EVENT
+        yield DONE_EVENT
+
+    async def _create_chat(self, credential: str, plan: "Plan") -> str:
+        chat = await self._json_call(credential, "POST", "/api/chat", to_legacy_new_chat(plan))
+        chat_id = chat.get("id") if isinstance(chat, dict) else None
+        if not isinstance(chat_id, str) or not chat_id:
+            raise upstream_error("Kimi did not return a chat id")
+        return chat_id
+
+    async def _delete(self, credential: str, chat_id: str) -> None:
+        async with await self._call(credential, "DELETE", f"/api/chat/{chat_id}"):
+            pass
+
+    async def _stream_segment(self, credential: str, chat_id: str, body: dict,
+                              segment: "SegmentState") -> AsyncIterator[Event]:
+        response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream",
+                                    orjson.dumps(body), {"Referer": f"{self._base}/chat/{chat_id}"})
+        async with response:
+            if "json" in response.headers.get("Content-Type", ""):
+                # an error body with status 200 instead of a stream
+                raise self._failure(response.status, await read_kimi_json(response), None)
+            decoder = SSEDecoder()
+            async with aclosing(self._read_chunks(response)) as chunks:
+                async for data in chunks:
+                    for payload in decoder.feed(data):
+                        event = from_legacy_payload(payload, segment)
+                        if event is not None:
+                            yield event
+                            if event.kind == ERROR:
+                                return
+                        if segment.finished:
+                            return
+            if not segment.truncated:
+                raise upstream_error("Kimi ended the answer stream before finishing the answer")
+
+    async def _grant(self, credential: str) -> Grant:
+        access_token, _ = await self._exchange(credential)  # the old refresh token stays valid here
+        headers = {**self._headers, "Authorization": f"Bearer {access_token}"}
+        async with await self._send("GET", "/api/user", headers) as response:
+            user = await read_kimi_json(response)
+        if response.status >= 500 or response.status == 429:
+            raise self._failure(response.status, user, response.headers.get("Retry-After"))
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if response.status >= 300 or not isinstance(user_id, str) or not user_id:
+            raise TokenRejected()
+        log.debug("renewed a Kimi access token")
+        return Grant(access_token, user_id, renewal_time(access_token, time.time(), asyncio.get_running_loop().time()))
+
+    def _is_auth_failure(self, status: int, body: object) -> bool:
+        return status == 401 or (isinstance(body, dict) and body.get("error_type") == "auth.token.invalid")
+
+    def _failure(self, status: int, body: object, retry_after: str | None) -> ProxyError:
+        return from_legacy_failure(status, body, retry_after)
+
+    async def _check_research_quota(self, credential: str) -> None:
+        usage = await self._json_call(credential, "GET", "/api/chat/research/usage")
+        if isinstance(usage, dict) and isinstance(usage.get("used"), int) and isinstance(usage.get("total"), int) \
+                and usage["used"] >= usage["total"]:
+            raise RateLimited("The research quota of this Kimi account is used up", code="insufficient_quota")
+
+
+# -- the Connect-RPC dialect ------------------------------------------------------------------------
+
+CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
+MODELS_RPC = "/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels"
+SUBSCRIPTION_RPC = "/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription"
+DELETE_CHAT_RPC = "/apiv2/kimi.chat.v1.ChatService/DeleteChat"
+CATALOG_TTL = 300.0  # seconds a fetched model catalog is used
+EXPIRED_ACCESS_TOKEN = ("Kimi rejected this access token (kimi-auth) or it has expired, and an access token "
+                        "cannot be renewed: send a fresh kimi-auth value, or your refresh_token so that the "
+                        "proxy can renew access by itself")
+
+
+class ConnectKimi(KimiHTTP):
+    """Kimi's current dialect (www.kimi.com): Connect-RPC with 5-byte framed JSON messages.
+    The client may send a refresh token or an access token (the kimi-auth cookie)."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+        super().__init__(session, config)
+        self._headers = {**self._headers, "Referer": self._base + "/", "Connect-Protocol-Version": "1"}
+        self._refresh_tokens: dict[str, str] = {}  # credential -> newest refresh token (Kimi rotates them)
+        self._parents = BoundedMap()              # chat id -> last assistant message id
+        self._catalog: Catalog | None = None
+        self._catalog_until = 0.0
+        self._catalog_lock = asyncio.Lock()
+
+    async def model_ids(self) -> list[str]:
+        return (await self._current_catalog()).model_ids()
+
+    async def check_token(self, credential: str) -> bool:
+        try:
+            answer = await self._json_call(credential, "POST", SUBSCRIPTION_RPC, {})
+        except TokenRejected:
+            return False
+        return isinstance(answer, dict) and bool(answer.get("subscription"))
+
+    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
+        catalog = await self._current_catalog()
+        request = frame_message(orjson.dumps(to_connect_chat(plan, catalog, self._parents.get(plan.chat_id))))
+        for attempt in range(2):
+            state = ConnectState(silent=plan.silent)
+            try:
+                async with aclosing(self._stream_chat(credential, request, state)) as events:
+                    async for event in events:
+                        yield event
+            except StreamUnauthenticated:
+                # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
+                if state.answered or attempt == 1 or jwt_claims(credential).get("typ") == "access":
+                    raise self._rejected(credential) from None
+                self.tokens.forget(credential)
+                continue
+            if state.chat_id and state.message_id:
+                self._parents[state.chat_id] = state.message_id
+            return
+
+    async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[Event]:
+        response = await self._call(credential, "POST", CHAT_RPC, request,
+                                    {"Content-Type": "application/connect+json"})
+        async with response:
+            decoder = FrameDecoder()
+            async with aclosing(self._read_chunks(response)) as chunks:
+                async for data in chunks:
+                    for flags, payload in decoder.feed(data):
+                        for event in from_connect_frame(flags, payload, state):
+                            yield event
+                        if state.ended:
+                            break
+            for event in from_connect_ending(state):
+                yield event
+
+    async def _delete(self, credential: str, chat_id: str) -> None:
+        await self._json_call(credential, "POST", DELETE_CHAT_RPC, {"chat_id": chat_id})
+
+    async def _current_catalog(self) -> "Catalog":
+        """Kimi's model catalog, fetched at most every 5 minutes; the built-in one when Kimi fails."""
+        loop = asyncio.get_running_loop()
+        async with self._catalog_lock:
+            if self._catalog is None or loop.time() >= self._catalog_until:
+                self._catalog = await self._fetch_catalog() or self._catalog or Catalog.from_rpc(FALLBACK_CATALOG)
+                self._catalog_until = loop.time() + CATALOG_TTL
+            return self._catalog
+
+    async def _fetch_catalog(self) -> "Catalog | None":
+        try:
+            async with await self._send("POST", MODELS_RPC, self._headers, b"{}") as response:
+                answer = await read_kimi_json(response) if response.status == 200 else None
+        except ProxyError:
+            answer = None
+        catalog = Catalog.from_rpc(answer) if isinstance(answer, dict) else None
+        if catalog is None:
+            log.warning("could not read Kimi's model catalog; using the built-in one")
+        return catalog
+
+    async def _grant(self, credential: str) -> Grant:
+        claims = jwt_claims(credential)
+        now_wall, now_loop = time.time(), asyncio.get_running_loop().time()
+        if claims.get("typ") == "access":
+            exp = claims.get("exp")
+            if isinstance(exp, (int, float)) and exp <= now_wall:
+                raise self._rejected(credential)
+            until = now_loop + (exp - now_wall if isinstance(exp, (int, float)) else ACCESS_TOKEN_DEFAULT_LIFETIME)
+            return Grant(credential, str(claims.get("sub", "")), until)
+        access_token, rotated = await self._exchange(self._refresh_tokens.get(credential, credential))
+        self._refresh_tokens[credential] = rotated
+        log.debug("renewed a Kimi access token")
+        return Grant(access_token, str(jwt_claims(access_token).get("sub", "")),
+                     renewal_time(access_token, now_wall, now_loop))
+
+    def _auth_headers(self, grant: Grant) -> dict[str, str]:
+        headers = super()._auth_headers(grant)
+        claims = jwt_claims(grant.access_token)
+        for header, claim in (("X-Msh-Device-Id", "device_id"), ("X-Msh-Session-Id", "ssid")):
+            if isinstance(claims.get(claim), str):
+                headers[header] = claims[claim]
+        return headers
+
+    def _is_auth_failure(self, status: int, body: object) -> bool:
+        return status == 401 or connect_error_code(body) == "unauthenticated"
+
+    def _failure(self, status: int, body: object, retry_after: str | None) -> ProxyError:
+        error = body.get("error", body) if isinstance(body, dict) else None
+        return from_connect_error(error if isinstance(error, dict) else {"code": f"http_{status}"},
+                                  retry_after_seconds(retry_after), status)
+
+    def _rejected(self, credential: str) -> TokenRejected:
+        if jwt_claims(credential).get("typ") == "access":
+            return TokenRejected(EXPIRED_ACCESS_TOKEN)
+        return TokenRejected()
+
+
+DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,7 +741,7 @@ LATEST_MESSAGE_HINT = "关注用户最新的消息"
 LATEST_FILE_HINT = "关注用户最新发送文件和消息"
 
 
-def to_plan(body: dict) -> Plan:
+def to_plan(body: dict, wrap_links: bool = False) -> Plan:
     """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError."""
     model = optional(body, "model", str) or "kimi"
     stream = bool(optional(body, "stream", bool))
@@ -577,7 +762,7 @@ def to_plan(body: dict) -> Plan:
     use_search = bool(optional(body, "use_search", bool))
     chat_id, keep = to_conversation(body.get("conversation_id"))
     messages = to_messages(body.get("messages"))
-    prompt = to_continuation_prompt(messages) if chat_id else to_folded_prompt(messages)
+    prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
     flags = model_flags(model)
     return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
                 keep=keep, **{**flags, "search": flags["search"] or use_search})
@@ -671,23 +856,23 @@ def _wrap_url(match: re.Match) -> str:
 
 
 
-def to_kimi_text(message: Message) -> str:
-    return wrap_urls(message.text) if message.role == "user" else message.text
+def to_kimi_text(message: Message, wrap_links: bool) -> str:
+    return wrap_urls(message.text) if wrap_links and message.role == "user" else message.text
 
 
-def to_folded_prompt(messages: list[Message]) -> str:
+def to_folded_prompt(messages: list[Message], wrap_links: bool) -> str:
     """Kimi takes one message per turn: fold the history into it with role prefixes."""
     last = messages[-1]
     if not last.text.strip():
         raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
     if len(messages) == 1:
-        return to_kimi_text(last) + "\n"
+        return to_kimi_text(last, wrap_links)
     hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
-    earlier = "".join(f"{m.role}:{to_kimi_text(m)}\n" for m in messages[:-1] if m.text)
-    return f"{earlier}system:{hint}\n{last.role}:{to_kimi_text(last)}\n"
+    earlier = "".join(f"{m.role}:{to_kimi_text(m, wrap_links)}\n" for m in messages[:-1] if m.text)
+    return f"{earlier}system:{hint}\n{last.role}:{to_kimi_text(last, wrap_links)}"
 
 
-def to_continuation_prompt(messages: list[Message]) -> str:
+def to_continuation_prompt(messages: list[Message], wrap_links: bool) -> str:
     """A kept Kimi chat already holds the history: send only the newest user message."""
     last = messages[-1]
     where = f"messages[{len(messages) - 1}]"
@@ -695,7 +880,7 @@ def to_continuation_prompt(messages: list[Message]) -> str:
         raise bad_request(f"To continue a conversation the last message must be a user message ({where})", "messages")
     if not last.text.strip():
         raise bad_request(f"'{where}.content' has no text", f"{where}.content")
-    return to_kimi_text(last) + "\n"
+    return to_kimi_text(last, wrap_links)
 
 
 def to_kimiplus_id(plan: Plan) -> str:
@@ -708,7 +893,8 @@ def to_legacy_new_chat(plan: Plan) -> dict:
 
 
 def to_legacy_completion(plan: Plan) -> dict:
-    return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt}],
+    # the web app ends every message with a newline
+    return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt + "\n"}],
             "refs": [], "refs_file": [], "use_math": plan.math, "use_research": plan.research,
             "use_search": plan.search, "extend": {"sidebar": True}}
 
@@ -785,6 +971,359 @@ def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
         message = error.get("message") if isinstance(error, dict) else None
         return Event(ERROR, message if isinstance(message, str) and message else "Kimi stopped the answer")
     return None
+
+
+# -- Connect-RPC translation -------------------------------------------------------------------------
+
+END_STREAM = 0x02   # the last envelope of a server stream: {} or {"error": ...}
+COMPRESSED = 0x01   # never seen from Kimi (we ask for no compression)
+MAX_FRAME = 16 * 1024 * 1024
+
+
+def frame_message(payload: bytes, flags: int = 0) -> bytes:
+    """One Connect envelope: flags byte, big-endian uint32 length, payload."""
+    return bytes((flags,)) + len(payload).to_bytes(4, "big") + payload
+
+
+class FrameDecoder:
+    """Connect envelopes from network reads: (flags, payload) once a frame is whole, so a frame
+    or a multi-byte character split across reads comes out intact."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buffer = self._buffer
+        buffer += data
+        frames, offset = [], 0
+        while len(buffer) - offset >= 5:
+            length = int.from_bytes(buffer[offset + 1:offset + 5], "big")
+            if length > MAX_FRAME:
+                raise upstream_error("Kimi sent a malformed answer stream")
+            end = offset + 5 + length
+            if end > len(buffer):
+                break
+            frames.append((buffer[offset], bytes(buffer[offset + 5:end])))
+            offset = end
+        del buffer[:offset]
+        return frames
+
+
+class StreamUnauthenticated(TokenRejected):
+    """Kimi refused the access token inside the answer stream (renew once and ask again)."""
+
+
+def connect_error_code(body: object) -> str | None:
+    error = body.get("error", body) if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def from_connect_error(error: dict, retry_after: int | None = None, status: int | None = None) -> ProxyError:
+    """A Connect error (in the stream, or a unary answer's body) -> what the client sees."""
+    code = error.get("code")
+    debug = {}
+    for detail in error.get("details") or ():
+        if isinstance(detail, dict) and isinstance(detail.get("debug"), dict):
+            debug = detail["debug"]
+    localized = debug.get("localizedMessage")
+    said = (localized.get("message") if isinstance(localized, dict) else None) or error.get("message") \
+        or debug.get("reason") or code
+    said = said if isinstance(said, str) and said else "no details"
+    if code == "unauthenticated":
+        return StreamUnauthenticated()
+    if code == "resource_exhausted" or status == 429:
+        if debug.get("paywall"):
+            return RateLimited(f"Kimi says this needs a paid Kimi plan: {said}", retry_after, code="insufficient_quota")
+        return RateLimited(f"Kimi is rate limiting this account: {said}", retry_after)
+    if code in ("unavailable", "deadline_exceeded"):
+        return ProxyError(503, f"Kimi is overloaded or unavailable: {said}", error_type="service_unavailable_error",
+                          code="server_is_overloaded", retry_after=retry_after)
+    if code == "permission_denied":
+        return ProxyError(403, f"Kimi does not allow this account to do that: {said}", error_type="permission_error",
+                          code="permission_denied")
+    if code == "not_found":
+        return ProxyError(404, "Kimi does not know this conversation", code="conversation_not_found",
+                          param="conversation_id")
+    if code == "invalid_argument":
+        log.error("Kimi called our request invalid (invalid_argument): its protocol may have changed")
+    return upstream_error(f"Kimi failed ({code}): {said}")
+
+
+CITE_OPEN, CITE_SEPARATOR, CITE_CLOSE = "\ue3a0", "\ue3a3", "\ue3a8"
+TOOL_MARK, ARTICLE_END = "\U0001F6E0", "\U0001F3A8"  # 🛠 and 🎨, the 2026-08 marker style
+REF_INDEX = re.compile(r"[A-Za-z_]+:\d+#\d+")
+MAX_MARKER = 2000  # characters held back waiting for a marker to close
+
+
+class CitationRewriter:
+    """Turns Kimi's private-use citation markers in answer text into `[^N]` references that match
+    the `【检索 N】` source lines (or drops them when sources are silent). A marker split across
+    deltas is held back until it closes."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, text: str, sources: dict[str, int], silent: bool) -> str:
+        if not self._pending and CITE_OPEN not in text and TOOL_MARK not in text:
+            return text
+        text, self._pending = self._pending + text, ""
+        out, position = [], 0
+        while True:
+            start = min((i for i in (text.find(CITE_OPEN, position), text.find(TOOL_MARK, position)) if i >= 0),
+                        default=-1)
+            if start < 0:
+                out.append(text[position:])
+                break
+            out.append(text[position:start])
+            end = marker_end(text, start)
+            if end < 0:
+                if len(text) - start > MAX_MARKER:  # not a marker after all: let it through
+                    out.append(text[start:])
+                else:
+                    self._pending = text[start:]
+                break
+            out.append(to_references(text[start:end], sources, silent))
+            position = end
+        return "".join(out)
+
+    def flush(self) -> str:
+        pending, self._pending = self._pending, ""
+        return pending.replace(CITE_OPEN, "")
+
+
+def marker_end(text: str, start: int) -> int:
+    """Where the citation marker starting at `start` ends (exclusive), or -1 if not yet closed."""
+    if text[start] == TOOL_MARK:  # an inline reference: 🛠ref🛠
+        close = text.find(TOOL_MARK, start + 1)
+        return close + 1 if close >= 0 else -1
+    separator = min((i for i in (text.find(CITE_SEPARATOR, start), text.find(TOOL_MARK, start)) if i >= 0), default=-1)
+    if separator < 0:
+        close = text.find(CITE_CLOSE, start)
+        return close + 1 if close >= 0 else -1
+    kind = text[start + 1:separator]
+    if text[separator] == CITE_SEPARATOR:
+        closers = (CITE_CLOSE,)
+    elif kind == "article":
+        closers = (ARTICLE_END, CITE_CLOSE)
+    else:
+        closers = (TOOL_MARK, CITE_CLOSE)
+    ends = [i for i in (text.find(closer, separator + 1) for closer in closers) if i >= 0]
+    return min(ends) + 1 if ends else -1
+
+
+def to_references(marker: str, sources: dict[str, int], silent: bool) -> str:
+    if silent or marker.startswith(CITE_OPEN + "article"):
+        return ""
+    if marker[0] == TOOL_MARK and not REF_INDEX.fullmatch(marker[1:-1].split(":~:")[0]):
+        return marker  # an ordinary 🛠 in the text, not a reference
+    numbers = dict.fromkeys(sources[ref] for ref in REF_INDEX.findall(marker) if ref in sources)
+    return "".join(f"[^{n}]" for n in numbers)
+
+
+@dataclasses.dataclass(slots=True)
+class ConnectState:
+    """What one Connect answer stream has said so far, besides its events."""
+
+    silent: bool = False
+    chat_id: str | None = None
+    message_id: str | None = None     # the assistant message: the next turn's parent_id
+    answered: bool = False            # text or thinking arrived
+    done: bool = False
+    ended: bool = False               # the end-stream envelope arrived
+    thinking_stage: bool = False
+    text_block: str | None = None
+    sources: dict = dataclasses.field(default_factory=dict)   # refIndex -> citation number
+    citations: CitationRewriter = dataclasses.field(default_factory=CitationRewriter)
+
+
+def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[Event]:
+    """One Connect envelope -> neutral events. Errors are raised; heartbeats and unknown masks
+    say nothing."""
+    if flags & COMPRESSED:
+        return []
+    try:
+        message = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        message = None
+    if not isinstance(message, dict):
+        state.ended = state.ended or bool(flags & END_STREAM)
+        return []
+    if isinstance(message.get("error"), dict):
+        raise from_connect_error(message["error"])
+    if flags & END_STREAM:
+        state.ended = True
+        return []
+    if "done" in message:
+        state.done = True  # an error may still follow: keep reading until the stream ends
+        return []
+    events = []
+    chat = message.get("chat")
+    if isinstance(chat, dict) and isinstance(chat.get("id"), str) and state.chat_id is None:
+        state.chat_id = chat["id"]
+        events.append(Event(CHAT, chat["id"]))
+    turn = message.get("message")
+    if isinstance(turn, dict):
+        if turn.get("role") == "assistant" and isinstance(turn.get("id"), str):
+            state.message_id = turn["id"]
+        refs = turn.get("refs")
+        if isinstance(refs, dict):
+            events += from_search_results(refs.get("searchChunks"), state)
+    block = message.get("block")
+    if isinstance(block, dict):
+        events += from_connect_block(block, state)
+    return events
+
+
+def from_connect_block(block: dict, state: ConnectState) -> list[Event]:
+    events = []
+    stages = block.get("multiStage", {}).get("stages") if isinstance(block.get("multiStage"), dict) else None
+    if isinstance(stages, list) and stages and isinstance(stages[0], dict) \
+            and stages[0].get("name") == "STAGE_NAME_THINKING":
+        state.thinking_stage = stages[0].get("status") != "completed"
+    think = block.get("think")
+    if isinstance(think, dict) and isinstance(think.get("content"), str) and think["content"]:
+        events.append(Event(REASONING, think["content"]))
+    text = block.get("text")
+    if isinstance(text, dict) and isinstance(text.get("content"), str):
+        flags = text.get("flags")
+        if flags == "thinking" or (state.thinking_stage and flags != "answer"):
+            if text["content"]:
+                events.append(Event(REASONING, text["content"]))
+        else:
+            content = state.citations.feed(text["content"], state.sources, state.silent)
+            block_id = block.get("id")
+            if isinstance(block_id, str):
+                if state.text_block is not None and block_id != state.text_block and content:
+                    content = "\n" + content  # a new text block, e.g. after a search round
+                state.text_block = block_id
+            if content:
+                events.append(Event(TEXT, content))
+    if events:
+        state.answered = True  # text or thinking; sources alone are no answer
+    tool = block.get("tool")
+    if isinstance(tool, dict):
+        events += from_search_results(tool.get("contents"), state)
+    return events
+
+
+def from_search_results(items: object, state: ConnectState) -> list[Event]:
+    """New web-search sources, numbered in arrival order (the same numbers as the citation lines)."""
+    events = []
+    for item in items if isinstance(items, list) else ():
+        found = item.get("searchResult") if isinstance(item, dict) else None
+        base = found.get("base") if isinstance(found, dict) else None
+        if not isinstance(base, dict) or not isinstance(base.get("url"), str):
+            continue
+        ref = found.get("refIndex") if isinstance(found.get("refIndex"), str) else base["url"]
+        if ref in state.sources:
+            continue
+        state.sources[ref] = len(state.sources) + 1
+        title = base.get("title")
+        events.append(Event(SOURCE, title if isinstance(title, str) and title else base["url"], base["url"]))
+    return events
+
+
+def from_connect_ending(state: ConnectState) -> list[Event]:
+    """The last events once the stream is over, or the failure it ended in."""
+    rest = state.citations.flush()
+    if rest:
+        state.answered = True
+    if not (state.done or state.ended):
+        raise upstream_error("The connection to Kimi broke off mid-answer")
+    if not state.answered:
+        raise upstream_error("Kimi ended the answer without any text (it may be overloaded)")
+    return [Event(TEXT, rest), DONE_EVENT] if rest else [DONE_EVENT]
+
+
+class CatalogModel(NamedTuple):
+    id: str
+    scenario: str
+    thinking: bool = False
+    kimiplus_id: str | None = None
+    agent_mode: str | None = None
+
+
+# Used when Kimi's catalog cannot be fetched (values from a 2026-05 capture).
+FALLBACK_CATALOG = {
+    "availableModels": [{"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Instant"},
+                        {"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Thinking", "thinking": True}],
+    "defaultScenario": {"scenario": "SCENARIO_K2D5", "thinking": False},
+}
+LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
+                "kimi-silent", "kimi-search-silent"]
+
+
+class Catalog:
+    """Kimi's models under readable ids, and which one a requested model name means."""
+
+    def __init__(self, models: list[CatalogModel], default: CatalogModel) -> None:
+        self.models = {model.id: model for model in reversed(models)}  # the first of equal ids wins
+        self.default = default
+        self.default_thinking = next((m for m in models if m.scenario == default.scenario and m.thinking),
+                                     default._replace(thinking=True))
+
+    @classmethod
+    def from_rpc(cls, answer: dict) -> "Catalog | None":
+        models = [to_catalog_model(entry) for entry in answer.get("availableModels") or ()
+                  if isinstance(entry, dict) and isinstance(entry.get("scenario"), str)]
+        if not models:
+            return None
+        wanted = answer.get("defaultScenario") if isinstance(answer.get("defaultScenario"), dict) else {}
+        default = next((m for m in models if m.scenario == wanted.get("scenario")
+                        and m.thinking == bool(wanted.get("thinking")) and not m.kimiplus_id), models[0])
+        return cls(models, default)
+
+    def model_ids(self) -> list[str]:
+        ids = []
+        for model in self.models.values():
+            ids.append(model.id)
+            if not model.kimiplus_id:
+                ids.append(model.id + "-search")
+        return sorted(ids) + [name for name in LEGACY_NAMES if name not in ids]
+
+    def resolve(self, plan: "Plan") -> CatalogModel:
+        """The catalog model for a plan: its id (less -search/-silent), else the default one,
+        thinking when the name asks for it."""
+        name = plan.model.lower()
+        for suffix in ("-silent", "-search", "-silent"):
+            name = name.removesuffix(suffix)
+        model = self.models.get(name) or (self.default_thinking if plan.reasoning else self.default)
+        return model._replace(thinking=True) if plan.reasoning else model
+
+
+def to_catalog_model(entry: dict) -> CatalogModel:
+    thinking = bool(entry.get("thinking"))
+    name = entry.get("displayName") or entry.get("key") or entry["scenario"].removeprefix("SCENARIO_")
+    words = [re.sub(r"[^a-z0-9.]+", "", word) for word in str(name).lower().split()]
+    words = [word for word in words if word and word not in ("instant", "fast", "kimi")]
+    if thinking and "thinking" not in words:
+        words.append("thinking")
+    kimiplus_id = entry.get("kimiPlusId") or entry.get("kimiplusId")
+    agent_mode = entry.get("agentMode")
+    return CatalogModel("-".join(["kimi", *words]), entry["scenario"], thinking,
+                        kimiplus_id if isinstance(kimiplus_id, str) else None,
+                        agent_mode if isinstance(agent_mode, str) else None)
+
+
+def to_connect_chat(plan: "Plan", catalog: Catalog, parent_id: str | None) -> dict:
+    """The Chat RPC request: the folded prompt as one text block, on a new or a kept chat."""
+    model = catalog.resolve(plan)
+    message = {"role": "user", "blocks": [{"message_id": "", "text": {"content": plan.prompt}}],
+               "scenario": model.scenario}
+    if plan.chat_id and parent_id:
+        message["parent_id"] = parent_id
+    chat = {"scenario": model.scenario,
+            "tools": [{"type": "TOOL_TYPE_SEARCH", "search": {}}] if plan.search else [],
+            "message": message, "options": {"thinking": model.thinking}}
+    if plan.chat_id:
+        chat["chat_id"] = plan.chat_id
+    kimiplus_id = plan.agent_id or model.kimiplus_id
+    if kimiplus_id:
+        chat["kimiplusId"] = kimiplus_id
+    if model.agent_mode:
+        chat["agentMode"] = model.agent_mode
+    return chat
 
 
 def estimate_tokens(text_bytes: int) -> int:
@@ -908,27 +1447,10 @@ class ChunkEncoder:
 # Handlers
 # ---------------------------------------------------------------------------------------------
 
-class ChatOwners:
-    """Which credential created each kept chat, so later turns continue on the same account."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._owners: OrderedDict[str, str] = OrderedDict()
-        self._size = size
-
-    def remember(self, chat_id: str, credential: str) -> None:
-        self._owners[chat_id] = credential
-        self._owners.move_to_end(chat_id)
-        if len(self._owners) > self._size:
-            self._owners.popitem(last=False)
-
-    def owner(self, chat_id: str) -> str | None:
-        return self._owners.get(chat_id)
-
-
 CONFIG = web.AppKey("config", Config)
 KIMI = web.AppKey("kimi", KimiDialect)
 JANITOR = web.AppKey("janitor", Janitor)
-CHAT_OWNERS = web.AppKey("chat_owners", ChatOwners)
+CHAT_OWNERS = web.AppKey("chat_owners", BoundedMap)  # kept chat id -> the credential that created it
 TOKEN_TURN = web.AppKey("token_turn", itertools.count)
 # what the request log line reports
 MODEL = web.RequestKey("model", str)
@@ -950,7 +1472,7 @@ def bearer_credentials(request: web.Request) -> list[str]:
 def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan) -> list[str]:
     """The order in which this request tries the client's tokens."""
     if plan.chat_id is not None:
-        owner = app[CHAT_OWNERS].owner(plan.chat_id)
+        owner = app[CHAT_OWNERS].get(plan.chat_id)
         # only a token the caller itself sent: someone else's chat id must not borrow its creator's account
         return [owner if owner in credentials else credentials[0]]
     start = next(app[TOKEN_TURN]) % len(credentials)
@@ -959,33 +1481,36 @@ def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan
 
 async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) -> AsyncIterator[Event]:
     """The answer's neutral events, from the first token Kimi accepts. A token that Kimi rejects
-    or rate-limits hands over to the next one, as long as nothing has been yielded."""
+    or rate-limits hands over to the next one, as long as nothing has been yielded. Every chat
+    an attempt created is deleted when it ends, unless the client keeps it."""
     kimi, janitor = app[KIMI], app[JANITOR]
     refusals: list[ProxyError] = []
     for credential in credentials_in_turn(app, credentials, plan):
+        created: list[str] = []
         answered = False
         try:
-            chat_id = await kimi.open_chat(credential, plan)
-            created = plan.chat_id is None
-            try:
-                if created and plan.keep:
-                    app[CHAT_OWNERS].remember(chat_id, credential)
-                yield Event(CHAT, chat_id)
-                async with aclosing(kimi.stream_turn(credential, chat_id, plan)) as events:
-                    async for event in events:
+            async with aclosing(kimi.converse(credential, plan)) as events:
+                async for event in events:
+                    if event.kind == CHAT:
+                        if plan.chat_id is None and event.text not in created:
+                            created.append(event.text)
+                            if plan.keep:
+                                app[CHAT_OWNERS][event.text] = credential
+                    else:
                         answered = answered or event.kind in VISIBLE
-                        yield event
-                return
-            finally:
-                # a kept chat stays only once the client has seen its id; failed attempts go too
-                if created and not (plan.keep and answered):
-                    janitor.spawn(kimi.delete_chat(credential, chat_id))
+                    yield event
+            return
         except (TokenRejected, RateLimited) as refusal:
             if answered:
                 raise
             log.info("Kimi refused a token (%s); %s", refusal.code,
                      "trying the next" if len(refusals) + 1 < len(credentials) else "no token left")
             refusals.append(refusal)
+        finally:
+            # a kept chat stays only once the client has seen its id; failed attempts go too
+            if not (plan.keep and answered):
+                for chat_id in created:
+                    janitor.spawn(kimi.delete_chat(credential, chat_id))
     limited = [refusal for refusal in refusals if isinstance(refusal, RateLimited)]
     raise limited[-1] if limited else refusals[-1]
 
@@ -1008,7 +1533,7 @@ async def read_json_object(request: web.Request) -> dict:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
-    plan = to_plan(body)
+    plan = to_plan(body, request.app[KIMI].wraps_links)
     request[MODEL] = plan.model
     credentials = bearer_credentials(request)
     pieces = answer_pieces(request, plan, credentials)
@@ -1105,12 +1630,12 @@ async def stream_answer(request: web.Request, plan: Plan, pieces: AsyncIterator[
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": [to_model_card(name) for name in request.app[KIMI].models]})
+    return json_response({"object": "list", "data": [to_model_card(name) for name in await request.app[KIMI].model_ids()]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    if model_id not in request.app[KIMI].models:
+    if model_id not in await request.app[KIMI].model_ids():
         raise ProxyError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
     return json_response(to_model_card(model_id))
 
@@ -1231,7 +1756,7 @@ async def kimi_client(app: web.Application):
     async with aiohttp.ClientSession(timeout=timeout) as session:
         app[JANITOR] = Janitor()
         app[KIMI] = DIALECTS[config.kimi_protocol](session, config)
-        app[CHAT_OWNERS] = ChatOwners()
+        app[CHAT_OWNERS] = BoundedMap()
         app[TOKEN_TURN] = itertools.count()
         yield
         await app[JANITOR].drain(CLEANUP_GRACE)

@@ -31,12 +31,13 @@ from aiohttp import web
 import kimi_proxy as kp
 
 # ---------------------------------------------------------------------------------------------
-# The fake Kimi (legacy REST + SSE dialect)
+# Fake Kimis: the legacy REST + SSE dialect and the Connect-RPC dialect
 # ---------------------------------------------------------------------------------------------
 
 ANSWER = ["长城是", "中国古代修建的", "大型军事防御工程。"]
 THINKING = ["比较小数，先看整数部分；", "再看十分位。"]
 SOURCES = [("杭州天气预报", "https://weather.example.cn/hangzhou"), ("杭州今日实况", "https://news.example.com/hz")]
+OVERLOADED = "Kimi 现在有点累了，晚一点再来问问我吧！"
 
 
 def xid() -> str:
@@ -52,38 +53,37 @@ def make_jwt(claims: dict) -> str:
     return f"{header}.{b64url(orjson.dumps(claims))}.{b64url(secrets.token_bytes(32))}"
 
 
-def kimi_error(status: int, error_type: str, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error_type": error_type, "message": message}, status=status, headers=headers)
-
-
 @dataclass
 class Chat:
     owner: str
-    kimiplus_id: str
+    kimiplus_id: str = "kimi"
     question: str = ""                              # the first prompt, which continuations go on with
-    segment_ids: list = field(default_factory=list)  # `req` ids a continuation may name
+    segment_ids: list = field(default_factory=list)  # legacy `req` ids a continuation may name
+    last_message: str | None = None                 # connect: the assistant message a next turn follows
     streaming: bool = False
     deleted: bool = False
 
 
-class FakeKimi:
-    """A strict stand-in for kimi.moonshot.cn, recording everything it is asked."""
+class FakeKimiBase:
+    """What both fakes share: accounts and tokens, chats, fault injection and the records tests read."""
 
-    def __init__(self, access_ttl: float = 3600) -> None:
-        self.access_ttl = access_ttl
-        self.users: dict[str, str] = {}        # refresh token -> user id
+    PROTOCOL = ""
+
+    def __init__(self) -> None:
+        self.access_ttl = 3600.0
+        self.users: dict[str, str] = {}                 # every refresh token issued -> user id
+        self.spent: set[str] = set()                    # refresh tokens rotated away (connect)
         self.banned: set[str] = set()
         self.access: dict[str, tuple[str, float]] = {}  # access token -> (user id, expiry)
         self.chats: dict[str, Chat] = {}
         self.created: list[str] = []
         self.deleted: list[str] = []
-        self.refreshes: Counter = Counter()    # refresh token -> refresh calls
-        self.completions: list[dict] = []      # {"chat", "user", "body", "headers"}
+        self.refreshes: Counter = Counter()             # user id (or unknown token) -> refresh calls
+        self.completions: list[dict] = []               # {"chat", "user", "prompt", "search", "thinking", "body", "headers"}
         self.calls: list[tuple[str, str]] = []
         self.faults: list[dict] = []
-        self.rate_limited: set[str] = set()    # user ids answered with 429
-        self.research: dict[str, dict] = {}
-        self.closed_streams: list[str] = []    # chat ids whose stream the client closed early
+        self.rate_limited: set[str] = set()             # user ids answered with 429
+        self.closed_streams: list[str] = []             # chats whose stream the client closed early
         self.open_streams = 0
         self.max_open_streams = 0
         self.hold_deletes: asyncio.Event | None = None
@@ -92,11 +92,21 @@ class FakeKimi:
     # -- test controls ---------------------------------------------------------------------------
 
     def add_user(self) -> str:
-        user_id = xid()
-        token = make_jwt({"iss": "user-center", "typ": "refresh", "sub": user_id, "jti": xid(),
-                          "iat": int(time.time()), "exp": int(time.time()) + 90 * 86400})
+        return self._refresh_token_for(xid())
+
+    def _refresh_token_for(self, user_id: str) -> str:
+        now = int(time.time())
+        token = make_jwt({"iss": "user-center", "typ": "refresh", "app_id": "kimi", "sub": user_id, "jti": xid(),
+                          "iat": now, "exp": now + 90 * 86400, "device_id": "7651000000000000001",
+                          "ssid": "1731090000000000001"})
         self.users[token] = user_id
-        self.research[user_id] = {"remain": 3, "total": 3, "used": 0}
+        return token
+
+    def issue_access_token(self, user_id: str, ttl: float) -> str:
+        now = time.time()
+        token = make_jwt({"typ": "access", "app_id": "kimi", "sub": user_id, "iat": int(now), "exp": int(now + ttl),
+                          "jti": xid(), "device_id": "7651000000000000001", "ssid": "1731090000000000001"})
+        self.access[token] = (user_id, now + ttl)
         return token
 
     def fail(self, method: str, path_pattern: str, status: int, times: int = 1, body: dict | None = None,
@@ -121,17 +131,16 @@ class FakeKimi:
             await asyncio.sleep(0.01)
         assert len(self.deleted) >= count, f"{len(self.deleted)} of {count} chats deleted"
 
-    # -- app -------------------------------------------------------------------------------------------
+    # -- shared plumbing ---------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record_and_inject_faults])
         app.router.add_get("/api/auth/token/refresh", self.refresh)
-        app.router.add_get("/api/user", self.user)
-        app.router.add_post("/api/chat", self.create_chat)
-        app.router.add_delete("/api/chat/{chat_id}", self.delete_chat)
-        app.router.add_post("/api/chat/{chat_id}/completion/stream", self.completion)
-        app.router.add_get("/api/chat/research/usage", self.research_usage)
+        self.add_routes(app)
         return app
+
+    def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
 
     @web.middleware
     async def _record_and_inject_faults(self, request: web.Request, handler):
@@ -152,6 +161,72 @@ class FakeKimi:
             return None
         return grant[0]
 
+    def _record_completion(self, request, chat_id, user_id, body, prompt, search, thinking) -> None:
+        self.completions.append({"chat": chat_id, "user": user_id, "prompt": prompt, "search": search,
+                                 "thinking": thinking, "body": body, "headers": dict(request.headers)})
+
+    def _open_stream(self) -> None:
+        self.open_streams += 1
+        self.max_open_streams = max(self.max_open_streams, self.open_streams)
+
+    async def _write(self, response: web.StreamResponse, data: bytes, split: bool) -> None:
+        if split:  # 5-byte writes cut lines, frames and multi-byte characters apart
+            for start in range(0, len(data), 5):
+                await response.write(data[start:start + 5])
+                await asyncio.sleep(0.001)
+        else:
+            await response.write(data)
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        """The REST refresh both dialects use. The Connect-era server rotates refresh tokens and
+        rejects a spent one; the legacy one keeps the old token valid."""
+        token = self._bearer(request)
+        user_id = self.users.get(token)
+        self.refreshes[user_id or token] += 1
+        if token in self.banned:
+            return web.Response(status=400)
+        if user_id is None or token in self.spent:
+            return self.auth_error()
+        rotated = self._refresh_token_for(user_id)
+        if self.PROTOCOL == "connect":
+            self.spent.add(token)
+        return web.json_response({"access_token": self.issue_access_token(user_id, self.access_ttl),
+                                  "refresh_token": rotated})
+
+    def auth_error(self) -> web.Response:
+        raise NotImplementedError
+
+
+def scenario_of(prompt: str) -> str:
+    found = re.search(r"scenario:(\w+)", prompt)
+    return found[1] if found else "plain"
+
+
+class FakeLegacyKimi(FakeKimiBase):
+    """A strict stand-in for kimi.moonshot.cn (KIMI_LEGACY_PROTOCOL.md section 10)."""
+
+    PROTOCOL = "legacy"
+    START_PATH = "/api/chat"                        # the first authenticated call of an answer
+    ANSWER_PATH = r"/api/chat/\w+/completion/stream"  # the call that streams it
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.research: dict[str, dict] = {}
+
+    def _refresh_token_for(self, user_id: str) -> str:
+        self.research.setdefault(user_id, {"remain": 3, "total": 3, "used": 0})
+        return super()._refresh_token_for(user_id)
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/user", self.user)
+        app.router.add_post("/api/chat", self.create_chat)
+        app.router.add_delete("/api/chat/{chat_id}", self.delete_chat)
+        app.router.add_post("/api/chat/{chat_id}/completion/stream", self.completion)
+        app.router.add_get("/api/chat/research/usage", self.research_usage)
+
+    def auth_error(self) -> web.Response:
+        return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+
     async def _json_body(self, request: web.Request) -> dict | None:
         if request.content_type != "application/json":
             return None
@@ -161,33 +236,16 @@ class FakeKimi:
             return None
         return body if isinstance(body, dict) else None
 
-    # -- endpoints ---------------------------------------------------------------------------------
-
-    async def refresh(self, request: web.Request) -> web.Response:
-        token = self._bearer(request)
-        self.refreshes[token] += 1
-        if token in self.banned:
-            return web.Response(status=400)
-        user_id = self.users.get(token)
-        if user_id is None:
-            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
-        now = int(time.time())
-        access = make_jwt({"typ": "access", "sub": user_id, "iat": now, "exp": now + self.access_ttl, "jti": xid()})
-        self.access[access] = (user_id, now + self.access_ttl)
-        rotated = make_jwt({"typ": "refresh", "sub": user_id, "iat": now, "exp": now + 90 * 86400, "jti": xid()})
-        self.users[rotated] = user_id  # the legacy server keeps the old refresh token valid too
-        return web.json_response({"access_token": access, "refresh_token": rotated})
-
     async def user(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
         if user_id is None:
-            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+            return self.auth_error()
         return web.json_response({"id": user_id, "name": "用户1234", "status": "normal"})
 
     async def create_chat(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
         if user_id is None:
-            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+            return self.auth_error()
         body = await self._json_body(request)
         if body is None or not isinstance(body.get("name"), str) or not isinstance(body.get("kimiplus_id"), str) \
                 or not (body["kimiplus_id"] == "kimi" or re.fullmatch(r"[0-9a-z]{20}", body["kimiplus_id"])):
@@ -200,7 +258,7 @@ class FakeKimi:
     async def delete_chat(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
         if user_id is None:
-            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+            return self.auth_error()
         chat = self.chats.get(request.match_info["chat_id"])
         if chat is None or chat.owner != user_id or chat.deleted:
             return kimi_error(404, "chat.not_found", "会话不存在")
@@ -213,13 +271,13 @@ class FakeKimi:
     async def research_usage(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
         if user_id is None:
-            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+            return self.auth_error()
         return web.json_response(self.research[user_id])
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         user_id = self._authenticated_user(request)
         if user_id is None:
-            return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
+            return self.auth_error()
         chat_id = request.match_info["chat_id"]
         chat = self.chats.get(chat_id)
         if chat is None or chat.deleted:
@@ -234,18 +292,19 @@ class FakeKimi:
             return kimi_error(429, "chat.rate_limit", "请求过于频繁", headers={"Retry-After": "7"})
         if chat.streaming:
             return kimi_error(400, "chat.user_stream_pushing", "已有对话流正在输出")
-        self.completions.append({"chat": chat_id, "user": user_id, "body": body, "headers": dict(request.headers)})
         continuing = body.get("action") == "continue"
         if not continuing:
             chat.question = body["messages"][0]["content"]
-        scenario = re.search(r"scenario:(\w+)", chat.question)
+            self._record_completion(request, chat_id, user_id, body, chat.question.removesuffix("\n"),
+                                    body["use_search"], chat.kimiplus_id == kp.K1_AGENT_ID)
+        else:
+            self._record_completion(request, chat_id, user_id, body, None, False, False)
         segment_id = xid()
         chat.segment_ids.append(segment_id)
         chat.streaming = True
-        self.open_streams += 1
-        self.max_open_streams = max(self.max_open_streams, self.open_streams)
+        self._open_stream()
         try:
-            return await self._stream(request, scenario[1] if scenario else "plain", body, chat, segment_id, continuing)
+            return await self._stream(request, scenario_of(chat.question), body, chat, segment_id, continuing)
         except (ConnectionError, asyncio.CancelledError):
             self.closed_streams.append(chat_id)
             raise
@@ -264,9 +323,7 @@ class FakeKimi:
         if body.get("kimiplus_id") != chat.kimiplus_id:
             return "kimiplus_id does not match the chat"
         if body.get("action") == "continue":
-            if body.get("segment_id") not in chat.segment_ids:
-                return "unknown segment_id"
-            return None
+            return None if body.get("segment_id") in chat.segment_ids else "unknown segment_id"
         for flag in ("use_search", "use_research", "use_math"):
             if not isinstance(body.get(flag), bool):
                 return f"{flag} must be a boolean"
@@ -290,37 +347,25 @@ class FakeKimi:
             head += [{"event": "k1", "text": text} for text in THINKING]
         answer = [{"event": "cmpl", "idx_s": 0, "idx_z": 0, "text": text, "view": "cmpl"} for text in ANSWER]
         done = [{"event": "rename", "text": "长城简介"}, {"event": "all_done"}]
-        error = {"error": {"error_type": "openai.completion.stream", "message": "Kimi 现在有点累了，晚一点再来问问我吧！",
+        error = {"error": {"error_type": "openai.completion.stream", "message": OVERLOADED,
                            "detail": "upstream aborted"}, "event": "error"}
-        if scenario == "error":
-            return head + answer[:1] + [error]
-        if scenario == "error_first":
-            return head + [error]
-        if scenario == "drop":
-            return head + answer[:1] + [0.05, "DROP"]
-        if scenario == "drop_first":
-            return head + ["DROP"]
-        if scenario == "slow":
-            return head + [0.7] + answer + done
-        if scenario == "stall":
-            return head + [5] + answer + done
-        if scenario == "stall_mid":
-            return head + answer[:1] + [5] + answer[1:] + done
-        if scenario == "endless":
-            return head + [item for i in range(400) for item in (0.05, {"event": "cmpl", "text": f"{i} "})] + done
-        if scenario == "length":
-            text = "第二段" if continuing else "第一段"
-            return head + [{"event": "cmpl", "text": text}] + ([] if continuing else [{"event": "length"}]) + done
-        if scenario == "length_forever":
-            return head + [{"event": "cmpl", "text": "段"}, {"event": "length"}] + done
-        if scenario == "length_no_all_done":
-            return head + [{"event": "cmpl", "text": "x"}] + ([] if continuing else [{"event": "length"}]) + \
-                ([{"event": "all_done"}] if continuing else [])
-        if scenario == "no_all_done":
-            return head + answer
-        if scenario == "pace":
-            return head + [item for text in ANSWER for item in (0.02, {"event": "cmpl", "text": text})] + done
-        return head + [{"event": "done"}] + answer + done
+        return {
+            "error": lambda: head + answer[:1] + [error],
+            "error_first": lambda: head + [error],
+            "drop": lambda: head + answer[:1] + [0.05, "DROP"],
+            "drop_first": lambda: head + ["DROP"],
+            "slow": lambda: head + [0.7] + answer + done,
+            "stall": lambda: head + [5] + answer + done,
+            "stall_mid": lambda: head + answer[:1] + [5] + answer[1:] + done,
+            "endless": lambda: head + [x for i in range(400) for x in (0.05, {"event": "cmpl", "text": f"{i} "})] + done,
+            "pace": lambda: head + [x for text in ANSWER for x in (0.02, {"event": "cmpl", "text": text})] + done,
+            "no_all_done": lambda: head + answer,
+            "length": lambda: head + [{"event": "cmpl", "text": "第二段" if continuing else "第一段"}]
+            + ([] if continuing else [{"event": "length"}]) + done,
+            "length_forever": lambda: head + [{"event": "cmpl", "text": "段"}, {"event": "length"}] + done,
+            "length_no_all_done": lambda: head + [{"event": "cmpl", "text": "x"}]
+            + ([{"event": "all_done"}] if continuing else [{"event": "length"}]),
+        }.get(scenario, lambda: head + [{"event": "done"}] + answer + done)()
 
     async def _stream(self, request, scenario, body, chat, segment_id, continuing) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
@@ -332,16 +377,258 @@ class FakeKimi:
             if isinstance(item, (int, float)):
                 await asyncio.sleep(item)
                 continue
-            data = b"data: " + orjson.dumps(item) + b"\n\n"
-            if scenario == "split":
-                # 5-byte writes cut lines and multi-byte characters apart
-                for start in range(0, len(data), 5):
-                    await response.write(data[start:start + 5])
-                    await asyncio.sleep(0.001)
-            else:
-                await response.write(data)
+            await self._write(response, b"data: " + orjson.dumps(item) + b"\n\n", scenario == "split")
         await response.write_eof()
         return response
+
+
+def kimi_error(status: int, error_type: str, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error_type": error_type, "message": message}, status=status, headers=headers)
+
+
+FakeKimi = FakeLegacyKimi
+
+CATALOG = {"availableModels": [
+    {"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Instant", "description": "快速回答"},
+    {"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Thinking", "description": "深度思考", "thinking": True},
+    {"scenario": "SCENARIO_OK_COMPUTER", "displayName": "K2.6 Agent", "kimiPlusId": "ok-computer",
+     "agentMode": "TYPE_NORMAL"},
+    {"scenario": "SCENARIO_OK_COMPUTER", "displayName": "K2.6 Agent Swarm", "kimiPlusId": "ok-computer",
+     "agentMode": "TYPE_ULTRA"}],
+    "defaultScenario": {"scenario": "SCENARIO_K2D5", "thinking": False}}
+CITE = "\ue3a0cite\ue3a3web_search:1#0\ue3a3web_search:1#1\ue3a8"
+
+
+def connect_frame(message: dict, flags: int = 0) -> bytes:
+    payload = orjson.dumps(message)
+    return bytes((flags,)) + len(payload).to_bytes(4, "big") + payload
+
+
+def connect_end(error: dict | None = None) -> bytes:
+    return connect_frame({"error": error} if error else {}, flags=0x02)
+
+
+def pick(body: dict, snake: str, camel: str):
+    """Protobuf JSON accepts both spellings of a field name."""
+    return body[snake] if snake in body else body.get(camel)
+
+
+class FakeConnectKimi(FakeKimiBase):
+    """A strict stand-in for www.kimi.com's Connect-RPC API (KIMI_CONNECT_PROTOCOL.md section 11)."""
+
+    PROTOCOL = "connect"
+    CHAT = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
+    START_PATH = CHAT
+    ANSWER_PATH = CHAT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.catalog: dict | None = CATALOG   # None: GetAvailableModels fails
+        self.catalog_calls = 0
+        self.unauthenticated_streams = 0      # how many next Chat streams fail in-stream with `unauthenticated`
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post(self.CHAT, self.chat)
+        app.router.add_post("/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels", self.models)
+        app.router.add_post("/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription", self.subscription)
+        app.router.add_post("/apiv2/kimi.chat.v1.ChatService/DeleteChat", self.delete_chat)
+
+    def auth_error(self) -> web.Response:
+        return web.json_response({"code": "unauthenticated", "message": "token is expired"}, status=401)
+
+    async def _unary_body(self, request: web.Request) -> dict | None:
+        if request.content_type != "application/json":
+            return None
+        try:
+            body = await request.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.catalog_calls += 1
+        if self.catalog is None or await self._unary_body(request) is None:
+            return web.json_response({"code": "unavailable", "message": ""}, status=503)
+        return web.json_response(self.catalog)
+
+    async def subscription(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        return web.json_response({"subscription": {"userId": user_id, "userName": "kimi_user", "email": ""}})
+
+    async def delete_chat(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        body = await self._unary_body(request)
+        chat_id = pick(body, "chat_id", "chatId") if body else None
+        chat = self.chats.get(chat_id)
+        if chat is None or chat.owner != user_id or chat.deleted:
+            return web.json_response({"code": "not_found", "message": "chat not found"}, status=404)
+        if self.hold_deletes is not None:
+            await self.hold_deletes.wait()
+        chat.deleted = True
+        self.deleted.append(chat_id)
+        return web.json_response({})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        if request.content_type != "application/connect+json":
+            return web.json_response({"code": "invalid_argument", "message": "bad content type"}, status=415)
+        raw = await request.read()
+        problem, body = self._chat_problem(raw, user_id)
+        if user_id in self.rate_limited:
+            return web.json_response({"code": "resource_exhausted", "message": ""}, status=429,
+                                     headers={"Retry-After": "7"})
+        response = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
+        await response.prepare(request)
+        if problem:
+            await response.write(connect_end({"code": problem[0], "message": problem[1]}))
+            return response
+        message = body["message"]
+        prompt = message["blocks"][-1]["text"]["content"]
+        chat_id = pick(body, "chat_id", "chatId")
+        if chat_id is None:
+            chat_id = xid()
+            self.chats[chat_id] = Chat(owner=user_id, question=prompt)
+            self.created.append(chat_id)
+        chat = self.chats[chat_id]
+        search = any(tool.get("type") == "TOOL_TYPE_SEARCH" for tool in body.get("tools") or ())
+        thinking = bool((body.get("options") or {}).get("thinking"))
+        self._record_completion(request, chat_id, user_id, body, prompt, search, thinking)
+        self._open_stream()
+        try:
+            await self._stream(response, scenario_of(prompt), chat_id, chat, prompt, search, thinking, request)
+        except (ConnectionError, asyncio.CancelledError):
+            self.closed_streams.append(chat_id)
+            raise
+        finally:
+            self.open_streams -= 1
+        return response
+
+    def _chat_problem(self, raw: bytes, user_id: str) -> tuple[tuple[str, str] | None, dict | None]:
+        """What real Kimi would refuse: an unframed body, a malformed message, an unknown chat."""
+        if len(raw) < 5 or raw[0] != 0 or int.from_bytes(raw[1:5], "big") != len(raw) - 5:
+            return ("invalid_argument", "request must be one Connect envelope"), None
+        try:
+            body = orjson.loads(raw[5:])
+        except orjson.JSONDecodeError:
+            return ("invalid_argument", "malformed JSON"), None
+        scenarios = {m["scenario"] for m in CATALOG["availableModels"]}
+        message = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(message, dict) or body.get("scenario") not in scenarios \
+                or message.get("scenario", body["scenario"]) != body["scenario"] or message.get("role") != "user":
+            return ("invalid_argument", "scenario and a user message are required"), body
+        blocks = message.get("blocks")
+        texts = [b for b in blocks if isinstance(b, dict) and "text" in b] if isinstance(blocks, list) else []
+        if len(texts) != 1 or not isinstance(texts[0]["text"].get("content"), str) or not texts[0]["text"]["content"]:
+            return ("invalid_argument", "exactly one text block is required"), body
+        if blocks[-1] is not texts[0]:
+            return ("invalid_argument", "the text block comes last"), body
+        if not isinstance(body.get("tools", []), list) or not isinstance((body.get("options") or {}).get("thinking", False), bool):
+            return ("invalid_argument", "bad tools or options"), body
+        chat_id, parent_id = pick(body, "chat_id", "chatId"), pick(message, "parent_id", "parentId")
+        if chat_id == "" or parent_id == "" or (parent_id is not None and chat_id is None):
+            return ("invalid_argument", "empty chat_id or parent_id"), body
+        if chat_id is not None:
+            chat = self.chats.get(chat_id)
+            if chat is None or chat.deleted or chat.owner != user_id:
+                return ("not_found", "chat not found"), body
+            if parent_id is not None and parent_id != chat.last_message:
+                return ("invalid_argument", "parent_id is not the last message"), body
+        return None, body
+
+    def _frames(self, scenario: str, chat_id: str, chat: Chat, prompt: str, search: bool, thinking: bool) -> list:
+        """The scripted stream: bytes are envelopes, numbers are pauses, "DROP" cuts the connection,
+        "EOF" ends the body without an end-stream envelope."""
+        offset = iter(range(1, 10_000))
+        user_id, assistant_id = xid(), xid()
+        chat.last_message = assistant_id
+
+        def event(**fields) -> bytes:
+            return connect_frame({**fields, "eventOffset": next(offset)})
+
+        def text(content: str, block: str = "0_1", op: str = "append") -> bytes:
+            mask = "block.text.content" if op == "append" else "block.text"
+            return event(op=op, mask=mask, block={"id": block, "text": {"content": content}})
+
+        head = [event(op="set", chat={"id": chat_id, "name": "未命名会话"}),
+                event(op="set", mask="message", message={"id": user_id, "role": "user",
+                      "status": "MESSAGE_STATUS_COMPLETED", "blocks": [{"id": "text_0_0", "text": {"content": prompt}}]}),
+                event(op="set", mask="message", message={"id": assistant_id, "parentId": user_id, "role": "assistant",
+                      "status": "MESSAGE_STATUS_GENERATING", "scenario": "SCENARIO_K2D5"}),
+                event(op="set", mask="chat.lastRequest", chat={"lastRequest": {"x": 1}})]  # an unknown mask
+        if thinking:
+            head += [event(op="set", mask="block.think", block={"id": "0_0", "think": {"content": THINKING[0]}}),
+                     event(op="append", mask="block.think.content", block={"id": "0_0", "think": {"content": THINKING[1]}})]
+        answer = [text("", op="set")] + [text(piece) for piece in ANSWER]
+        if search:
+            results = [{"searchResult": {"id": f"r{n}", "base": {"title": title, "url": url, "siteName": "示例"},
+                                         "refIndex": f"web_search:1#{n}"}} for n, (title, url) in enumerate(SOURCES)]
+            head += [event(op="set", block={"id": "0_2", "parentId": "0_0", "tool": {
+                         "toolCallId": "web_search_0", "name": "web_search", "status": "STATUS_PENDING"}}),
+                     event(op="append", mask="block.tool.args", block={"id": "0_2", "tool": {"args": "{\"queries\":[\"x\"]}"}}),
+                     event(op="set", mask="block.tool.contents,block.tool.status",
+                           block={"id": "0_2", "tool": {"status": "STATUS_DONE", "contents": results}}),
+                     event(op="set", mask="message.refs.searchChunks", message={"refs": {"searchChunks": results}})]
+            # the citation marker arrives split across two deltas
+            answer = [text("", op="set"), text(ANSWER[0] + CITE[:9]), text(CITE[9:] + ANSWER[1]), text(ANSWER[2])]
+        tail = [event(op="set", mask="chat.name", chat={"name": "长城简介"}),
+                event(op="set", mask="message.status", message={"id": assistant_id, "status": "MESSAGE_STATUS_COMPLETED"}),
+                event(done={}), connect_end()]
+        overloaded = {"code": "internal", "message": OVERLOADED}
+        return {
+            "error": lambda: head + answer[:2] + [connect_end(overloaded)],
+            "error_first": lambda: head + [connect_end(overloaded)],
+            "done_then_error": lambda: head + answer + [event(done={}), event(error={"code": "internal", "message": OVERLOADED}), connect_end()],
+            "overloaded_first": lambda: [event(heartbeat={}), connect_end({"code": "resource_exhausted", "message": "",
+                                         "details": [{"debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER",
+                                                                 "localizedMessage": {"message": "当前使用人数较多，请稍后再试"}}}]})],
+            "paywall": lambda: head + [connect_end({"code": "resource_exhausted", "details": [{"debug": {"paywall": {}}}]})],
+            "unavailable": lambda: head + [connect_end({"code": "unavailable"})],
+            "denied": lambda: head + [connect_end({"code": "permission_denied", "message": "agent mode needs a plan"})],
+            "invalid": lambda: head + [connect_end({"code": "invalid_argument"})],
+            "empty": lambda: head + tail,
+            "drop": lambda: head + answer[:2] + [0.05, "DROP"],
+            "drop_first": lambda: head + ["DROP"],
+            "slow": lambda: head + [0.7] + answer + tail,
+            "stall": lambda: head + [5] + answer + tail,
+            "stall_mid": lambda: head + answer[:2] + [5] + answer[2:] + tail,
+            "endless": lambda: head + [x for i in range(400) for x in (0.05, text(f"{i} "))] + tail,
+            "pace": lambda: head + [x for piece in answer for x in (0.02, piece)] + tail,
+            "no_all_done": lambda: head + answer + ["EOF"],
+            "staged": lambda: head + [event(op="set", block={"id": "0_0", "multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "running"}]}}),
+                                      text(THINKING[0], "0_1", "set"),
+                                      event(op="set", block={"id": "0_0", "multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "completed"}]}}),
+                                      text(ANSWER[0], "0_2", "set"), event(op="set", block={"id": "0_3", "text": {"content": THINKING[1], "flags": "thinking"}}),
+                                      text(ANSWER[1], "0_2")] + tail,
+            "two_blocks": lambda: head + [text("第一块", "0_1", "set"), text("第二块", "0_5", "set")] + tail,
+        }.get(scenario, lambda: head + answer + tail)()
+
+    async def _stream(self, response, scenario, chat_id, chat, prompt, search, thinking, request) -> None:
+        if self.unauthenticated_streams:
+            self.unauthenticated_streams -= 1
+            await response.write(connect_end({"code": "unauthenticated", "message": "token is expired"}))
+            return
+        for item in self._frames(scenario, chat_id, chat, prompt, search, thinking):
+            if item == "DROP":
+                request.transport.abort()
+                return
+            if item == "EOF":
+                break
+            if isinstance(item, (int, float)):
+                await asyncio.sleep(item)
+                continue
+            if item[0] == 0:  # Kimi's heartbeats come between the events
+                await response.write(connect_frame({"heartbeat": {}}))
+            await self._write(response, item, scenario == "split")
+        await response.write_eof()
+
+
+FAKES = {"legacy": FakeLegacyKimi, "connect": FakeConnectKimi}
 
 
 async def start_app(app: web.Application, **options) -> tuple[web.AppRunner, str]:
@@ -357,9 +644,16 @@ async def start_app(app: web.Application, **options) -> tuple[web.AppRunner, str
 # ---------------------------------------------------------------------------------------------
 
 
+def pytest_generate_tests(metafunc):
+    """Tests that talk to a fake Kimi run against both dialects, unless marked for one."""
+    if "dialect" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("dialects")
+        metafunc.parametrize("dialect", marker.args if marker else list(FAKES))
+
+
 @pytest.fixture
-async def kimi():
-    fake = FakeKimi()
+async def kimi(dialect):
+    fake = FAKES[dialect]()
     runner, fake.url = await start_app(fake.app())
     yield fake
     await runner.cleanup()
@@ -371,7 +665,7 @@ async def start_proxy(kimi):
     runners = []
 
     async def start(**settings: str) -> str:
-        env = {"KIMI_BASE_URL": kimi.url, "HOST": "127.0.0.1", "PORT": "0", **settings}
+        env = {"KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "HOST": "127.0.0.1", "PORT": "0", **settings}
         runner = await kp.start_server(kp.Config.from_env(env))
         runners.append(runner)
         host, port = runner.addresses[0][:2]
@@ -516,14 +810,15 @@ def test_use_search_adds_search_and_keeps_other_flags():
 def test_folding_history_into_one_kimi_message(messages, prompt):
     body = {"model": "kimi", "messages": messages}
     untouched = copy.deepcopy(body)
-    assert kp.to_plan(body).prompt == prompt
+    assert kp.to_plan(body, wrap_links=True).prompt + "\n" == prompt
+    assert kp.to_plan(body).prompt == re.sub(r'<url id="" type="url" status="" title="" wc="">(.*?)</url>', r"\1", prompt[:-1])
     assert body == untouched  # the caller's data is never mutated
 
 
 def test_continuing_a_chat_sends_only_the_newest_user_message():
     plan = kp.to_plan({"conversation_id": "cr7p4ik2lq1s5t0u9v3g",
                        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "第二个问题"}]})
-    assert (plan.prompt, plan.chat_id, plan.keep) == ("第二个问题\n", "cr7p4ik2lq1s5t0u9v3g", True)
+    assert (plan.prompt, plan.chat_id, plan.keep) == ("第二个问题", "cr7p4ik2lq1s5t0u9v3g", True)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -598,9 +893,10 @@ def test_refresh_time_uses_jwt_exp():
     now = 1_000_000.0
     short = make_jwt({"exp": int(now) + 10})
     long = make_jwt({"exp": int(now) + 86400})
-    assert kp.refresh_time(short, now, 0) == pytest.approx(8.0)
-    assert kp.refresh_time(long, now, 0) == pytest.approx(86400 - 60)
-    assert kp.refresh_time("opaque-token", now, 0) == kp.ACCESS_TOKEN_DEFAULT_LIFETIME
+    assert kp.renewal_time(short, now, 0) == pytest.approx(8.0)
+    assert kp.renewal_time(make_jwt({"exp": int(now) + 900}), now, 0) == pytest.approx(900 - 180)
+    assert kp.renewal_time(long, now, 0) == pytest.approx(86400 - 240)
+    assert kp.renewal_time("opaque-token", now, 0) == kp.ACCESS_TOKEN_DEFAULT_LIFETIME
 
 
 @pytest.mark.parametrize("env, variable", [
@@ -617,7 +913,10 @@ def test_invalid_settings_name_the_variable(env, variable):
 def test_default_settings():
     config = kp.Config.from_env({})
     assert (config.host, config.port, config.kimi_base_url, config.kimi_protocol) == \
-        ("0.0.0.0", 8000, "https://kimi.moonshot.cn", "legacy")
+        ("0.0.0.0", 8000, "https://www.kimi.com", "connect")
+    legacy = kp.Config.from_env({"KIMI_PROTOCOL": "legacy"})
+    assert (legacy.kimi_base_url, legacy.kimi_protocol) == ("https://kimi.moonshot.cn", "legacy")
+    assert kp.Config.from_env({"KIMI_PROTOCOL": "legacy", "KIMI_BASE_URL": "http://x:1/"}).kimi_base_url == "http://x:1"
     assert (config.upstream_read_timeout, config.max_body_mb, config.keepalive_interval, config.log_level) == \
         (120, 100, 15, "INFO")
 
@@ -635,20 +934,40 @@ async def test_sdk_chat_completion(sdk, kimi, token):
     assert (choice.index, choice.message.role, choice.finish_reason) == (0, "assistant", "stop")
     assert choice.message.content == "".join(ANSWER)
     usage = reply.usage
-    assert usage.prompt_tokens == kp.estimate_tokens(len("用一句话介绍长城\n".encode()))
+    assert usage.prompt_tokens == kp.estimate_tokens(len("用一句话介绍长城".encode()))
     assert usage.completion_tokens == kp.estimate_tokens(len("".join(ANSWER).encode()))
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    # what Kimi saw: one chat, created and then deleted, asked the folded question as this user
+    # what Kimi saw: one chat, created and then deleted, asked the question as this user
     await kimi.wait_deleted(1)
     assert kimi.created == kimi.deleted and kimi.live_chats == []
     [completion] = kimi.completions
-    assert completion["user"] == kimi.user_of(token)
+    assert (completion["user"], completion["prompt"]) == (kimi.user_of(token), "用一句话介绍长城")
+    assert completion["headers"]["X-Traffic-Id"] == kimi.user_of(token)
+    assert kimi.refreshes[kimi.user_of(token)] == 1
+
+
+@pytest.mark.dialects("legacy")
+async def test_legacy_request_shape(sdk, kimi):
+    await sdk.chat.completions.create(model="kimi", messages=user("用一句话介绍长城"))
+    [completion] = kimi.completions
     assert completion["body"] == {"kimiplus_id": "kimi", "messages": [{"role": "user", "content": "用一句话介绍长城\n"}],
                                   "refs": [], "refs_file": [], "use_math": False, "use_research": False,
                                   "use_search": False, "extend": {"sidebar": True}}
-    assert completion["headers"]["X-Traffic-Id"] == kimi.user_of(token)
     assert completion["headers"]["Referer"] == f"{kimi.url}/chat/{completion['chat']}"
-    assert kimi.refreshes[token] == 1
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_request_shape(sdk, kimi):
+    await sdk.chat.completions.create(model="kimi", messages=user("用一句话介绍长城"))
+    await sdk.chat.completions.create(model="kimi-k2.6-thinking-search", messages=user("q"))
+    plain, rich = kimi.completions
+    assert plain["body"] == {"scenario": "SCENARIO_K2D5", "tools": [], "options": {"thinking": False},
+                             "message": {"role": "user", "scenario": "SCENARIO_K2D5",
+                                         "blocks": [{"message_id": "", "text": {"content": "用一句话介绍长城"}}]}}
+    assert plain["headers"]["Content-Type"] == "application/connect+json"
+    assert plain["headers"]["Connect-Protocol-Version"] == "1"
+    assert plain["headers"]["X-Msh-Device-Id"] == "7651000000000000001"
+    assert rich["body"]["tools"] == [{"type": "TOOL_TYPE_SEARCH", "search": {}}] and rich["body"]["options"] == {"thinking": True}
 
 
 async def test_raw_completion_shape(http, proxy, token):
@@ -678,15 +997,17 @@ async def test_chat_path_without_v1(http, proxy, token):
 async def test_search_adds_citations_unless_silent(sdk, kimi):
     reply = await sdk.chat.completions.create(model="kimi-search", messages=user("今天杭州天气怎么样"))
     citations = "".join(f"【检索 {n}】 [{title}]({url})\n" for n, (title, url) in enumerate(SOURCES, 1))
-    assert reply.choices[0].message.content == citations + "\n" + "".join(ANSWER)
+    # the Connect dialect's answer carries citation markers, which become references to the lines
+    references = "[^1][^2]" if kimi.PROTOCOL == "connect" else ""
+    assert reply.choices[0].message.content == citations + "\n" + ANSWER[0] + references + "".join(ANSWER[1:])
     silent = await sdk.chat.completions.create(model="kimi-search-silent", messages=user("今天杭州天气怎么样"))
     assert silent.choices[0].message.content == "".join(ANSWER)
-    assert [c["body"]["use_search"] for c in kimi.completions] == [True, True]
+    assert [c["search"] for c in kimi.completions] == [True, True]
 
 
 async def test_use_search_field_turns_search_on(sdk, kimi):
     await sdk.chat.completions.create(model="kimi", messages=user("q"), extra_body={"use_search": True})
-    assert kimi.completions[0]["body"]["use_search"] is True
+    assert kimi.completions[0]["search"] is True
 
 
 async def test_k1_thinking_becomes_reasoning_content(sdk, kimi, http, proxy, token):
@@ -694,8 +1015,7 @@ async def test_k1_thinking_becomes_reasoning_content(sdk, kimi, http, proxy, tok
     message = reply.choices[0].message
     assert message.model_extra["reasoning_content"] == "".join(THINKING)
     assert message.content == "".join(ANSWER)
-    assert kimi.completions[0]["body"]["kimiplus_id"] == kp.K1_AGENT_ID
-    assert kimi.chats[kimi.completions[0]["chat"]].kimiplus_id == kp.K1_AGENT_ID
+    assert kimi.completions[0]["thinking"] is True
     _, _, chunks = await stream_chunks(http, proxy, token, model="kimi-k1")
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert not any(d.get("content") and d.get("reasoning_content") for d in deltas)
@@ -703,6 +1023,7 @@ async def test_k1_thinking_becomes_reasoning_content(sdk, kimi, http, proxy, tok
     assert kinds == ["reasoning"] * len(THINKING) + ["content"] * len(ANSWER)
 
 
+@pytest.mark.dialects("legacy")
 async def test_math_and_agent_models(sdk, kimi):
     await sdk.chat.completions.create(model="kimi-math", messages=user("1+1"))
     await sdk.chat.completions.create(model="search0000000000000a", messages=user("hi"))
@@ -712,6 +1033,7 @@ async def test_math_and_agent_models(sdk, kimi):
     assert kimi.chats[agent["chat"]].kimiplus_id == "search0000000000000a"
 
 
+@pytest.mark.dialects("legacy")
 async def test_research_checks_the_quota(sdk, kimi, token):
     await sdk.chat.completions.create(model="kimi-research", messages=user("深入研究"))
     assert kimi.completions[0]["body"]["use_research"] is True and kimi.completions[0]["body"]["use_search"] is True
@@ -727,16 +1049,18 @@ async def test_multi_turn_history_is_folded_for_kimi(sdk, kimi):
     messages = [{"role": "system", "content": "你是一个翻译助手"}, {"role": "user", "content": "把 hello 翻译成中文"},
                 {"role": "assistant", "content": "你好"}, {"role": "user", "content": "再翻译 https://example.com/a"}]
     await sdk.chat.completions.create(model="kimi", messages=messages)
-    assert kimi.completions[0]["body"]["messages"][0]["content"] == (
-        'system:你是一个翻译助手\nuser:把 hello 翻译成中文\nassistant:你好\nsystem:关注用户最新的消息\n'
-        'user:再翻译 <url id="" type="url" status="" title="" wc="">https://example.com/a</url>\n')
+    # links are marked up the way the legacy web app did; the Connect dialect sends them as they are
+    link = ('<url id="" type="url" status="" title="" wc="">https://example.com/a</url>'
+            if kimi.PROTOCOL == "legacy" else "https://example.com/a")
+    assert kimi.completions[0]["prompt"] == (
+        f'system:你是一个翻译助手\nuser:把 hello 翻译成中文\nassistant:你好\nsystem:关注用户最新的消息\nuser:再翻译 {link}')
 
 
 async def test_array_content_reaches_kimi_like_the_string(sdk, kimi):
     await sdk.chat.completions.create(model="kimi", messages=[{"role": "user", "content": [
         {"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}])
     await sdk.chat.completions.create(model="kimi", messages=user("hi\nthere"))
-    assert kimi.completions[0]["body"]["messages"] == kimi.completions[1]["body"]["messages"]
+    assert kimi.completions[0]["body"] == kimi.completions[1]["body"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,7 +1111,7 @@ async def test_sdk_stream_helper_accumulates(sdk):
 async def test_sdk_streaming_iterates(sdk):
     stream = await sdk.chat.completions.create(model="kimi-search", messages=user("hi"), stream=True)
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
-    assert text.endswith("".join(ANSWER)) and "【检索 1】" in text
+    assert text.endswith(ANSWER[-1]) and text.startswith("【检索 1】")
 
 
 async def test_split_lines_and_characters_come_out_whole(http, proxy, token, sdk):
@@ -806,6 +1130,7 @@ async def test_keepalive_while_kimi_is_silent(start_proxy, http, token, kimi):
     assert content_of(sse_payloads(raw)) == "".join(ANSWER)
 
 
+@pytest.mark.dialects("legacy")
 async def test_length_is_continued_in_both_modes(http, proxy, token, kimi, sdk):
     _, _, chunks = await stream_chunks(http, proxy, token, messages=user("scenario:length"))
     assert content_of(chunks) == "第一段第二段" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
@@ -820,12 +1145,14 @@ async def test_length_is_continued_in_both_modes(http, proxy, token, kimi, sdk):
     await kimi.wait_deleted(2)
 
 
+@pytest.mark.dialects("legacy")
 async def test_length_is_continued_at_most_three_times(sdk, kimi):
     reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:length_forever"))
     assert reply.choices[0].message.content == "段" * 4 and reply.choices[0].finish_reason == "length"
     assert len(kimi.completions) == 4
 
 
+@pytest.mark.dialects("legacy")
 async def test_length_without_all_done_still_continues(sdk, kimi):
     reply = await sdk.chat.completions.create(model="kimi", messages=user("scenario:length_no_all_done"))
     assert reply.choices[0].message.content == "xx" and reply.choices[0].finish_reason == "stop"
@@ -947,19 +1274,20 @@ async def test_read_timeouts(http, start_proxy, token, kimi):
 
 
 async def test_kimi_5xx_is_retried_then_502(http, proxy, token, kimi):
-    kimi.fail("POST", "/api/chat", 503, times=1)
+    kimi.fail("POST", kimi.START_PATH, 503, times=1)
     response = await post_chat(http, proxy, token)
     assert response.status == 200
-    assert kimi.calls.count(("POST", "/api/chat")) == 2
-    kimi.fail("POST", r"/api/chat/\w+/completion/stream", 500, times=3)
+    assert kimi.calls.count(("POST", kimi.START_PATH)) == 2
+    kimi.fail("POST", kimi.ANSWER_PATH, 500, times=3)
     response = await post_chat(http, proxy, token, stream=True)
     assert response.status == 502
     assert_envelope(await response.json(), "upstream_error")
     assert len(kimi.completions) == 1  # the three failed tries never reached the stream
-    await kimi.wait_deleted(2)
+    await kimi.wait_deleted(len(kimi.created))
     assert kimi.live_chats == []
 
 
+@pytest.mark.dialects("legacy")
 async def test_kimi_4xx_is_502_with_its_message(http, proxy, token, kimi):
     kimi.fail("POST", r"/api/chat/\w+/completion/stream", 400, body={"error_type": "chat.forbidden", "message": "此会话已被禁用"})
     response = await post_chat(http, proxy, token)
@@ -983,7 +1311,8 @@ async def test_rate_limit_is_429_with_retry_after(http, proxy, kimi, token):
     response = await post_chat(http, proxy, token, stream=True)
     assert response.status == 429 and response.headers["Retry-After"] == "7"
     assert_envelope(await response.json(), "rate_limit_exceeded")
-    await kimi.wait_deleted(1)
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -999,7 +1328,7 @@ async def test_a_rejected_token_hands_over_to_the_next(http, proxy, kimi):
         assert response.status == 200
         assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
     assert {c["user"] for c in kimi.completions} == {kimi.user_of(good)}
-    assert 1 <= kimi.refreshes[bad] <= 4 and kimi.refreshes[good] == 1
+    assert 1 <= kimi.refreshes[kimi.user_of(bad)] <= 4 and kimi.refreshes[kimi.user_of(good)] == 1
     response = await post_chat(http, proxy, f"{bad},not-a-token")
     assert response.status == 401
 
@@ -1025,9 +1354,9 @@ async def test_tokens_are_spread_over_requests(http, proxy, kimi):
 async def test_access_token_is_cached_and_refreshed_once_when_cold(http, proxy, kimi, token):
     replies = await asyncio.gather(*(post_chat(http, proxy, token) for _ in range(10)))
     assert [r.status for r in replies] == [200] * 10
-    assert kimi.refreshes[token] == 1  # single flight for the cold token
+    assert kimi.refreshes[kimi.user_of(token)] == 1  # single flight for the cold token
     assert (await post_chat(http, proxy, token)).status == 200
-    assert kimi.refreshes[token] == 1
+    assert kimi.refreshes[kimi.user_of(token)] == 1
 
 
 async def test_access_token_is_renewed_before_it_expires(http, proxy, kimi, token):
@@ -1035,15 +1364,15 @@ async def test_access_token_is_renewed_before_it_expires(http, proxy, kimi, toke
     assert (await post_chat(http, proxy, token)).status == 200
     await asyncio.sleep(1.1)
     assert (await post_chat(http, proxy, token)).status == 200
-    assert kimi.refreshes[token] == 2
+    assert kimi.refreshes[kimi.user_of(token)] == 2
 
 
 async def test_an_access_token_kimi_rejects_is_refreshed_and_the_call_retried(http, proxy, kimi, token):
     assert (await post_chat(http, proxy, token)).status == 200
     kimi.revoke_access_tokens()
     assert (await post_chat(http, proxy, token, stream=True)).status == 200
-    assert kimi.refreshes[token] == 2
-    assert kimi.calls.count(("POST", "/api/chat")) == 3  # the rejected create was tried once more
+    assert kimi.refreshes[kimi.user_of(token)] == 2
+    assert kimi.calls.count(("POST", kimi.START_PATH)) == 3  # the rejected call was made once more
 
 
 async def test_token_check(http, proxy, kimi, token):
@@ -1078,7 +1407,7 @@ async def test_kept_conversation_round_trip(http, proxy, kimi):
     follow_ups = kimi.completions[1:]
     assert [c["chat"] for c in follow_ups] == [conversation_id] * 2
     assert {c["user"] for c in follow_ups} == {owner}
-    assert [c["body"]["messages"][0]["content"] for c in follow_ups] == ["第二个问题\n"] * 2
+    assert [c["prompt"] for c in follow_ups] == ["第二个问题"] * 2
     await asyncio.sleep(0.2)
     assert kimi.deleted == []  # the user's conversation stays
 
@@ -1089,7 +1418,7 @@ async def test_unknown_conversation_uses_the_first_token(http, proxy, kimi):
     conversation_id = response.headers["X-Conversation-Id"]
     # another client's chat id does not borrow its creator's token: the caller's first token is used
     response = await post_chat(http, proxy, first, conversation_id=conversation_id)
-    assert response.status == 502
+    assert response.status == {"legacy": 502, "connect": 404}[kimi.PROTOCOL]  # Kimi: not this account's chat
     assert kimi.completions[-1]["user"] == kimi.user_of(second) and len(kimi.completions) == 1
 
 
@@ -1178,7 +1507,8 @@ async def test_deletion_does_not_delay_the_answer(http, proxy, token, kimi):
 
 
 async def test_chats_are_deleted_during_shutdown(kimi, token, http):
-    settings = {"KIMI_BASE_URL": kimi.url, "HOST": "127.0.0.1", "PORT": "0", "SHUTDOWN_GRACE": "0.3"}
+    settings = {"KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "HOST": "127.0.0.1", "PORT": "0",
+                "SHUTDOWN_GRACE": "0.3"}
     runner = await kp.start_server(kp.Config.from_env(settings))
     proxy = "http://%s:%d" % runner.addresses[0][:2]
     kimi.hold_deletes = asyncio.Event()
@@ -1207,7 +1537,7 @@ async def test_hundred_concurrent_streams(http, proxy, kimi):
     assert kimi.max_open_streams > 1
     await kimi.wait_deleted(100)
     assert sorted(kimi.deleted) == sorted(kimi.created) and kimi.live_chats == []
-    assert sum(kimi.refreshes[t] for t in tokens) == 4
+    assert sum(kimi.refreshes[kimi.user_of(t)] for t in tokens) == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1251,7 +1581,7 @@ def free_port() -> int:
 
 async def test_main_serves_with_flags_over_env(kimi, token, http):
     port = free_port()
-    env = {**os.environ, "KIMI_BASE_URL": kimi.url, "PORT": "1", "HOST": "192.0.2.1"}
+    env = {**os.environ, "KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "PORT": "1", "HOST": "192.0.2.1"}
     server = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", "--host", "127.0.0.1",
                                                   "--port", str(port), env=env, stderr=subprocess.PIPE)
     try:
