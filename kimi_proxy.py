@@ -625,8 +625,10 @@ class ConnectKimi(KimiHTTP):
                     raise self._rejected(credential) from None
                 self.tokens.forget(credential)
                 continue
-            if state.chat_id and state.message_id:
-                self._parents[state.chat_id] = state.message_id
+            finally:
+                # (the consumer stops reading at DONE, so this cannot wait until after the loop)
+                if (state.chat_id or plan.chat_id) and state.message_id:
+                    self._parents[state.chat_id or plan.chat_id] = state.message_id
             return
 
     async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[Event]:
@@ -1033,7 +1035,7 @@ def from_connect_error(error: dict, retry_after: int | None = None, status: int 
     if code == "unauthenticated":
         return StreamUnauthenticated()
     if code == "resource_exhausted" or status == 429:
-        if debug.get("paywall"):
+        if "paywall" in debug:
             return RateLimited(f"Kimi says this needs a paid Kimi plan: {said}", retry_after, code="insufficient_quota")
         return RateLimited(f"Kimi is rate limiting this account: {said}", retry_after)
     if code in ("unavailable", "deadline_exceeded"):

@@ -490,12 +490,18 @@ class FakeConnectKimi(FakeKimiBase):
             return response
         message = body["message"]
         prompt = message["blocks"][-1]["text"]["content"]
+        if self.unauthenticated_streams:  # refused before any chat exists
+            self.unauthenticated_streams -= 1
+            await response.write(connect_end({"code": "unauthenticated", "message": "token is expired"}))
+            return response
         chat_id = pick(body, "chat_id", "chatId")
-        if chat_id is None:
+        if chat_id is None and scenario_of(prompt) == "overloaded_first":
+            chat_id = "never-announced"  # overload refusals come before a chat exists
+        elif chat_id is None:
             chat_id = xid()
             self.chats[chat_id] = Chat(owner=user_id, question=prompt)
             self.created.append(chat_id)
-        chat = self.chats[chat_id]
+        chat = self.chats.get(chat_id) or Chat(owner=user_id)
         search = any(tool.get("type") == "TOOL_TYPE_SEARCH" for tool in body.get("tools") or ())
         thinking = bool((body.get("options") or {}).get("thinking"))
         self._record_completion(request, chat_id, user_id, body, prompt, search, thinking)
@@ -609,10 +615,6 @@ class FakeConnectKimi(FakeKimiBase):
         }.get(scenario, lambda: head + answer + tail)()
 
     async def _stream(self, response, scenario, chat_id, chat, prompt, search, thinking, request) -> None:
-        if self.unauthenticated_streams:
-            self.unauthenticated_streams -= 1
-            await response.write(connect_end({"code": "unauthenticated", "message": "token is expired"}))
-            return
         for item in self._frames(scenario, chat_id, chat, prompt, search, thinking):
             if item == "DROP":
                 request.transport.abort()
@@ -1607,3 +1609,264 @@ def test_bad_setting_stops_startup_with_one_line():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "UPSTREAM_READ_TIMEOUT" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The Connect dialect: framing, events, citations, errors, catalog, credentials
+# ---------------------------------------------------------------------------------------------
+
+
+def test_frames_survive_any_split():
+    frames = connect_frame({"a": "长城"}) + connect_frame({"b": 1}) + connect_end()
+    for size in (1, 2, 3, 5, 7, len(frames)):
+        decoder = kp.FrameDecoder()
+        got = [frame for start in range(0, len(frames), size) for frame in decoder.feed(frames[start:start + size])]
+        assert [(flags, orjson.loads(payload)) for flags, payload in got] == [(0, {"a": "长城"}), (0, {"b": 1}), (2, {})]
+    assert kp.frame_message(b'{"a":1}') == bytes.fromhex("00000000077B2261223A317D")
+    with pytest.raises(kp.ProxyError):
+        kp.FrameDecoder().feed(b"\x00\xff\xff\xff\xff")
+
+
+def frames_to_events(*messages, silent=False) -> tuple[list, kp.ConnectState]:
+    state = kp.ConnectState(silent=silent)
+    frames = [m if isinstance(m, tuple) else (0, orjson.dumps(m)) for m in messages]
+    events = [event for flags, payload in frames for event in kp.from_connect_frame(flags, payload, state)]
+    return events, state
+
+
+@pytest.mark.parametrize("messages, expected", [
+    ([{"heartbeat": {}}, {"op": "set", "mask": "chat.lastRequest", "chat": {"lastRequest": {}}}], []),
+    ([{"op": "set", "chat": {"id": "c1", "name": "x"}}, {"op": "set", "mask": "chat.name", "chat": {"name": "y"}}],
+     [kp.Event(kp.CHAT, "c1")]),
+    ([{"op": "set", "mask": "block.think", "block": {"id": "0", "think": {"content": "t"}}}], [kp.Event(kp.REASONING, "t")]),
+    ([{"op": "set", "mask": "block.text", "block": {"id": "0", "text": {"content": ""}}},
+      {"op": "append", "mask": "block.text.content", "block": {"id": "0", "text": {"content": "a"}}}],
+     [kp.Event(kp.TEXT, "a")]),
+    ([{"block": {"id": "0", "text": {"content": "t", "flags": "thinking"}}},
+      {"block": {"id": "1", "text": {"content": "a", "flags": "answer"}}}],
+     [kp.Event(kp.REASONING, "t"), kp.Event(kp.TEXT, "a")]),
+    ([{"block": {"multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "running"}]}}},
+      {"block": {"id": "1", "text": {"content": "t"}}},
+      {"block": {"multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "completed"}]}}},
+      {"block": {"id": "2", "text": {"content": "a"}}}],
+     [kp.Event(kp.REASONING, "t"), kp.Event(kp.TEXT, "a")]),
+    ([{"block": {"id": "1", "text": {"content": "a"}}}, {"block": {"id": "2", "text": {"content": "b"}}}],
+     [kp.Event(kp.TEXT, "a"), kp.Event(kp.TEXT, "\nb")]),
+    ([{"block": {"tool": {"contents": [{"searchResult": {"base": {"title": "T", "url": "https://u"}, "refIndex": "w:1#0"}}]}}},
+      {"message": {"refs": {"searchChunks": [{"searchResult": {"base": {"title": "T", "url": "https://u"}, "refIndex": "w:1#0"}}]}}}],
+     [kp.Event(kp.SOURCE, "T", "https://u")]),
+    ([(1, b"\x1f\x8b compressed")], []),
+])
+def test_connect_frames_to_events(messages, expected):
+    assert frames_to_events(*messages)[0] == expected
+
+
+def test_connect_stream_state():
+    _, state = frames_to_events({"op": "set", "mask": "message", "message": {"id": "m2", "role": "assistant"}},
+                                {"done": {}})
+    assert (state.message_id, state.done, state.ended) == ("m2", True, False)
+    with pytest.raises(kp.ProxyError, match="without any text"):
+        kp.from_connect_ending(state)  # done, but nothing was said
+    _, state = frames_to_events({"block": {"id": "1", "text": {"content": "a"}}}, (2, b"{}"))
+    assert kp.from_connect_ending(state) == [kp.DONE_EVENT]
+    _, state = frames_to_events({"block": {"id": "1", "text": {"content": "a"}}})
+    with pytest.raises(kp.ProxyError, match="broke off"):
+        kp.from_connect_ending(state)  # neither done nor an end-stream envelope
+
+
+@pytest.mark.parametrize("error, status, code, says", [
+    ({"code": "resource_exhausted", "details": [{"debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER"}}]},
+     429, "rate_limit_exceeded", "REASON_SERVER_OVERLOADED_FOR_FREE_USER"),
+    ({"code": "resource_exhausted", "details": [{"debug": {"paywall": {}, "localizedMessage": {"message": "升级"}}}]},
+     429, "insufficient_quota", "paid Kimi plan"),
+    ({"code": "unavailable"}, 503, "server_is_overloaded", "unavailable"),
+    ({"code": "deadline_exceeded", "message": "slow"}, 503, "server_is_overloaded", "slow"),
+    ({"code": "invalid_argument"}, 502, "upstream_error", "invalid_argument"),
+    ({"code": "permission_denied"}, 403, "permission_denied", "permission_denied"),
+    ({"code": "not_found"}, 404, "conversation_not_found", "conversation"),
+    ({"code": "internal", "message": "boom"}, 502, "upstream_error", "boom"),
+    ({"code": "unauthenticated"}, 401, "invalid_api_key", "token"),
+])
+def test_connect_error_mapping(error, status, code, says):
+    mapped = kp.from_connect_error(error)
+    assert (mapped.status, mapped.code) == (status, code) and says in mapped.message
+
+
+SEARCH_SOURCES = {"web_search:1#0": 1, "web_search:1#3": 2, "web_search:1#5": 3}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("no markers 🙂", "no markers 🙂"),
+    ("a\ue3a0cite\ue3a3web_search:1#0\ue3a3web_search:1#3\ue3a8b", "a[^1][^2]b"),
+    ("a\ue3a0cite\ue3a3web_search:1#9\ue3a8b", "ab"),                       # a source we never saw
+    ("\ue3a0article🛠web_search:1#5🛠web_search:1#0🎨x", "x"),                 # the opening article block
+    ("a\ue3a0cite🛠web_search:1#5:~:text=长城🛠b", "a[^3]b"),
+    ("a\ue3a0cite🛠web_search:1#0:~:text=quote\ue3a8b", "a[^1]b"),
+    ("a🛠web_search:1#5🛠b", "a[^3]b"),
+    ("fix it 🛠 with tools 🛠 today", "fix it 🛠 with tools 🛠 today"),       # not references
+])
+def test_citation_markers_become_references_however_split(text, expected):
+    for size in range(1, len(text) + 1):
+        rewriter = kp.CitationRewriter()
+        out = "".join(rewriter.feed(text[i:i + size], SEARCH_SOURCES, False) for i in range(0, len(text), size))
+        assert out + rewriter.flush() == expected, size
+
+
+def test_citation_markers_vanish_when_silent():
+    rewriter = kp.CitationRewriter()
+    assert rewriter.feed("a\ue3a0cite\ue3a3web_search:1#0\ue3a8b", SEARCH_SOURCES, True) == "ab"
+
+
+def test_catalog_ids_and_resolution():
+    catalog = kp.Catalog.from_rpc(CATALOG)
+    ids = catalog.model_ids()
+    assert {"kimi-k2.6", "kimi-k2.6-search", "kimi-k2.6-thinking", "kimi-k2.6-thinking-search", "kimi-k2.6-agent",
+            "kimi-k2.6-agent-swarm", *kp.LEGACY_NAMES} == set(ids)
+    assert "kimi-k2.6-agent-search" not in ids
+
+    def resolved(model: str) -> dict:
+        return kp.to_connect_chat(kp.to_plan({"model": model, "messages": user("q")}), catalog, None)
+
+    assert resolved("kimi")["options"] == {"thinking": False} and resolved("kimi")["tools"] == []
+    for thinking in ("kimi-k1", "kimi-thinking", "kimi-k2.6-thinking", "kimi-k2.6-thinking-search-silent"):
+        assert resolved(thinking)["options"] == {"thinking": True}, thinking
+    for search in ("kimi-search", "kimi-research", "kimi-k2.6-search", "kimi-search-silent"):
+        assert resolved(search)["tools"] == [{"type": "TOOL_TYPE_SEARCH", "search": {}}], search
+    swarm = resolved("kimi-k2.6-agent-swarm")
+    assert (swarm["scenario"], swarm["kimiplusId"], swarm["agentMode"]) == ("SCENARIO_OK_COMPUTER", "ok-computer", "TYPE_ULTRA")
+    assert resolved("gpt-4o-mini") == resolved("kimi-math") == resolved("kimi")
+    assert resolved("crm40ee9e5jvhsn7pt00")["kimiplusId"] == "crm40ee9e5jvhsn7pt00"
+    assert kp.Catalog.from_rpc({"availableModels": []}) is None
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_models_come_from_the_live_catalog(sdk, kimi, http, proxy):
+    ids = [m.id async for m in sdk.models.list()]
+    assert "kimi-k2.6-thinking" in ids and "kimi-k2.6-agent-swarm" in ids and "kimi-search" in ids
+    await sdk.chat.completions.create(model="kimi-k2.6-agent", messages=user("plan a trip"))
+    assert kimi.completions[0]["body"]["scenario"] == "SCENARIO_OK_COMPUTER"
+    assert kimi.catalog_calls == 1  # cached for five minutes
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_falls_back_to_a_built_in_catalog(sdk, kimi):
+    kimi.catalog = None
+    ids = [m.id async for m in sdk.models.list()]
+    assert {"kimi-k2.6", "kimi-k2.6-thinking", "kimi"} <= set(ids)
+    reply = await sdk.chat.completions.create(model="kimi-k2.6-thinking", messages=user("q"))
+    assert reply.choices[0].message.model_extra["reasoning_content"] == "".join(THINKING)
+
+
+@pytest.mark.dialects("connect")
+@pytest.mark.parametrize("scenario, status, code, says", [
+    ("overloaded_first", 429, "rate_limit_exceeded", "当前使用人数较多"),
+    ("paywall", 429, "insufficient_quota", "paid Kimi plan"),
+    ("unavailable", 503, "server_is_overloaded", "unavailable"),
+    ("denied", 403, "permission_denied", "agent mode needs a plan"),
+    ("invalid", 502, "upstream_error", "invalid_argument"),
+    ("empty", 502, "upstream_error", "without any text"),
+])
+async def test_connect_failures_before_any_text_get_real_statuses(start_proxy, http, token, kimi, scenario, status,
+                                                                  code, says):
+    proxy = await start_proxy(KEEPALIVE_INTERVAL="0.05")  # heartbeats and keep-alives must not start the stream
+    response = await post_chat(http, proxy, token, stream=True, messages=user(f"scenario:{scenario}"))
+    assert response.status == status
+    assert says in assert_envelope(await response.json(), code)["message"]
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_error_after_done_is_still_reported(http, proxy, token, kimi):
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:done_then_error"))
+    *chunks, error = sse_payloads(await response.read())
+    assert content_of(chunks) == "".join(ANSWER)
+    assert OVERLOADED in assert_envelope(error)["message"]
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_thinking_flags_stages_and_blocks(sdk):
+    staged = await sdk.chat.completions.create(model="kimi", messages=user("scenario:staged"))
+    assert staged.choices[0].message.model_extra["reasoning_content"] == "".join(THINKING)
+    assert staged.choices[0].message.content == ANSWER[0] + ANSWER[1]
+    blocks = await sdk.chat.completions.create(model="kimi", messages=user("scenario:two_blocks"))
+    assert blocks.choices[0].message.content == "第一块\n第二块"
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_in_stream_unauthenticated_renews_once(sdk, kimi, token):
+    kimi.unauthenticated_streams = 1
+    reply = await sdk.chat.completions.create(model="kimi", messages=user("q"))
+    assert reply.choices[0].message.content == "".join(ANSWER)
+    assert kimi.refreshes[kimi.user_of(token)] == 2
+    kimi.unauthenticated_streams = 2
+    with pytest.raises(openai.AuthenticationError):
+        await sdk.chat.completions.create(model="kimi", messages=user("q"))
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_rotated_refresh_tokens_are_kept(http, proxy, kimi, token):
+    kimi.access_ttl = 1
+    for _ in range(3):
+        assert (await post_chat(http, proxy, token)).status == 200
+        await asyncio.sleep(1.05)
+    assert kimi.refreshes[kimi.user_of(token)] == 3
+    assert token in kimi.spent  # the token the client sent is spent: only the rotated ones work now
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_accepts_an_access_token(http, proxy, kimi):
+    user_id = xid()
+    access = kimi.issue_access_token(user_id, ttl=3600)
+    response = await post_chat(http, proxy, access, stream=True)
+    assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
+    assert kimi.refreshes == Counter() and kimi.completions[0]["user"] == user_id
+    assert await (await http.post(proxy + "/token/check", json={"token": access})).json() == {"live": True}
+    kimi.revoke_access_tokens()  # Kimi no longer takes it, and an access token cannot be renewed
+    response = await post_chat(http, proxy, access)
+    assert response.status == 401
+    assert "refresh_token" in assert_envelope(await response.json(), "invalid_api_key")["message"]
+    expired = kimi.issue_access_token(user_id, ttl=-10)
+    calls = len(kimi.calls)
+    response = await post_chat(http, proxy, expired)
+    assert response.status == 401 and "kimi-auth" in (await response.json())["error"]["message"]
+    assert kimi.calls[calls:] == []  # refused without asking Kimi
+
+
+@pytest.mark.dialects("connect")
+async def test_connect_kept_chat_continues_after_its_last_message(http, start_proxy, kimi, token):
+    proxy = await start_proxy()
+    response = await post_chat(http, proxy, token, conversation_id="new")
+    chat_id = response.headers["X-Conversation-Id"]
+    parent = kimi.chats[chat_id].last_message
+    await post_chat(http, proxy, token, conversation_id=chat_id, messages=user("第二个问题"))
+    assert kimi.completions[1]["body"]["chat_id"] == chat_id
+    assert kimi.completions[1]["body"]["message"]["parent_id"] == parent
+    other_proxy = await start_proxy()  # knows nothing of the chat: no parent_id
+    # (the refresh token is spent: the first proxy holds the rotated one, so send an access token)
+    access = kimi.issue_access_token(kimi.user_of(token), 3600)
+    response = await post_chat(http, other_proxy, access, conversation_id=chat_id, messages=user("第三个问题"))
+    assert response.status == 200 and "parent_id" not in kimi.completions[2]["body"]["message"]
+    assert kimi.deleted == []
+
+
+@pytest.mark.dialects("connect")
+async def test_fake_connect_kimi_is_strict(http, kimi, token):
+    """The fake refuses what real Kimi refuses, so the proxy's passing tests mean something."""
+    refreshed = await (await http.get(kimi.url + "/api/auth/token/refresh", headers=auth(token))).json()
+    headers = {**auth(refreshed["access_token"]), "Content-Type": "application/connect+json"}
+    good = {"scenario": "SCENARIO_K2D5", "message": {"role": "user", "blocks": [{"text": {"content": "hi"}}]}}
+    for body in (orjson.dumps(good),  # not framed
+                 connect_frame({**good, "chat_id": ""}),
+                 connect_frame({**good, "scenario": "SCENARIO_NOPE"}),
+                 connect_frame({**good, "message": {"role": "user", "blocks": []}})):
+        response = await http.post(kimi.url + kimi.CHAT, data=body, headers=headers)
+        frames = kp.FrameDecoder().feed(await response.read())
+        assert frames == [(2, orjson.dumps({"error": frames and orjson.loads(frames[0][1])["error"]}))]
+        assert orjson.loads(frames[0][1])["error"]["code"] == "invalid_argument"
+    response = await http.post(kimi.url + kimi.CHAT, data=connect_frame({**good, "chat_id": "nosuchchat0000000000"}),
+                               headers=headers)
+    assert orjson.loads(kp.FrameDecoder().feed(await response.read())[0][1])["error"]["code"] == "not_found"
+    again = await http.get(kimi.url + "/api/auth/token/refresh", headers=auth(token))
+    assert again.status == 401  # a refresh token works once: Kimi rotates it
+    assert kimi.created == []
