@@ -1,10 +1,11 @@
 """kimi_proxy: an OpenAI-compatible Chat Completions server in front of Kimi's web chat.
 
-Paste the ``refresh_token`` of your Kimi web account as the API key (several, joined by
-commas, are used in turn) and any OpenAI client can chat with Kimi through this server:
+Paste a token of your Kimi web account (its ``refresh_token``, or with the default dialect its
+``kimi-auth`` access token) as the API key (several, joined by commas, are used in turn) and
+any OpenAI client can chat with Kimi through this server:
 
     pip install -r requirements.txt && python kimi_proxy.py        # serves on 0.0.0.0:8000
-    curl -N localhost:8000/v1/chat/completions -H "Authorization: Bearer $KIMI_REFRESH_TOKEN" \
+    curl -N localhost:8000/v1/chat/completions -H "Authorization: Bearer $KIMI_TOKEN" \
          -d '{"model": "kimi", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 Every Kimi chat the proxy creates for a request is deleted when that request ends, unless the
@@ -266,6 +267,11 @@ def jwt_claims(token: str) -> dict:
     except (ValueError, orjson.JSONDecodeError):
         return {}
     return claims if isinstance(claims, dict) else {}
+
+
+def is_access_token(credential: str) -> bool:
+    """Told apart by the JWT's own `typ` claim: an access token cannot be renewed."""
+    return jwt_claims(credential).get("typ") == "access"
 
 
 class Grant(NamedTuple):
@@ -621,7 +627,7 @@ class ConnectKimi(KimiHTTP):
                         yield event
             except StreamUnauthenticated:
                 # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
-                if state.answered or attempt == 1 or jwt_claims(credential).get("typ") == "access":
+                if state.answered or attempt == 1 or is_access_token(credential):
                     raise self._rejected(credential) from None
                 self.tokens.forget(credential)
                 continue
@@ -670,9 +676,9 @@ class ConnectKimi(KimiHTTP):
         return catalog
 
     async def _grant(self, credential: str) -> Grant:
-        claims = jwt_claims(credential)
         now_wall, now_loop = time.time(), asyncio.get_running_loop().time()
-        if claims.get("typ") == "access":
+        if is_access_token(credential):
+            claims = jwt_claims(credential)
             exp = claims.get("exp")
             if isinstance(exp, (int, float)) and exp <= now_wall:
                 raise self._rejected(credential)
@@ -701,9 +707,7 @@ class ConnectKimi(KimiHTTP):
                                   retry_after_seconds(retry_after), status)
 
     def _rejected(self, credential: str) -> TokenRejected:
-        if jwt_claims(credential).get("typ") == "access":
-            return TokenRejected(EXPIRED_ACCESS_TOKEN)
-        return TokenRejected()
+        return TokenRejected(EXPIRED_ACCESS_TOKEN) if is_access_token(credential) else TokenRejected()
 
 
 DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}

@@ -155,6 +155,15 @@ class FakeKimiBase:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         return token if scheme == "Bearer" else ""
 
+    async def _json_body(self, request: web.Request) -> dict | None:
+        if request.content_type != "application/json":
+            return None
+        try:
+            body = await request.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
     def _authenticated_user(self, request: web.Request) -> str | None:
         grant = self.access.get(self._bearer(request))
         if grant is None or grant[1] < time.time():
@@ -226,15 +235,6 @@ class FakeLegacyKimi(FakeKimiBase):
 
     def auth_error(self) -> web.Response:
         return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
-
-    async def _json_body(self, request: web.Request) -> dict | None:
-        if request.content_type != "application/json":
-            return None
-        try:
-            body = await request.json()
-        except ValueError:
-            return None
-        return body if isinstance(body, dict) else None
 
     async def user(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
@@ -436,18 +436,9 @@ class FakeConnectKimi(FakeKimiBase):
     def auth_error(self) -> web.Response:
         return web.json_response({"code": "unauthenticated", "message": "token is expired"}, status=401)
 
-    async def _unary_body(self, request: web.Request) -> dict | None:
-        if request.content_type != "application/json":
-            return None
-        try:
-            body = await request.json()
-        except ValueError:
-            return None
-        return body if isinstance(body, dict) else None
-
     async def models(self, request: web.Request) -> web.Response:
         self.catalog_calls += 1
-        if self.catalog is None or await self._unary_body(request) is None:
+        if self.catalog is None or await self._json_body(request) is None:
             return web.json_response({"code": "unavailable", "message": ""}, status=503)
         return web.json_response(self.catalog)
 
@@ -461,7 +452,7 @@ class FakeConnectKimi(FakeKimiBase):
         user_id = self._authenticated_user(request)
         if user_id is None:
             return self.auth_error()
-        body = await self._unary_body(request)
+        body = await self._json_body(request)
         chat_id = pick(body, "chat_id", "chatId") if body else None
         chat = self.chats.get(chat_id)
         if chat is None or chat.owner != user_id or chat.deleted:
