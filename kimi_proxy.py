@@ -21,6 +21,12 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     MAX_BODY_MB                largest request body accepted, in MiB (100)
     SHUTDOWN_GRACE             seconds open answers may run on after SIGTERM/SIGINT (30)
     LOG_LEVEL                  DEBUG, INFO, WARNING or ERROR (INFO)
+    KIMI_TOKENS                a server-side pool of Kimi tokens, comma-separated (none)
+    API_KEYS                   the keys clients must send to use the pool (required with KIMI_TOKENS)
+    ALLOW_PASSTHROUGH          1: with a pool, a value that is not a key is the client's own tokens (0)
+    MAX_STREAMS_PER_TOKEN      answers one Kimi token serves at once (4)
+    QUEUE_TIMEOUT              seconds a request waits for a free token before 429 (10)
+    MAX_MESSAGES               most messages in one request (1000)
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import hmac
 import itertools
+import math
 import logging
 import os
 import random
@@ -72,6 +81,12 @@ class Config:
     max_body_mb: float = 100.0
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
+    kimi_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # secrets: never in a repr
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    allow_passthrough: bool = False
+    max_streams_per_token: int = 4
+    queue_timeout: float = 10.0
+    max_messages: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
@@ -85,6 +100,10 @@ class Config:
         log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+        kimi_tokens, api_keys = split_list(env.get("KIMI_TOKENS", "")), split_list(env.get("API_KEYS", ""))
+        if kimi_tokens and not api_keys:
+            raise ConfigError("KIMI_TOKENS is set but API_KEYS is not: anyone who can reach this server could "
+                              "use your Kimi accounts (an open relay). Set API_KEYS to the keys clients must send.")
         return cls(
             host=env.get("HOST", cls.host).strip() or cls.host,
             port=_port_setting(env, "PORT", cls.port),
@@ -96,7 +115,19 @@ class Config:
             max_body_mb=_positive_setting(env, "MAX_BODY_MB", cls.max_body_mb),
             shutdown_grace=_positive_setting(env, "SHUTDOWN_GRACE", cls.shutdown_grace),
             log_level=log_level,
+            kimi_tokens=tuple(kimi_tokens),
+            api_keys=tuple(api_keys),
+            allow_passthrough=_flag_setting(env, "ALLOW_PASSTHROUGH"),
+            max_streams_per_token=int(_positive_setting(env, "MAX_STREAMS_PER_TOKEN", cls.max_streams_per_token,
+                                                        whole=True)),
+            queue_timeout=_positive_setting(env, "QUEUE_TIMEOUT", cls.queue_timeout),
+            max_messages=int(_positive_setting(env, "MAX_MESSAGES", cls.max_messages, whole=True)),
         )
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated list (tokens, keys), without blanks."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _port_setting(env: Mapping[str, str], name: str, default: int) -> int:
@@ -108,7 +139,7 @@ def _port_setting(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
-def _positive_setting(env: Mapping[str, str], name: str, default: float) -> float:
+def _positive_setting(env: Mapping[str, str], name: str, default: float, whole: bool = False) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -116,14 +147,25 @@ def _positive_setting(env: Mapping[str, str], name: str, default: float) -> floa
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
+    if not 0 < value < float("inf") or (whole and not value.is_integer()):
+        raise ConfigError(f"{name} must be a positive {'whole ' if whole else ''}number, got {raw!r}")
     return value
+
+
+def _flag_setting(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in ("", "0", "1", "false", "true", "no", "yes"):
+        raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "yes")
 
 
 # ---------------------------------------------------------------------------------------------
 # App keys and errors
 # ---------------------------------------------------------------------------------------------
+
+
+RATE_LIMIT_COOL_DOWN = 60.0  # seconds a rate-limited token rests when Kimi gives no hint
+OUTAGE_COOL_DOWN = 5.0       # seconds a token rests after Kimi failed with a 5xx
 
 
 class ProxyError(Exception):
@@ -138,6 +180,7 @@ class ProxyError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.cool_down: float | None = None  # seconds the token that met this error should rest
 
     def envelope(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
@@ -155,6 +198,11 @@ def upstream_timeout(message: str) -> ProxyError:
     return ProxyError(504, message, error_type="server_error", code="upstream_timeout")
 
 
+def conversation_not_found() -> ProxyError:
+    return ProxyError(404, "Kimi does not know this conversation on this account", code="conversation_not_found",
+                      param="conversation_id")
+
+
 class TokenRejected(ProxyError):
     """Kimi refused this credential; the request may move on to the next token."""
 
@@ -163,10 +211,23 @@ class TokenRejected(ProxyError):
 
 
 class RateLimited(ProxyError):
-    """Kimi is limiting this account; the request may move on to the next token."""
+    """Kimi is limiting this account; the request may move on to the next token, and the token
+    cools down for a while."""
 
     def __init__(self, message: str, retry_after: int | None = None, code: str = "rate_limit_exceeded"):
         super().__init__(429, message, error_type="rate_limit_error", code=code, retry_after=retry_after)
+        self.cool_down = retry_after or RATE_LIMIT_COOL_DOWN
+
+
+class QuotaExhausted(RateLimited):
+    """This account's quota for a feature is used up: other tokens may still have it, and cooling
+    would not bring it back."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="insufficient_quota")
+        self.cool_down = None
+
+
 
 
 def error_response(error: ProxyError) -> web.Response:
@@ -328,6 +389,87 @@ class AccessTokens:
             pending.cancel()
 
 
+@dataclasses.dataclass(slots=True)
+class TokenState:
+    dead: bool = False
+    cool_until: float = 0.0  # loop time
+    in_flight: int = 0
+
+
+class NoTokenLeft(Exception):
+    """Every token of the request is dead or has been tried."""
+
+
+def fingerprint(token: str) -> str:
+    """A short id for a token that cannot be turned back into it (for /healthz)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+class TokenHealth:
+    """Which Kimi tokens are alive, resting or dead, and how many answers each serves. Hands out
+    the healthy token with the fewest answers in flight, at most `cap` at once per token."""
+
+    def __init__(self, pool: tuple[str, ...], cap: int, queue_timeout: float) -> None:
+        self._pool = {token: TokenState() for token in pool}
+        self._seen = BoundedMap()  # passthrough tokens, forgotten oldest first
+        self._cap = cap
+        self._queue_timeout = queue_timeout
+        self._released = asyncio.Event()
+
+    def state(self, token: str) -> TokenState:
+        state = self._pool.get(token) or self._seen.get(token)
+        if state is None:
+            state = self._seen[token] = TokenState()
+        return state
+
+    async def acquire(self, candidates: list[str], tried: set[str]) -> str:
+        """A token for one answer; waits (within the queue timeout) while all are at the cap."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._queue_timeout
+        while True:
+            now = loop.time()
+            alive = [token for token in candidates if token not in tried and not self.state(token).dead]
+            if not alive:
+                raise NoTokenLeft()
+            ready = [token for token in alive if self.state(token).cool_until <= now]
+            if not ready:
+                rest = min(self.state(token).cool_until for token in alive) - now
+                raise RateLimited("Every Kimi token of this request is resting after a rate limit",
+                                  retry_after=max(1, math.ceil(rest)))
+            best = min(ready, key=lambda token: self.state(token).in_flight)  # ties: the turn's order
+            if self.state(best).in_flight < self._cap:
+                self.state(best).in_flight += 1
+                return best
+            if now >= deadline:
+                raise RateLimited("Every Kimi token is busy with other answers; try again shortly", retry_after=1)
+            released = self._released
+            try:
+                async with asyncio.timeout(deadline - now):
+                    await released.wait()
+            except TimeoutError:
+                pass
+
+    def release(self, token: str) -> None:
+        self.state(token).in_flight -= 1
+        self._released.set()
+        self._released = asyncio.Event()
+
+    def note(self, token: str, error: ProxyError) -> None:
+        """What an error says about the token that met it."""
+        if isinstance(error, TokenRejected):
+            self.state(token).dead = True
+        elif error.cool_down:
+            state = self.state(token)
+            state.cool_until = max(state.cool_until, asyncio.get_running_loop().time() + error.cool_down)
+
+    def report(self) -> list[dict]:
+        now = asyncio.get_running_loop().time()
+        return [{"id": fingerprint(token),
+                 "state": "dead" if state.dead else "cooling" if state.cool_until > now else "alive",
+                 "in_flight": state.in_flight, "cooling_s": max(0, math.ceil(state.cool_until - now))}
+                for token, state in itertools.chain(self._pool.items(), self._seen.items())]
+
+
 def browser_headers(base_url: str) -> dict[str, str]:
     """Headers Kimi's web app sends on every call; the device ids are fixed per process."""
     return {
@@ -381,6 +523,13 @@ class KimiHTTP:
     def _rejected(self, credential: str) -> TokenRejected:
         return TokenRejected()
 
+    def _refusal(self, response: aiohttp.ClientResponse, body: object) -> ProxyError:
+        """What a failed Kimi answer means for the client, and whether it rests the token."""
+        error = self._failure(response.status, body, response.headers.get("Retry-After"))
+        if response.status >= 500:
+            error.cool_down = OUTAGE_COOL_DOWN
+        return error
+
     def _auth_headers(self, grant: Grant) -> dict[str, str]:
         return {**self._headers, "Authorization": f"Bearer {grant.access_token}", "X-Traffic-Id": grant.user_id}
 
@@ -407,7 +556,7 @@ class KimiHTTP:
         async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
             body = await read_kimi_json(response)
         if response.status >= 500 or response.status == 429:
-            raise self._failure(response.status, body, response.headers.get("Retry-After"))
+            raise self._refusal(response, body)
         tokens = body.get("data", body) if isinstance(body, dict) else {}
         tokens = tokens if isinstance(tokens, dict) else {}
         access = tokens.get("access_token") or tokens.get("accessToken") or tokens.get("token")
@@ -433,7 +582,7 @@ class KimiHTTP:
                 failure = await read_kimi_json(response)
             if not self._is_auth_failure(response.status, failure):
                 log.warning("Kimi answered %s %s with HTTP %d", method, path, response.status)
-                raise self._failure(response.status, failure, response.headers.get("Retry-After"))
+                raise self._refusal(response, failure)
             self.tokens.drop(credential, grant)
         raise self._rejected(credential)
 
@@ -479,6 +628,8 @@ def from_legacy_failure(status: int, body: object, retry_after: str | None) -> P
     if status == 429 or (isinstance(message, str) and "次数超过" in message):
         return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}",
                            retry_after_seconds(retry_after))
+    if status == 404:
+        return conversation_not_found()
     detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
     return upstream_error(f"Kimi refused the request: {detail}")
 
@@ -561,7 +712,7 @@ class LegacyKimi(KimiHTTP):
         async with await self._send("GET", "/api/user", headers) as response:
             user = await read_kimi_json(response)
         if response.status >= 500 or response.status == 429:
-            raise self._failure(response.status, user, response.headers.get("Retry-After"))
+            raise self._refusal(response, user)
         user_id = user.get("id") if isinstance(user, dict) else None
         if response.status >= 300 or not isinstance(user_id, str) or not user_id:
             raise TokenRejected()
@@ -578,7 +729,7 @@ class LegacyKimi(KimiHTTP):
         usage = await self._json_call(credential, "GET", "/api/chat/research/usage")
         if isinstance(usage, dict) and isinstance(usage.get("used"), int) and isinstance(usage.get("total"), int) \
                 and usage["used"] >= usage["total"]:
-            raise RateLimited("The research quota of this Kimi account is used up", code="insufficient_quota")
+            raise QuotaExhausted("The research quota of this Kimi account is used up")
 
 
 # -- the Connect-RPC dialect ------------------------------------------------------------------------
@@ -747,7 +898,7 @@ LATEST_MESSAGE_HINT = "关注用户最新的消息"
 LATEST_FILE_HINT = "关注用户最新发送文件和消息"
 
 
-def to_plan(body: dict, wrap_links: bool = False) -> Plan:
+def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000) -> Plan:
     """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError."""
     model = optional(body, "model", str) or "kimi"
     stream = bool(optional(body, "stream", bool))
@@ -767,7 +918,7 @@ def to_plan(body: dict, wrap_links: bool = False) -> Plan:
         optional(body, field, int)
     use_search = bool(optional(body, "use_search", bool))
     chat_id, keep = to_conversation(body.get("conversation_id"))
-    messages = to_messages(body.get("messages"))
+    messages = to_messages(body.get("messages"), max_messages)
     prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
     flags = model_flags(model)
     return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
@@ -813,9 +964,12 @@ class Message(NamedTuple):
     has_attachment: bool
 
 
-def to_messages(messages: object) -> list[Message]:
+def to_messages(messages: object, max_messages: int) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array of messages", "messages")
+    if len(messages) > max_messages:
+        raise bad_request(f"'messages' holds {len(messages)} messages; at most {max_messages} are accepted (MAX_MESSAGES)",
+                          "messages")
     return [to_message(message, index, index == len(messages) - 1) for index, message in enumerate(messages)]
 
 
@@ -1040,7 +1194,7 @@ def from_connect_error(error: dict, retry_after: int | None = None, status: int 
         return StreamUnauthenticated()
     if code == "resource_exhausted" or status == 429:
         if "paywall" in debug:
-            return RateLimited(f"Kimi says this needs a paid Kimi plan: {said}", retry_after, code="insufficient_quota")
+            return QuotaExhausted(f"Kimi says this needs a paid Kimi plan: {said}")
         return RateLimited(f"Kimi is rate limiting this account: {said}", retry_after)
     if code in ("unavailable", "deadline_exceeded"):
         return ProxyError(503, f"Kimi is overloaded or unavailable: {said}", error_type="service_unavailable_error",
@@ -1049,8 +1203,7 @@ def from_connect_error(error: dict, retry_after: int | None = None, status: int 
         return ProxyError(403, f"Kimi does not allow this account to do that: {said}", error_type="permission_error",
                           code="permission_denied")
     if code == "not_found":
-        return ProxyError(404, "Kimi does not know this conversation", code="conversation_not_found",
-                          param="conversation_id")
+        return conversation_not_found()
     if code == "invalid_argument":
         log.error("Kimi called our request invalid (invalid_argument): its protocol may have changed")
     return upstream_error(f"Kimi failed ({code}): {said}")
@@ -1453,11 +1606,60 @@ class ChunkEncoder:
 # Handlers
 # ---------------------------------------------------------------------------------------------
 
+class OpenRequests:
+    """The chat requests being answered: counted for /healthz, awaited at shutdown, and cut (with
+    an error the client can read) once the shutdown grace is over."""
+
+    def __init__(self) -> None:
+        self._deadlines: set[asyncio.Timeout] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return len(self._deadlines)
+
+    @asynccontextmanager
+    async def track(self):
+        deadline = asyncio.timeout(None)
+        try:
+            async with deadline:
+                self._deadlines.add(deadline)
+                self._idle.clear()
+                try:
+                    yield
+                finally:
+                    self._deadlines.discard(deadline)
+                    if not self._deadlines:
+                        self._idle.set()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise ProxyError(503, "kimi_proxy is shutting down; ask again", error_type="service_unavailable_error",
+                             code="shutting_down") from None
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cut(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for deadline in self._deadlines:
+            deadline.reschedule(now)
+
+
 CONFIG = web.AppKey("config", Config)
 KIMI = web.AppKey("kimi", KimiDialect)
 JANITOR = web.AppKey("janitor", Janitor)
 CHAT_OWNERS = web.AppKey("chat_owners", BoundedMap)  # kept chat id -> the credential that created it
 TOKEN_TURN = web.AppKey("token_turn", itertools.count)
+TOKEN_HEALTH = web.AppKey("token_health", TokenHealth)
+OPEN_REQUESTS = web.AppKey("open_requests", OpenRequests)
+STARTED_AT = web.AppKey("started_at", float)
 # what the request log line reports
 MODEL = web.RequestKey("model", str)
 CHUNKS_SENT = web.RequestKey("chunks_sent", int)
@@ -1465,14 +1667,46 @@ CLIENT_GONE = web.RequestKey("client_gone", bool)
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
-def bearer_credentials(request: web.Request) -> list[str]:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    credentials = [token.strip() for token in value.split(",") if token.strip()] if scheme.lower() == "bearer" else []
+def bearer_value(request: web.Request) -> str:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def is_api_key(value: str, keys: tuple[str, ...]) -> bool:
+    """Compared in constant time, against every key, so timing tells nothing about the keys."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(value.encode(), key.encode())
+    return matched
+
+
+def invalid_api_key() -> ProxyError:
+    return ProxyError(401, "Invalid API key: send one of this server's API keys as 'Authorization: Bearer <key>'",
+                      code="invalid_api_key")
+
+
+def request_credentials(request: web.Request) -> list[str]:
+    """The Kimi tokens a request may use: the server's pool for an API key, else (passthrough) the
+    client's own comma-separated tokens."""
+    config = request.app[CONFIG]
+    value = bearer_value(request)
+    if config.kimi_tokens:
+        if value and is_api_key(value, config.api_keys):
+            return list(config.kimi_tokens)
+        if not (config.allow_passthrough and value):
+            raise invalid_api_key()
+    credentials = split_list(value)
     if not credentials:
-        raise ProxyError(401, "Missing API key: send your Kimi refresh_token as 'Authorization: Bearer <token>'",
+        raise ProxyError(401, "Missing API key: send your Kimi token as 'Authorization: Bearer <token>'",
                          code="invalid_api_key")
     return credentials
+
+
+def require_api_key(request: web.Request) -> None:
+    """With a pool, the endpoints that reveal token state answer only to API keys."""
+    config = request.app[CONFIG]
+    if config.kimi_tokens and not is_api_key(bearer_value(request), config.api_keys):
+        raise invalid_api_key()
 
 
 def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan) -> list[str]:
@@ -1486,12 +1720,19 @@ def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan
 
 
 async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) -> AsyncIterator[Event]:
-    """The answer's neutral events, from the first token Kimi accepts. A token that Kimi rejects
-    or rate-limits hands over to the next one, as long as nothing has been yielded. Every chat
-    an attempt created is deleted when it ends, unless the client keeps it."""
-    kimi, janitor = app[KIMI], app[JANITOR]
+    """The answer's neutral events, from the healthiest token Kimi accepts. A token that Kimi
+    rejects or rate-limits hands over to the next one, as long as nothing has been yielded. Every
+    chat an attempt created is deleted when it ends, unless the client keeps it."""
+    kimi, janitor, health = app[KIMI], app[JANITOR], app[TOKEN_HEALTH]
+    candidates = credentials_in_turn(app, credentials, plan)
+    tried: set[str] = set()
     refusals: list[ProxyError] = []
-    for credential in credentials_in_turn(app, credentials, plan):
+    while True:
+        try:
+            credential = await health.acquire(candidates, tried)
+        except NoTokenLeft:
+            raise strongest_refusal(refusals) from None
+        tried.add(credential)
         created: list[str] = []
         answered = False
         try:
@@ -1506,19 +1747,26 @@ async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) 
                         answered = answered or event.kind in VISIBLE
                     yield event
             return
-        except (TokenRejected, RateLimited) as refusal:
-            if answered:
+        except ProxyError as error:
+            health.note(credential, error)
+            if answered or not isinstance(error, (TokenRejected, RateLimited)):
                 raise
-            log.info("Kimi refused a token (%s); %s", refusal.code,
-                     "trying the next" if len(refusals) + 1 < len(credentials) else "no token left")
-            refusals.append(refusal)
+            log.info("Kimi refused token %s (%s); trying another", fingerprint(credential), error.code)
+            refusals.append(error)
         finally:
+            health.release(credential)
             # a kept chat stays only once the client has seen its id; failed attempts go too
             if not (plan.keep and answered):
                 for chat_id in created:
                     janitor.spawn(kimi.delete_chat(credential, chat_id))
+
+
+def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
+    """What to tell a client none of whose tokens could answer: a rate limit says when to come back."""
     limited = [refusal for refusal in refusals if isinstance(refusal, RateLimited)]
-    raise limited[-1] if limited else refusals[-1]
+    if limited:
+        return limited[-1]
+    return refusals[-1] if refusals else TokenRejected("Kimi has rejected every token of this request")
 
 
 def answer_pieces(request: web.Request, plan: Plan, credentials: list[str]) -> AsyncIterator[tuple[str, object]]:
@@ -1538,14 +1786,14 @@ async def read_json_object(request: web.Request) -> dict:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    credentials = request_credentials(request)
     body = await read_json_object(request)
-    plan = to_plan(body, request.app[KIMI].wraps_links)
+    plan = to_plan(body, request.app[KIMI].wraps_links, request.app[CONFIG].max_messages)
     request[MODEL] = plan.model
-    credentials = bearer_credentials(request)
     pieces = answer_pieces(request, plan, credentials)
     if plan.stream:
         return await stream_answer(request, plan, pieces)
-    async with aclosing(pieces):
+    async with request.app[OPEN_REQUESTS].track(), aclosing(pieces):
         completion = await fold_pieces(pieces, plan)
     response = web.Response(body=orjson.dumps(completion), content_type="application/json")
     if "conversation_id" in completion:
@@ -1610,7 +1858,7 @@ async def stream_answer(request: web.Request, plan: Plan, pieces: AsyncIterator[
     chunks = 0
     try:
         try:
-            async with aclosing(pieces), stream.keeping_alive():
+            async with request.app[OPEN_REQUESTS].track(), aclosing(pieces), stream.keeping_alive():
                 async for field, value in pieces:
                     if field == "conversation_id":
                         encoder.set_conversation(value)
@@ -1636,10 +1884,14 @@ async def stream_answer(request: web.Request, plan: Plan, pieces: AsyncIterator[
 
 
 async def list_models(request: web.Request) -> web.Response:
+    if request.app[CONFIG].kimi_tokens:
+        request_credentials(request)  # with a pool, only its clients see the models
     return json_response({"object": "list", "data": [to_model_card(name) for name in await request.app[KIMI].model_ids()]})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    if request.app[CONFIG].kimi_tokens:
+        request_credentials(request)  # with a pool, only its clients see the models
     model_id = request.match_info["model_id"]
     if model_id not in await request.app[KIMI].model_ids():
         raise ProxyError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
@@ -1654,11 +1906,22 @@ def to_model_card(model_id: str) -> dict:
 
 
 async def check_token(request: web.Request) -> web.Response:
+    require_api_key(request)  # else, with a pool, an open oracle for anyone's tokens
     body = await read_json_object(request)
     token = body.get("token")
     if not isinstance(token, str) or not token.strip():
         raise bad_request("'token' must be a Kimi refresh token", "token")
     return json_response({"live": await request.app[KIMI].check_token(token.strip())})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    require_api_key(request)
+    app = request.app
+    tokens = app[TOKEN_HEALTH].report()
+    usable = any(token["state"] == "alive" for token in tokens[:len(app[CONFIG].kimi_tokens)])
+    return json_response({"status": "ok" if usable or not app[CONFIG].kimi_tokens else "degraded",
+                          "uptime_s": round(time.monotonic() - app[STARTED_AT], 1),
+                          "in_flight": app[OPEN_REQUESTS].count, "tokens": tokens})
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -1752,6 +2015,17 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
 # ---------------------------------------------------------------------------------------------
 
 CLEANUP_GRACE = 10.0  # seconds the shutdown waits for pending chat deletions
+CUT_GRACE = 5.0       # seconds cut answers get to send their error and close
+
+
+async def finish_open_requests(app: web.Application) -> None:
+    """On SIGTERM/SIGINT aiohttp has stopped accepting connections: let open answers finish
+    within the grace, then end the rest with an error event (their chats are deleted as usual)."""
+    open_requests = app[OPEN_REQUESTS]
+    if not await open_requests.wait_idle(app[CONFIG].shutdown_grace):
+        log.warning("ending %d open answers at shutdown", open_requests.count)
+        open_requests.cut()
+        await open_requests.wait_idle(CUT_GRACE)
 
 
 async def kimi_client(app: web.Application):
@@ -1772,13 +2046,18 @@ async def kimi_client(app: web.Application):
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=int(config.max_body_mb * 1024 * 1024), middlewares=[errors_and_logging])
     app[CONFIG] = config
+    app[TOKEN_HEALTH] = TokenHealth(config.kimi_tokens, config.max_streams_per_token, config.queue_timeout)
+    app[OPEN_REQUESTS] = OpenRequests()
+    app[STARTED_AT] = time.monotonic()
     app.cleanup_ctx.append(kimi_client)
+    app.on_shutdown.append(finish_open_requests)
     app.on_response_prepare.append(add_common_headers)
     for prefix in ("/v1", ""):
         app.router.add_post(prefix + "/chat/completions", chat_completions)
         app.router.add_get(prefix + "/models", list_models)
         app.router.add_get(prefix + "/models/{model_id:.+}", get_model)
     app.router.add_post("/token/check", check_token)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/ping", ping)
     app.router.add_get("/", index)
     return app
@@ -1787,7 +2066,8 @@ def create_app(config: Config) -> web.Application:
 def runner_options(config: Config) -> dict:
     # Handlers are cancelled when their client disconnects, so Kimi stops generating at once;
     # the request log line replaces aiohttp's access log (which would print query strings).
-    return {"access_log": None, "handler_cancellation": True, "shutdown_timeout": config.shutdown_grace}
+    # (the shutdown grace itself is kept by finish_open_requests)
+    return {"access_log": None, "handler_cancellation": True, "shutdown_timeout": CUT_GRACE}
 
 
 async def start_server(config: Config) -> web.AppRunner:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import io
 import json
 import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +88,9 @@ class FakeKimiBase:
         self.closed_streams: list[str] = []             # chats whose stream the client closed early
         self.open_streams = 0
         self.max_open_streams = 0
+        self.open_by_user: Counter = Counter()
+        self.max_open_by_user: Counter = Counter()
+        self.refused: Counter = Counter()               # user id -> requests answered 429
         self.hold_deletes: asyncio.Event | None = None
         self.url = ""
 
@@ -174,9 +179,15 @@ class FakeKimiBase:
         self.completions.append({"chat": chat_id, "user": user_id, "prompt": prompt, "search": search,
                                  "thinking": thinking, "body": body, "headers": dict(request.headers)})
 
-    def _open_stream(self) -> None:
+    def _open_stream(self, user_id: str) -> None:
         self.open_streams += 1
         self.max_open_streams = max(self.max_open_streams, self.open_streams)
+        self.open_by_user[user_id] += 1
+        self.max_open_by_user[user_id] = max(self.max_open_by_user[user_id], self.open_by_user[user_id])
+
+    def _close_stream(self, user_id: str) -> None:
+        self.open_streams -= 1
+        self.open_by_user[user_id] -= 1
 
     async def _write(self, response: web.StreamResponse, data: bytes, split: bool) -> None:
         if split:  # 5-byte writes cut lines, frames and multi-byte characters apart
@@ -289,6 +300,7 @@ class FakeLegacyKimi(FakeKimiBase):
         if problem:
             return kimi_error(400, "chat.invalid_params", problem)
         if user_id in self.rate_limited:
+            self.refused[user_id] += 1
             return kimi_error(429, "chat.rate_limit", "请求过于频繁", headers={"Retry-After": "7"})
         if chat.streaming:
             return kimi_error(400, "chat.user_stream_pushing", "已有对话流正在输出")
@@ -302,7 +314,7 @@ class FakeLegacyKimi(FakeKimiBase):
         segment_id = xid()
         chat.segment_ids.append(segment_id)
         chat.streaming = True
-        self._open_stream()
+        self._open_stream(user_id)
         try:
             return await self._stream(request, scenario_of(chat.question), body, chat, segment_id, continuing)
         except (ConnectionError, asyncio.CancelledError):
@@ -310,7 +322,7 @@ class FakeLegacyKimi(FakeKimiBase):
             raise
         finally:
             chat.streaming = False
-            self.open_streams -= 1
+            self._close_stream(user_id)
 
     def _completion_problem(self, body: dict | None, chat: Chat) -> str | None:
         if body is None:
@@ -472,6 +484,7 @@ class FakeConnectKimi(FakeKimiBase):
         raw = await request.read()
         problem, body = self._chat_problem(raw, user_id)
         if user_id in self.rate_limited:
+            self.refused[user_id] += 1
             return web.json_response({"code": "resource_exhausted", "message": ""}, status=429,
                                      headers={"Retry-After": "7"})
         response = web.StreamResponse(headers={"Content-Type": "application/connect+json"})
@@ -496,14 +509,14 @@ class FakeConnectKimi(FakeKimiBase):
         search = any(tool.get("type") == "TOOL_TYPE_SEARCH" for tool in body.get("tools") or ())
         thinking = bool((body.get("options") or {}).get("thinking"))
         self._record_completion(request, chat_id, user_id, body, prompt, search, thinking)
-        self._open_stream()
+        self._open_stream(user_id)
         try:
             await self._stream(response, scenario_of(prompt), chat_id, chat, prompt, search, thinking, request)
         except (ConnectionError, asyncio.CancelledError):
             self.closed_streams.append(chat_id)
             raise
         finally:
-            self.open_streams -= 1
+            self._close_stream(user_id)
         return response
 
     def _chat_problem(self, raw: bytes, user_id: str) -> tuple[tuple[str, str] | None, dict | None]:
@@ -1507,14 +1520,15 @@ async def test_chats_are_deleted_during_shutdown(kimi, token, http):
     kimi.hold_deletes = asyncio.Event()
     assert (await post_chat(http, proxy, token)).status == 200
     streaming = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
-    await streaming.content.readline()
+    first_line = await streaming.content.readline()
     asyncio.get_running_loop().call_later(0.5, kimi.hold_deletes.set)
     started = time.monotonic()
     await runner.cleanup()  # what SIGTERM/SIGINT do in run_app: the open answer is cut after the grace
     assert time.monotonic() - started < 5
     assert sorted(kimi.deleted) == sorted(kimi.created) and len(kimi.created) == 2
     assert kimi.closed_streams == [kimi.created[1]]
-    streaming.close()
+    *chunks, error = sse_payloads(first_line + await streaming.read())  # the client can tell it was cut
+    assert chunks and assert_envelope(error, "shutting_down")
 
 
 async def test_hundred_concurrent_streams(http, proxy, kimi):
@@ -1572,19 +1586,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+async def wait_until_serving(http, proxy: str) -> None:
+    for _ in range(200):
+        try:
+            response = await http.get(proxy + "/ping")
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+        else:
+            assert await response.text() == "pong"
+            return
+    raise AssertionError("the server did not start")
+
+
 async def test_main_serves_with_flags_over_env(kimi, token, http):
     port = free_port()
     env = {**os.environ, "KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "PORT": "1", "HOST": "192.0.2.1"}
     server = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", "--host", "127.0.0.1",
                                                   "--port", str(port), env=env, stderr=subprocess.PIPE)
     try:
-        for _ in range(100):
-            try:
-                response = await http.get(f"http://127.0.0.1:{port}/ping")
-                break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-        assert await response.text() == "pong"
+        await wait_until_serving(http, f"http://127.0.0.1:{port}")
         response = await post_chat(http, f"http://127.0.0.1:{port}", token, stream=True)
         assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
     finally:
@@ -1861,3 +1881,183 @@ async def test_fake_connect_kimi_is_strict(http, kimi, token):
     again = await http.get(kimi.url + "/api/auth/token/refresh", headers=auth(token))
     assert again.status == 401  # a refresh token works once: Kimi rotates it
     assert kimi.created == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it for real: a server-side pool, token health, limits, shutdown
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_pool_without_api_keys_is_refused():
+    with pytest.raises(kp.ConfigError, match="API_KEYS") as caught:
+        kp.Config.from_env({"KIMI_TOKENS": "t1,t2"})
+    assert "open relay" in str(caught.value)
+    config = kp.Config.from_env({"KIMI_TOKENS": "secret-token-1, secret-token-2", "API_KEYS": "secret-key"})
+    assert config.kimi_tokens == ("secret-token-1", "secret-token-2") and config.api_keys == ("secret-key",)
+    assert "secret" not in repr(config)  # a config printed by mistake shows no secret
+    result = subprocess.run([sys.executable, "kimi_proxy.py"], env={**os.environ, "KIMI_TOKENS": "t1"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "open relay" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"ALLOW_PASSTHROUGH": "maybe"}, "ALLOW_PASSTHROUGH"), ({"MAX_STREAMS_PER_TOKEN": "2.5"}, "MAX_STREAMS_PER_TOKEN"),
+    ({"QUEUE_TIMEOUT": "-1"}, "QUEUE_TIMEOUT"), ({"MAX_MESSAGES": "0"}, "MAX_MESSAGES"),
+])
+def test_invalid_pool_settings_name_the_variable(env, variable):
+    with pytest.raises(kp.ConfigError, match=variable):
+        kp.Config.from_env(env)
+
+
+async def test_pool_answers_only_to_its_keys(start_proxy, http, kimi):
+    pool = [kimi.add_user(), kimi.add_user()]
+    proxy = await start_proxy(KIMI_TOKENS=",".join(pool), API_KEYS="key-one,key-two")
+    for headers in ({}, auth("wrong-key"), auth(pool[0]), {"Authorization": "key-one"}):
+        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/token/check"),
+                             ("GET", "/healthz")):
+            response = await http.request(method, proxy + path, json={"messages": user("hi"), "token": pool[0]},
+                                          headers=headers)
+            assert response.status == 401, (headers, path)
+            assert_envelope(await response.json(), "invalid_api_key")
+    assert kimi.calls == []  # nothing reached Kimi: no token tried, no chat created
+    for key in ("key-one", "key-two"):
+        response = await post_chat(http, proxy, key)
+        assert response.status == 200
+    assert {c["user"] for c in kimi.completions} == {kimi.user_of(t) for t in pool}
+    assert (await http.get(proxy + "/v1/models", headers=auth("key-two"))).status == 200
+
+
+async def test_pool_with_passthrough_allowed(start_proxy, http, kimi):
+    pool_token, own_token = kimi.add_user(), kimi.add_user()
+    proxy = await start_proxy(KIMI_TOKENS=pool_token, API_KEYS="the-key", ALLOW_PASSTHROUGH="1")
+    assert (await post_chat(http, proxy, "the-key")).status == 200
+    assert (await post_chat(http, proxy, own_token)).status == 200
+    assert [c["user"] for c in kimi.completions] == [kimi.user_of(pool_token), kimi.user_of(own_token)]
+    assert (await http.post(proxy + "/v1/chat/completions", json={"messages": user("hi")})).status == 401
+
+
+async def test_a_dead_token_in_the_pool_is_tried_once(start_proxy, http, kimi):
+    good = kimi.add_user()
+    kimi.banned.add(dead := kimi.add_user())
+    proxy = await start_proxy(KIMI_TOKENS=f"{dead},{good}", API_KEYS="k")
+    replies = [await post_chat(http, proxy, "k", stream=bool(i % 2)) for i in range(10)]
+    assert [r.status for r in replies] == [200] * 10
+    assert kimi.refreshes[kimi.user_of(dead)] == 1
+    health = await (await http.get(proxy + "/healthz", headers=auth("k"))).json()
+    assert [t["state"] for t in health["tokens"]] == ["dead", "alive"] and health["status"] == "ok"
+    assert health["tokens"][0]["id"] == kp.fingerprint(dead) and dead not in json.dumps(health)
+
+
+async def test_a_rate_limited_token_cools_down(start_proxy, http, kimi):
+    good, limited = kimi.add_user(), kimi.add_user()
+    kimi.rate_limited.add(kimi.user_of(limited))
+    proxy = await start_proxy(KIMI_TOKENS=f"{limited},{good}", API_KEYS="k")
+    for _ in range(6):
+        assert (await post_chat(http, proxy, "k")).status == 200
+    assert kimi.refused[kimi.user_of(limited)] == 1  # asked once, then left to rest
+    health = await (await http.get(proxy + "/healthz", headers=auth("k"))).json()
+    assert health["tokens"][0]["state"] == "cooling" and 0 < health["tokens"][0]["cooling_s"] <= 7
+
+
+async def test_when_every_token_rests_the_answer_is_429_at_once(http, proxy, kimi, token):
+    kimi.rate_limited.add(kimi.user_of(token))
+    first = await post_chat(http, proxy, token)
+    assert first.status == 429 and first.headers["Retry-After"] == "7"
+    await kimi.wait_deleted(len(kimi.created))
+    calls = len(kimi.calls)
+    second = await post_chat(http, proxy, token, stream=True)
+    assert second.status == 429 and 1 <= int(second.headers["Retry-After"]) <= 7
+    assert len(kimi.calls) == calls  # Kimi was not asked again while the token rests
+    kimi.banned.add(token)
+    response = await post_chat(http, proxy, "not-a-token")
+    assert response.status == 401
+    response = await post_chat(http, proxy, "not-a-token")  # known dead: refused without asking Kimi
+    assert response.status == 401 and kimi.refreshes["not-a-token"] == 1
+
+
+async def test_a_5xx_rests_the_token_briefly(http, proxy, kimi, token):
+    kimi.fail("POST", kimi.START_PATH, 503, times=3)
+    assert (await post_chat(http, proxy, token)).status == 502
+    response = await post_chat(http, proxy, token)
+    assert response.status == 429 and int(response.headers["Retry-After"]) <= kp.OUTAGE_COOL_DOWN
+
+
+@pytest.mark.dialects("legacy")
+async def test_exhausted_research_quota_cools_nothing(http, proxy, kimi, token):
+    kimi.research[kimi.user_of(token)] = {"remain": 0, "total": 3, "used": 3}
+    assert (await post_chat(http, proxy, token, model="kimi-research")).status == 429
+    assert (await post_chat(http, proxy, token, model="kimi")).status == 200
+
+
+async def test_streams_per_token_are_capped(start_proxy, http, kimi):
+    pool = [kimi.add_user(), kimi.add_user()]
+    proxy = await start_proxy(KIMI_TOKENS=",".join(pool), API_KEYS="k", MAX_STREAMS_PER_TOKEN="4")
+
+    async def one(index: int) -> int:
+        response = await post_chat(http, proxy, "k", stream=True, messages=user(f"scenario:pace {index}"))
+        content_of(sse_payloads(await response.read()))
+        return response.status
+
+    assert await asyncio.gather(*(one(i) for i in range(50))) == [200] * 50
+    assert max(kimi.max_open_by_user.values()) <= 4 and kimi.max_open_streams == 8
+    await kimi.wait_deleted(50)
+
+
+async def test_a_full_token_queue_times_out_with_429(start_proxy, http, kimi, token):
+    proxy = await start_proxy(MAX_STREAMS_PER_TOKEN="1", QUEUE_TIMEOUT="0.2")
+    replies = await asyncio.gather(*(post_chat(http, proxy, token, messages=user("scenario:slow")) for _ in range(3)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses[0] == 200 and statuses[-1] == 429
+    busy = next(r for r in replies if r.status == 429)
+    assert busy.headers["Retry-After"] == "1" and "busy" in (await busy.json())["error"]["message"]
+
+
+async def test_healthz_counts_open_answers(http, proxy, token, kimi):
+    streaming = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
+    await streaming.content.readline()
+    health = await (await http.get(proxy + "/healthz")).json()
+    assert health["status"] == "ok" and health["in_flight"] == 1 and health["uptime_s"] >= 0
+    assert health["tokens"] == [{"id": kp.fingerprint(token), "state": "alive", "in_flight": 1, "cooling_s": 0}]
+    streaming.close()
+    await kimi.wait_deleted(1)
+
+
+async def test_body_far_over_the_limit_gets_413(start_proxy, http, token, kimi):
+    proxy = await start_proxy(MAX_BODY_MB="1", MAX_MESSAGES="3")
+    huge = b'{"messages": [{"role": "user", "content": "' + b"x" * (40 * 1024 * 1024) + b'"}]}'
+    response = await http.post(proxy + "/v1/chat/completions", data=io.BytesIO(huge), headers=auth(token))
+    assert response.status == 413
+    assert_envelope(await response.json(), "request_too_large")
+    response = await post_chat(http, proxy, token, messages=user("a") * 4)
+    assert response.status == 400
+    assert "MAX_MESSAGES" in assert_envelope(await response.json(), param="messages")["message"]
+    assert kimi.calls == []
+
+
+async def test_sigterm_ends_open_streams_and_deletes_their_chats(kimi, http):
+    tokens = [kimi.add_user() for _ in range(5)]
+    port = free_port()
+    env = {**os.environ, "KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "SHUTDOWN_GRACE": "1"}
+    server = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", "--host", "127.0.0.1",
+                                                  "--port", str(port), env=env, stderr=subprocess.PIPE)
+    proxy = f"http://127.0.0.1:{port}"
+    try:
+        await wait_until_serving(http, proxy)
+        streams = [await post_chat(http, proxy, ",".join(tokens), stream=True, messages=user(f"scenario:endless {i}"))
+                   for i in range(20)]
+        first_lines = [await stream.content.readline() for stream in streams]
+        assert kimi.open_streams == 20
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        bodies = await asyncio.gather(*(stream.read() for stream in streams))
+        _, stderr = await server.communicate()
+        assert server.returncode == 0 and time.monotonic() - started < 1 + 5
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    for first_line, body in zip(first_lines, bodies):
+        *chunks, error = sse_payloads(first_line + body)
+        assert chunks and assert_envelope(error, "shutting_down")
+    assert len(kimi.created) == 20 and sorted(kimi.deleted) == sorted(kimi.created)
+    assert not any(token in stderr.decode() for token in tokens)
