@@ -977,7 +977,8 @@ def to_message(message: object, index: int, is_last: bool) -> Message:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise bad_request(f"'{where}' must be an object", where)
-    role = ROLE_NAMES.get(message.get("role"))
+    role = message.get("role")
+    role = ROLE_NAMES.get(role) if isinstance(role, str) else None
     if role is None:
         raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
     content = message.get("content")
@@ -991,6 +992,7 @@ def to_message(message: object, index: int, is_last: bool) -> Message:
     for part_index, part in enumerate(content):
         part_where = f"{where}.content[{part_index}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None
         if kind in TEXT_PARTS:
             text = part.get(TEXT_PARTS[kind])
             if not isinstance(text, str):

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import openai
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import orjson
 import pytest
 from aiohttp import web
@@ -92,6 +94,7 @@ class FakeKimiBase:
         self.max_open_by_user: Counter = Counter()
         self.refused: Counter = Counter()               # user id -> requests answered 429
         self.hold_deletes: asyncio.Event | None = None
+        self.proxy_secrets: list[str] = []              # API keys and pool tokens the proxies were given
         self.url = ""
 
     # -- test controls ---------------------------------------------------------------------------
@@ -665,6 +668,24 @@ async def kimi(dialect):
     await runner.cleanup()
 
 
+@pytest.fixture(autouse=True)
+def logs_hold_no_secrets(request, caplog):
+    """Every test that talks to a fake Kimi runs with DEBUG logging, and afterwards its logs must
+    hold no token, key or message content."""
+    if "kimi" not in request.fixturenames:
+        yield
+        return
+    fake = request.getfixturevalue("kimi")
+    caplog.set_level(logging.DEBUG)
+    yield
+    logged = caplog.text
+    secrets_seen = [secret for secret in (*fake.users, *fake.access, *fake.proxy_secrets)
+                    if len(secret) >= 8 and secret in logged]
+    assert not secrets_seen, "a token or key reached the log"
+    prompts = {c["prompt"] for c in fake.completions if c["prompt"] and len(c["prompt"]) >= 6}
+    assert not [prompt for prompt in prompts if prompt in logged], "message content reached the log"
+
+
 @pytest.fixture
 async def start_proxy(kimi):
     """Start the real proxy (as main() would) against the fake, with settings as env variables."""
@@ -672,6 +693,7 @@ async def start_proxy(kimi):
 
     async def start(**settings: str) -> str:
         env = {"KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "HOST": "127.0.0.1", "PORT": "0", **settings}
+        kimi.proxy_secrets += kp.split_list(settings.get("API_KEYS", "")) + kp.split_list(settings.get("KIMI_TOKENS", ""))
         runner = await kp.start_server(kp.Config.from_env(env))
         runners.append(runner)
         host, port = runner.addresses[0][:2]
@@ -833,6 +855,8 @@ def test_continuing_a_chat_sends_only_the_newest_user_message():
     ({"messages": "hi"}, "messages"),
     ({"messages": ["hi"]}, "messages[0]"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": [], "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": ["text"]}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "   "}]}, "messages[0].content"),
@@ -1888,6 +1912,9 @@ async def test_fake_connect_kimi_is_strict(http, kimi, token):
 # ---------------------------------------------------------------------------------------------
 
 
+POOL_KEY = "sk-pool-key-for-tests"
+
+
 def test_a_pool_without_api_keys_is_refused():
     with pytest.raises(kp.ConfigError, match="API_KEYS") as caught:
         kp.Config.from_env({"KIMI_TOKENS": "t1,t2"})
@@ -1939,11 +1966,11 @@ async def test_pool_with_passthrough_allowed(start_proxy, http, kimi):
 async def test_a_dead_token_in_the_pool_is_tried_once(start_proxy, http, kimi):
     good = kimi.add_user()
     kimi.banned.add(dead := kimi.add_user())
-    proxy = await start_proxy(KIMI_TOKENS=f"{dead},{good}", API_KEYS="k")
-    replies = [await post_chat(http, proxy, "k", stream=bool(i % 2)) for i in range(10)]
+    proxy = await start_proxy(KIMI_TOKENS=f"{dead},{good}", API_KEYS=POOL_KEY)
+    replies = [await post_chat(http, proxy, POOL_KEY, stream=bool(i % 2)) for i in range(10)]
     assert [r.status for r in replies] == [200] * 10
     assert kimi.refreshes[kimi.user_of(dead)] == 1
-    health = await (await http.get(proxy + "/healthz", headers=auth("k"))).json()
+    health = await (await http.get(proxy + "/healthz", headers=auth(POOL_KEY))).json()
     assert [t["state"] for t in health["tokens"]] == ["dead", "alive"] and health["status"] == "ok"
     assert health["tokens"][0]["id"] == kp.fingerprint(dead) and dead not in json.dumps(health)
 
@@ -1951,11 +1978,11 @@ async def test_a_dead_token_in_the_pool_is_tried_once(start_proxy, http, kimi):
 async def test_a_rate_limited_token_cools_down(start_proxy, http, kimi):
     good, limited = kimi.add_user(), kimi.add_user()
     kimi.rate_limited.add(kimi.user_of(limited))
-    proxy = await start_proxy(KIMI_TOKENS=f"{limited},{good}", API_KEYS="k")
+    proxy = await start_proxy(KIMI_TOKENS=f"{limited},{good}", API_KEYS=POOL_KEY)
     for _ in range(6):
-        assert (await post_chat(http, proxy, "k")).status == 200
+        assert (await post_chat(http, proxy, POOL_KEY)).status == 200
     assert kimi.refused[kimi.user_of(limited)] == 1  # asked once, then left to rest
-    health = await (await http.get(proxy + "/healthz", headers=auth("k"))).json()
+    health = await (await http.get(proxy + "/healthz", headers=auth(POOL_KEY))).json()
     assert health["tokens"][0]["state"] == "cooling" and 0 < health["tokens"][0]["cooling_s"] <= 7
 
 
@@ -1991,10 +2018,10 @@ async def test_exhausted_research_quota_cools_nothing(http, proxy, kimi, token):
 
 async def test_streams_per_token_are_capped(start_proxy, http, kimi):
     pool = [kimi.add_user(), kimi.add_user()]
-    proxy = await start_proxy(KIMI_TOKENS=",".join(pool), API_KEYS="k", MAX_STREAMS_PER_TOKEN="4")
+    proxy = await start_proxy(KIMI_TOKENS=",".join(pool), API_KEYS=POOL_KEY, MAX_STREAMS_PER_TOKEN="4")
 
     async def one(index: int) -> int:
-        response = await post_chat(http, proxy, "k", stream=True, messages=user(f"scenario:pace {index}"))
+        response = await post_chat(http, proxy, POOL_KEY, stream=True, messages=user(f"scenario:pace {index}"))
         content_of(sse_payloads(await response.read()))
         return response.status
 
@@ -2061,3 +2088,60 @@ async def test_sigterm_ends_open_streams_and_deletes_their_chats(kimi, http):
         assert chunks and assert_envelope(error, "shutting_down")
     assert len(kimi.created) == 20 and sorted(kimi.deleted) == sorted(kimi.created)
     assert not any(token in stderr.decode() for token in tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Anything a client can send: a success or a 4xx OpenAI error, never a 5xx, nothing left open
+# ---------------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**15) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=8)
+CONTENT_PARTS = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["text", "input_text", "refusal", "image_url", "file", "audio"]) | JSON_VALUES,
+    "text": st.text(max_size=30) | JSON_VALUES, "refusal": st.text(max_size=10), "image_url": JSON_VALUES})
+MESSAGES = st.lists(st.fixed_dictionaries({}, optional={
+    "role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "function", "robot"]) | JSON_VALUES,
+    "content": st.text(max_size=40) | st.lists(CONTENT_PARTS, max_size=3) | JSON_VALUES,
+    "tool_calls": JSON_VALUES, "reasoning_content": JSON_VALUES, "name": JSON_VALUES}), max_size=4) | JSON_VALUES
+CHAT_BODIES = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["kimi", "kimi-search-silent", "kimi-k1", "kimi-k2.6-thinking", "kimi-research",
+                              "gpt-4o", "search0000000000000a"]) | JSON_VALUES,
+    "messages": MESSAGES, "stream": st.booleans() | JSON_VALUES,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | JSON_VALUES}) | JSON_VALUES,
+    "n": st.integers(-1, 3) | JSON_VALUES, "use_search": st.booleans() | JSON_VALUES,
+    "conversation_id": st.sampled_from(["abc", "cr7p4ik2lq1s5t0u9v3g"]) | JSON_VALUES,
+    "temperature": JSON_VALUES, "max_tokens": JSON_VALUES, "tool_choice": JSON_VALUES, "tools": JSON_VALUES})
+ENDPOINTS = [("POST", "/v1/chat/completions"), ("POST", "/chat/completions"), ("GET", "/v1/models"),
+             ("GET", "/v1/models/kimi"), ("POST", "/token/check"), ("GET", "/healthz"), ("GET", "/ping"),
+             ("GET", "/"), ("PUT", "/v1/chat/completions"), ("POST", "/v1/embeddings")]
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+async def assert_client_safe(http, proxy, kimi, method: str, path: str, data: bytes, headers: dict) -> None:
+    response = await http.request(method, proxy + path, data=data, headers=headers)
+    raw = await response.read()
+    assert response.status < 500, raw[:300]
+    if response.status >= 400:
+        assert_envelope(orjson.loads(raw))
+    kimi.kept = getattr(kimi, "kept", set()) | set(response.headers.getall("X-Conversation-Id", []))
+    # nothing is left open upstream: every chat that was not handed over as kept gets deleted
+    await kimi.wait_deleted(len([chat for chat in kimi.created if chat not in kimi.kept]))
+    assert kimi.open_streams == 0 or await asyncio.sleep(0.2) or kimi.open_streams == 0
+
+
+@FUZZ
+@given(body=CHAT_BODIES, path=st.sampled_from(["/v1/chat/completions", "/chat/completions"]))
+async def test_any_chat_request_is_answered_or_refused_cleanly(http, proxy, token, kimi, body, path):
+    await assert_client_safe(http, proxy, kimi, "POST", path, orjson.dumps(body), auth(token))
+
+
+@FUZZ
+@given(data=st.binary(max_size=200) | JSON_VALUES.map(orjson.dumps), endpoint=st.sampled_from(ENDPOINTS),
+       bearer=st.sampled_from(["", "Bearer ", "Bearer a,,b", "Basic x"])
+       | st.text(st.characters(min_codepoint=0x20, exclude_categories=["Cc", "Cs"]), max_size=20).map("Bearer ".__add__))
+async def test_any_bytes_at_any_endpoint_are_answered_cleanly(http, proxy, kimi, data, endpoint, bearer):
+    headers = {"Authorization": bearer} if bearer else {}
+    await assert_client_safe(http, proxy, kimi, *endpoint, data, headers)
