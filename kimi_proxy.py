@@ -27,6 +27,9 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     MAX_STREAMS_PER_TOKEN      answers one Kimi token serves at once (4)
     QUEUE_TIMEOUT              seconds a request waits for a free token before 429 (10)
     MAX_MESSAGES               most messages in one request (1000)
+    MAX_FILE_MB                largest file or image a request may attach, in MiB (100)
+    FILE_PARSE_TIMEOUT         seconds Kimi may take to read an attached document (120)
+    ALLOW_PRIVATE_FILE_URLS    1: fetch file URLs on private and local networks too (0)
 """
 
 from __future__ import annotations
@@ -37,21 +40,27 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import math
+import mimetypes
 import logging
 import os
 import random
 import re
 import secrets
+import socket
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from contextlib import aclosing, asynccontextmanager
 from typing import AsyncIterator, Awaitable, Mapping, NamedTuple, Protocol
 
 import aiohttp
+import aiohttp.abc
 import orjson
+import yarl
 from aiohttp import web
 
 log = logging.getLogger("kimi_proxy")
@@ -87,6 +96,9 @@ class Config:
     max_streams_per_token: int = 4
     queue_timeout: float = 10.0
     max_messages: int = 1000
+    max_file_mb: float = 100.0
+    file_parse_timeout: float = 120.0
+    allow_private_file_urls: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
@@ -122,6 +134,9 @@ class Config:
                                                         whole=True)),
             queue_timeout=_positive_setting(env, "QUEUE_TIMEOUT", cls.queue_timeout),
             max_messages=int(_positive_setting(env, "MAX_MESSAGES", cls.max_messages, whole=True)),
+            max_file_mb=_positive_setting(env, "MAX_FILE_MB", cls.max_file_mb),
+            file_parse_timeout=_positive_setting(env, "FILE_PARSE_TIMEOUT", cls.file_parse_timeout),
+            allow_private_file_urls=_flag_setting(env, "ALLOW_PRIVATE_FILE_URLS"),
         )
 
 
@@ -502,11 +517,13 @@ class KimiHTTP:
 
     wraps_links = False
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher") -> None:
         self._session = session
+        self._fetcher = fetcher
         self._base = config.kimi_base_url
         self._headers = browser_headers(config.kimi_base_url)
         self._read_timeout = config.upstream_read_timeout
+        self._parse_timeout = config.file_parse_timeout
         self.tokens = AccessTokens(self._grant)
 
     # -- what a dialect defines ------------------------------------------------------------------
@@ -607,6 +624,90 @@ class KimiHTTP:
             await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
 
+    # -- files ---------------------------------------------------------------------------------------
+
+    async def upload_all(self, credential: str, plan: "Plan", chat_id: str | None) -> list[KimiFile]:
+        """Upload the plan's attachments concurrently; the first failure cancels the rest."""
+        if not plan.attachments:
+            return []
+        try:
+            async with asyncio.TaskGroup() as group:
+                uploads = [group.create_task(self._upload(credential, attachment, chat_id))
+                           for attachment in plan.attachments]
+        except ExceptionGroup as failures:
+            first = failures.exceptions[0]
+            raise first if isinstance(first, ProxyError) else failures from None
+        return [upload.result() for upload in uploads]
+
+    async def _upload(self, credential: str, attachment: "Attachment", chat_id: str | None) -> KimiFile:
+        """Pre-sign, PUT the bytes to Kimi's storage, register the file, wait until Kimi has read it."""
+        async with self._fetcher.source(attachment) as source:
+            kind = "image" if attachment.kind == "image" or source.mime.startswith("image/") else "file"
+            signed = await self._json_call(credential, "POST", "/api/pre-sign-url",
+                                           {"action": kind, "name": source.name, "size": source.size})
+            if not isinstance(signed, dict) or not isinstance(signed.get("url"), str):
+                raise upstream_error(f"Kimi did not give an upload address for '{attachment.part}'")
+            await self._put(signed["url"], source, attachment.part)
+        registered = await self._json_call(credential, "POST", "/api/file",
+                                           self._registration(kind, source, signed, chat_id))
+        if not isinstance(registered, dict) or not isinstance(registered.get("id"), str):
+            raise upstream_error(f"Kimi did not register '{attachment.part}'")
+        if kind == "file":
+            await self._wait_until_read(credential, registered, attachment.part)
+        return KimiFile(registered["id"], source.name, source.size, kind, registered)
+
+    def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
+        return {"type": kind, "name": source.name, "size": source.size, "file_id": signed.get("file_id", ""),
+                "object_name": signed.get("object_name", "")}
+
+    async def _put(self, url: str, source: Source, part: str) -> None:
+        # only the storage's own signature: a browser sends it no Kimi credentials
+        headers = {"Content-Type": source.mime, "Content-Length": str(source.size)}
+        try:
+            async with self._session.put(url, data=source.chunks, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
+                if response.status >= 300:
+                    raise upstream_error(f"Kimi's storage refused '{part}' (HTTP {response.status})")
+        except asyncio.TimeoutError:
+            raise upstream_timeout(f"Uploading '{part}' to Kimi timed out") from None
+        except aiohttp.ClientError:
+            raise upstream_error(f"Uploading '{part}' to Kimi failed") from None
+
+    async def _wait_until_read(self, credential: str, registered: dict, part: str) -> None:
+        """Kimi parses a document after it is registered: follow its progress, backing off,
+        under one deadline."""
+        status, delay = registered.get("status"), 0.25
+        deadline = asyncio.timeout(self._parse_timeout)
+        try:
+            async with deadline:
+                while status != "parsed":
+                    if status == "failed":
+                        raise ProxyError(422, f"Kimi could not read '{part}'", code="file_unreadable", param=part)
+                    status = await self._parse_progress(credential, registered["id"])
+                    if status not in ("parsed", "failed"):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise ProxyError(504, f"Kimi did not finish reading '{part}' within {self._parse_timeout:g} s "
+                             "(FILE_PARSE_TIMEOUT)", error_type="server_error", code="file_timeout",
+                             param=part) from None
+
+    async def _parse_progress(self, credential: str, file_id: str) -> str | None:
+        """The last status the parse_process stream reports (it ends when parsing ends, or earlier)."""
+        status = None
+        response = await self._call(credential, "POST", "/api/file/parse_process", orjson.dumps({"ids": [file_id]}))
+        async with response:
+            decoder = SSEDecoder()
+            async with aclosing(self._read_chunks(response)) as chunks:
+                async for data in chunks:
+                    for payload in decoder.feed(data):
+                        status = from_parse_event(payload) or status
+                        if status in ("parsed", "failed"):
+                            return status
+        return status
+
     async def _read_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """An answer stream's bytes as they arrive, with transport failures as ProxyErrors."""
         try:
@@ -616,6 +717,179 @@ class KimiHTTP:
             raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
         except aiohttp.ClientError:
             raise upstream_error("The connection to Kimi broke off mid-answer") from None
+
+
+# -- files: fetching what clients point at, safely -------------------------------------------------
+
+DOWNLOAD_READ_GAP = 30.0    # seconds without a byte from a file's server
+DOWNLOAD_DEADLINE = 600.0   # seconds for a whole download
+UPLOAD_DEADLINE = 600.0     # seconds for a whole upload to Kimi's storage
+MAX_REDIRECTS = 3
+CHUNK = 64 * 1024           # bytes read and written at a time: memory stays flat for any size
+SPOOL_IN_MEMORY = 1024 * 1024  # a source of unknown length is spooled to disk past this
+
+
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is on the public internet (not loopback, private, link-local,
+    multicast, reserved or unspecified), looking through IPv6 forms that embed an IPv4 one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6:
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(str(embedded))
+    return ip.is_global and not ip.is_multicast
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class PrivateAddress(OSError):
+    """A file URL's host resolves only to addresses this server does not fetch from."""
+
+
+class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """Resolves a host once and keeps only public addresses, so the connection goes to an address
+    that was checked (no second lookup that could answer differently)."""
+
+    def __init__(self) -> None:
+        self._resolver = aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        public = [found for found in await self._resolver.resolve(host, port, family)
+                  if is_public_address(found["host"])]
+        if not public:
+            raise PrivateAddress(f"{host} has no public address")
+        return public
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+class Source:
+    """A file's bytes on their way to Kimi: size and type known, read in chunks once."""
+
+    def __init__(self, name: str, mime: str, size: int, chunks: AsyncIterator[bytes]) -> None:
+        self.name, self.mime, self.size, self.chunks = name, mime, size, chunks
+
+
+def file_too_large(part: str, max_bytes: int) -> ProxyError:
+    return ProxyError(413, f"'{part}' is larger than the {max_bytes / 2**20:g} MiB limit (MAX_FILE_MB)",
+                      code="file_too_large", param=part)
+
+
+class FileFetcher:
+    """Downloads the files clients name by URL: http(s) only, public addresses only (unless
+    ALLOW_PRIVATE_FILE_URLS), every redirect checked, size capped, never held in memory whole."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+        self._session = session
+        self._allow_private = config.allow_private_file_urls
+        self._max_bytes = int(config.max_file_mb * 2**20)
+
+    @staticmethod
+    def session(config: Config) -> aiohttp.ClientSession:
+        resolver = aiohttp.DefaultResolver() if config.allow_private_file_urls else PublicOnlyResolver()
+        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_DEADLINE, connect=config.upstream_connect_timeout,
+                                        sock_read=DOWNLOAD_READ_GAP)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False),
+                                     timeout=timeout)
+
+    @asynccontextmanager
+    async def source(self, attachment: "Attachment"):
+        """The attachment's bytes: decoded data, a download streamed as it comes when its length
+        is known, else one spooled to a temporary file first (Kimi's storage wants a length)."""
+        if attachment.data is not None:
+            yield Source(attachment.name, attachment.mime, len(attachment.data), one_chunk(attachment.data))
+            return
+        part = attachment.part
+        try:
+            async with self._open(attachment) as response:
+                mime = response.content_type or attachment.mime
+                declared = response.content_length
+                if declared is not None and declared > self._max_bytes:
+                    raise file_too_large(part, self._max_bytes)
+                if declared is not None:
+                    yield Source(attachment.name, mime, declared, self._capped(response, part, declared))
+                    return
+                with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
+                    size = 0
+                    async for chunk in self._capped(response, part, self._max_bytes):
+                        spool.write(chunk)
+                        size += len(chunk)
+                    spool.seek(0)
+                    yield Source(attachment.name, mime, size, read_spool(spool))
+        except asyncio.TimeoutError:
+            raise ProxyError(504, f"Fetching '{part}' timed out", error_type="server_error", code="file_timeout",
+                             param=part) from None
+        except aiohttp.ClientConnectorDNSError as error:
+            if isinstance(error.os_error, PrivateAddress):
+                raise self._refused(part) from None
+            raise bad_request(f"Could not fetch '{part}': its host name does not resolve", part) from None
+        except aiohttp.ClientError:
+            raise bad_request(f"Could not fetch '{part}': the connection to its server failed", part) from None
+
+    @asynccontextmanager
+    async def _open(self, attachment: "Attachment"):
+        """The file's response, following at most 3 redirects and checking every address."""
+        url = yarl.URL(attachment.url)
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check(url, attachment.part)
+            async with self._session.get(url, allow_redirects=False) as response:
+                if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                    url = url.join(yarl.URL(response.headers["Location"]))
+                    continue
+                if response.status != 200:
+                    raise bad_request(f"Could not fetch '{attachment.part}': its server answered HTTP "
+                                      f"{response.status}", attachment.part)
+                yield response
+                return
+        raise bad_request(f"Could not fetch '{attachment.part}': more than {MAX_REDIRECTS} redirects",
+                          attachment.part)
+
+    def _check(self, url: yarl.URL, part: str) -> None:
+        if url.scheme not in ("http", "https") or not url.host:
+            raise bad_request(f"'{part}' must be an http(s) URL or a data: URI", part)
+        if self._allow_private:
+            return
+        try:
+            literal = ipaddress.ip_address(url.host.strip("[]").split("%", 1)[0])
+        except ValueError:
+            return  # a host name: PublicOnlyResolver checks what it resolves to
+        if not is_public_address(str(literal)):
+            raise self._refused(part)
+
+    @staticmethod
+    def _refused(part: str) -> ProxyError:
+        return bad_request(f"'{part}' points to a private or local network address, which this server does not "
+                           "fetch from (ALLOW_PRIVATE_FILE_URLS=1 allows it on a trusted network)", part)
+
+    @staticmethod
+    async def _capped(response: aiohttp.ClientResponse, part: str, max_bytes: int) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in response.content.iter_chunked(CHUNK):
+            received += len(chunk)
+            if received > max_bytes:
+                raise file_too_large(part, max_bytes)
+            yield chunk
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def read_spool(spool) -> AsyncIterator[bytes]:
+    while chunk := spool.read(CHUNK):
+        yield chunk
+
+
+class KimiFile(NamedTuple):
+    id: str
+    name: str
+    size: int
+    kind: str       # "image" or "file"
+    detail: dict    # Kimi's file object, as registered
 
 
 # -- the legacy dialect ---------------------------------------------------------------------------
@@ -658,7 +932,7 @@ class LegacyKimi(KimiHTTP):
             await self._check_research_quota(credential)
         chat_id = plan.chat_id or await self._create_chat(credential, plan)
         yield Event(CHAT, chat_id)
-        body = to_legacy_completion(plan)
+        body = to_legacy_completion(plan, await self.upload_all(credential, plan, chat_id))
         for continuation in range(MAX_CONTINUATIONS + 1):
             segment = SegmentState()
             async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as events:
@@ -672,6 +946,12 @@ class LegacyKimi(KimiHTTP):
             body = to_legacy_continuation(plan, segment.id)
         yield LENGTH_EVENT
         yield DONE_EVENT
+
+    def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
+        if kind == "image":
+            return {"type": "image", "file_id": signed.get("file_id", ""), "name": source.name}
+        return {"type": "file", "name": source.name, "object_name": signed.get("object_name", ""), "file_id": "",
+                "chat_id": chat_id}
 
     async def _create_chat(self, credential: str, plan: "Plan") -> str:
         chat = await self._json_call(credential, "POST", "/api/chat", to_legacy_new_chat(plan))
@@ -748,8 +1028,8 @@ class ConnectKimi(KimiHTTP):
     """Kimi's current dialect (www.kimi.com): Connect-RPC with 5-byte framed JSON messages.
     The client may send a refresh token or an access token (the kimi-auth cookie)."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
-        super().__init__(session, config)
+    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher") -> None:
+        super().__init__(session, config, fetcher)
         self._headers = {**self._headers, "Referer": self._base + "/", "Connect-Protocol-Version": "1"}
         self._refresh_tokens: dict[str, str] = {}  # credential -> newest refresh token (Kimi rotates them)
         self._parents = BoundedMap()              # chat id -> last assistant message id
@@ -769,7 +1049,8 @@ class ConnectKimi(KimiHTTP):
 
     async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
         catalog = await self._current_catalog()
-        request = frame_message(orjson.dumps(to_connect_chat(plan, catalog, self._parents.get(plan.chat_id))))
+        files = await self.upload_all(credential, plan, None)
+        request = frame_message(orjson.dumps(to_connect_chat(plan, catalog, self._parents.get(plan.chat_id), files)))
         for attempt in range(2):
             state = ConnectState(silent=plan.silent)
             try:
@@ -885,6 +1166,7 @@ class Plan:
     include_usage: bool = False
     chat_id: str | None = None  # an existing Kimi chat to continue
     keep: bool = False          # the client manages the conversation: report its id, never delete it
+    attachments: tuple = ()     # files and images of the last message
 
 
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
@@ -898,7 +1180,7 @@ LATEST_MESSAGE_HINT = "关注用户最新的消息"
 LATEST_FILE_HINT = "关注用户最新发送文件和消息"
 
 
-def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000) -> Plan:
+def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20) -> Plan:
     """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError."""
     model = optional(body, "model", str) or "kimi"
     stream = bool(optional(body, "stream", bool))
@@ -918,11 +1200,11 @@ def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000) -> P
         optional(body, field, int)
     use_search = bool(optional(body, "use_search", bool))
     chat_id, keep = to_conversation(body.get("conversation_id"))
-    messages = to_messages(body.get("messages"), max_messages)
+    messages = to_messages(body.get("messages"), max_messages, max_file_bytes)
     prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
     flags = model_flags(model)
     return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
-                keep=keep, **{**flags, "search": flags["search"] or use_search})
+                keep=keep, attachments=messages[-1].attachments, **{**flags, "search": flags["search"] or use_search})
 
 
 def optional(body: dict, field: str, kind, param: str | None = None):
@@ -962,18 +1244,36 @@ class Message(NamedTuple):
     role: str
     text: str
     has_attachment: bool
+    attachments: tuple = ()  # read in the last message only
 
 
-def to_messages(messages: object, max_messages: int) -> list[Message]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file or image of the last message: a data URI already decoded, or an http(s) URL."""
+
+    part: str                # where the client put it, e.g. messages[2].content[1]
+    kind: str                # "image" or "file"
+    name: str
+    mime: str
+    url: str | None = None
+    data: bytes | None = None
+
+
+DATA_URI = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64,(.*)", re.DOTALL)
+DEFAULT_NAMES = {"image": "image", "file": "file"}
+
+
+def to_messages(messages: object, max_messages: int, max_file_bytes: int) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array of messages", "messages")
     if len(messages) > max_messages:
         raise bad_request(f"'messages' holds {len(messages)} messages; at most {max_messages} are accepted (MAX_MESSAGES)",
                           "messages")
-    return [to_message(message, index, index == len(messages) - 1) for index, message in enumerate(messages)]
+    return [to_message(message, index, index == len(messages) - 1, max_file_bytes)
+            for index, message in enumerate(messages)]
 
 
-def to_message(message: object, index: int, is_last: bool) -> Message:
+def to_message(message: object, index: int, is_last: bool, max_file_bytes: int) -> Message:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise bad_request(f"'{where}' must be an object", where)
@@ -988,7 +1288,7 @@ def to_message(message: object, index: int, is_last: bool) -> Message:
         return Message(role, content, False)
     if not isinstance(content, list):
         raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
-    texts, has_attachment = [], False
+    texts, attachments, has_attachment = [], [], False
     for part_index, part in enumerate(content):
         part_where = f"{where}.content[{part_index}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -999,12 +1299,70 @@ def to_message(message: object, index: int, is_last: bool) -> Message:
                 raise bad_request(f"'{part_where}.{TEXT_PARTS[kind]}' must be a string", part_where)
             texts.append(text)
         elif kind in ATTACHMENT_PARTS:
-            if is_last:
-                raise bad_request(f"'{part_where}': files and images are not supported yet", part_where)
             has_attachment = True
+            if is_last:
+                attachments.append(to_attachment(part, kind, part_where, max_file_bytes))
         else:
             raise bad_request(f"'{part_where}.type' must be one of text, image_url, file", f"{part_where}.type")
-    return Message(role, "\n".join(texts), has_attachment)
+    return Message(role, "\n".join(texts), has_attachment, tuple(attachments))
+
+
+def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
+    """An attachment from any of the part shapes clients send. Raises 400 (or 413) naming the part."""
+    filename = None
+    if kind in ("image_url", "input_image"):
+        source = part.get("image_url")
+        url = source.get("url") if isinstance(source, dict) else source
+    elif "file_url" in part:
+        source = part["file_url"]
+        url = source.get("url") if isinstance(source, dict) else source
+    else:
+        source = part.get("file", part)  # input_file puts the fields on the part itself
+        source = source if isinstance(source, dict) else {}
+        if "file_id" in source and "file_data" not in source:
+            raise bad_request(f"'{where}': a file_id needs a Files API this server does not have; "
+                              "send file_data or a file_url", where)
+        url, filename = source.get("file_data") or source.get("file_url"), source.get("filename")
+    attachment_kind = "image" if kind in ("image_url", "input_image") else "file"
+    if not isinstance(url, str) or not url.strip():
+        raise bad_request(f"'{where}' has no URL or data", where)
+    url = url.strip()
+    name = filename if isinstance(filename, str) and filename.strip() else None
+    if url.startswith("data:"):
+        data, mime = from_data_uri(url, where, max_bytes)
+        if mime.startswith("image/"):
+            attachment_kind = "image"
+        return Attachment(where, attachment_kind, to_file_name(name, None, mime, attachment_kind), mime, data=data)
+    parsed = yarl.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise bad_request(f"'{where}' must be an http(s) URL or a data: URI", where)
+    return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
+                      "application/octet-stream", url=url)
+
+
+def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytes, str]:
+    found = DATA_URI.fullmatch(uri)
+    if found is None:
+        raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
+    encoded = re.sub(r"\s+", "", found[3])
+    if len(encoded) * 3 // 4 > max_bytes + 3:
+        raise file_too_large(where, max_bytes)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise bad_request(f"'{where}' is not valid base64", where) from None
+    if not data:
+        raise bad_request(f"'{where}' is empty", where)
+    return data, found[1].strip().lower() or "application/octet-stream"
+
+
+def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
+    """A plain file name: the client's, else the URL's last path segment, else one from the type."""
+    name = given or (path or "").rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip(". ") if name else ""
+    if name:
+        return name[:200]
+    return DEFAULT_NAMES[kind] + (mimetypes.guess_extension(mime) or "")
 
 
 def wrap_urls(text: str) -> str:
@@ -1025,7 +1383,7 @@ def to_kimi_text(message: Message, wrap_links: bool) -> str:
 def to_folded_prompt(messages: list[Message], wrap_links: bool) -> str:
     """Kimi takes one message per turn: fold the history into it with role prefixes."""
     last = messages[-1]
-    if not last.text.strip():
+    if not last.text.strip() and not last.attachments:
         raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
     if len(messages) == 1:
         return to_kimi_text(last, wrap_links)
@@ -1040,7 +1398,7 @@ def to_continuation_prompt(messages: list[Message], wrap_links: bool) -> str:
     where = f"messages[{len(messages) - 1}]"
     if last.role != "user":
         raise bad_request(f"To continue a conversation the last message must be a user message ({where})", "messages")
-    if not last.text.strip():
+    if not last.text.strip() and not last.attachments:
         raise bad_request(f"'{where}.content' has no text", f"{where}.content")
     return to_kimi_text(last, wrap_links)
 
@@ -1054,11 +1412,29 @@ def to_legacy_new_chat(plan: Plan) -> dict:
     return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(plan), "name": "未命名会话"}
 
 
-def to_legacy_completion(plan: Plan) -> dict:
-    # the web app ends every message with a newline
+def to_legacy_completion(plan: Plan, files: list = ()) -> dict:
+    # the web app ends every message with a newline, and describes each file as its upload widget does
     return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt + "\n"}],
-            "refs": [], "refs_file": [], "use_math": plan.math, "use_research": plan.research,
-            "use_search": plan.search, "extend": {"sidebar": True}}
+            "refs": [file.id for file in files], "refs_file": [to_legacy_ref_file(file) for file in files],
+            "use_math": plan.math, "use_research": plan.research, "use_search": plan.search,
+            "extend": {"sidebar": True}}
+
+
+def to_legacy_ref_file(file: "KimiFile") -> dict:
+    return {"detail": file.detail, "done": True, "file": {}, "file_info": file.detail, "id": file.id,
+            "name": file.name, "parse_status": "success", "size": file.size, "upload_progress": 100,
+            "upload_status": "success"}
+
+
+def from_parse_event(payload: bytes) -> str | None:
+    """The status in one parse_process event. Sources disagree on its shape, so take either."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    info = event.get("file_info", event) if isinstance(event, dict) else None
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None
 
 
 def to_legacy_continuation(plan: Plan, segment_id: str) -> dict:
@@ -1467,11 +1843,13 @@ def to_catalog_model(entry: dict) -> CatalogModel:
                         agent_mode if isinstance(agent_mode, str) else None)
 
 
-def to_connect_chat(plan: "Plan", catalog: Catalog, parent_id: str | None) -> dict:
-    """The Chat RPC request: the folded prompt as one text block, on a new or a kept chat."""
+def to_connect_chat(plan: "Plan", catalog: Catalog, parent_id: str | None, files: list = ()) -> dict:
+    """The Chat RPC request: file blocks, then the folded prompt as one text block, on a new or a
+    kept chat."""
     model = catalog.resolve(plan)
-    message = {"role": "user", "blocks": [{"message_id": "", "text": {"content": plan.prompt}}],
-               "scenario": model.scenario}
+    blocks = [{"message_id": "", "file": {"id": file.id}} for file in files]
+    blocks.append({"message_id": "", "text": {"content": plan.prompt or " "}})
+    message = {"role": "user", "blocks": blocks, "scenario": model.scenario}
     if plan.chat_id and parent_id:
         message["parent_id"] = parent_id
     chat = {"scenario": model.scenario,
@@ -1790,7 +2168,8 @@ async def read_json_object(request: web.Request) -> dict:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     credentials = request_credentials(request)
     body = await read_json_object(request)
-    plan = to_plan(body, request.app[KIMI].wraps_links, request.app[CONFIG].max_messages)
+    config = request.app[CONFIG]
+    plan = to_plan(body, request.app[KIMI].wraps_links, config.max_messages, int(config.max_file_mb * 2**20))
     request[MODEL] = plan.model
     pieces = answer_pieces(request, plan, credentials)
     if plan.stream:
@@ -2031,13 +2410,14 @@ async def finish_open_requests(app: web.Application) -> None:
 
 
 async def kimi_client(app: web.Application):
-    """The one HTTP session to Kimi, and the chat deletions still in flight when the app stops."""
+    """The one HTTP session to Kimi (and one, fenced off, for the file URLs clients name), and
+    the chat deletions still in flight when the app stops."""
     config = app[CONFIG]
     timeout = aiohttp.ClientTimeout(total=None, connect=config.upstream_connect_timeout,
                                     sock_read=config.upstream_read_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=timeout) as session, FileFetcher.session(config) as downloads:
         app[JANITOR] = Janitor()
-        app[KIMI] = DIALECTS[config.kimi_protocol](session, config)
+        app[KIMI] = DIALECTS[config.kimi_protocol](session, config, FileFetcher(downloads, config))
         app[CHAT_OWNERS] = BoundedMap()
         app[TOKEN_TURN] = itertools.count()
         yield

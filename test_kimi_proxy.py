@@ -95,6 +95,10 @@ class FakeKimiBase:
         self.refused: Counter = Counter()               # user id -> requests answered 429
         self.hold_deletes: asyncio.Event | None = None
         self.proxy_secrets: list[str] = []              # API keys and pool tokens the proxies were given
+        self.signed: dict[str, dict] = {}               # object name -> what was pre-signed, by whom
+        self.uploads: dict[str, bytes] = {}             # object name -> the bytes PUT to storage
+        self.files: dict[str, dict] = {}                # file id -> the registered file (and its owner)
+        self.parse_calls = 0
         self.url = ""
 
     # -- test controls ---------------------------------------------------------------------------
@@ -142,10 +146,98 @@ class FakeKimiBase:
     # -- shared plumbing ---------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._record_and_inject_faults])
+        app = web.Application(middlewares=[self._record_and_inject_faults], client_max_size=200 * 2**20)
         app.router.add_get("/api/auth/token/refresh", self.refresh)
+        app.router.add_post("/api/pre-sign-url", self.pre_sign)
+        app.router.add_put("/fake-oss/{object_name:.+}", self.storage_put)
+        app.router.add_post("/api/file", self.register_file)
+        app.router.add_post("/api/file/parse_process", self.parse_process)
         self.add_routes(app)
         return app
+
+    # -- uploads (REST in both dialects): pre-sign, PUT to storage, register, parse --------------------
+
+    async def pre_sign(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        body = await self._json_body(request)
+        if body is None or body.get("action") not in ("file", "image") or not isinstance(body.get("name"), str) \
+                or not body["name"] or "/" in body["name"]:
+            return web.json_response({"error_type": "file.invalid_params", "message": "参数错误"}, status=400)
+        object_name = f"{user_id}/2024-11-02/{xid()}/{body['name']}"
+        self.signed[object_name] = {"user": user_id, "file_id": xid(), "size": body.get("size"), **body}
+        return web.json_response({"url": f"{self.url}/fake-oss/{object_name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                                         f"&X-Amz-Signature={secrets.token_hex(16)}",
+                                  "object_name": object_name, "file_id": self.signed[object_name]["file_id"]})
+
+    async def storage_put(self, request: web.Request) -> web.Response:
+        """Like S3 with a pre-signed URL: the signature is the only credential, the length is required."""
+        signed = self.signed.get(request.match_info["object_name"])
+        if signed is None or "X-Amz-Signature" not in request.query:
+            return web.Response(status=403, text="SignatureDoesNotMatch")
+        if "Authorization" in request.headers:
+            return web.Response(status=400, text="Only one auth mechanism allowed")
+        if request.content_length is None:
+            return web.Response(status=411, text="MissingContentLength")
+        data = await request.read()
+        if signed["size"] is not None and signed["size"] != len(data):
+            return web.Response(status=400, text="size differs from the pre-signed size")
+        self.uploads[request.match_info["object_name"]] = data
+        return web.Response()
+
+    async def register_file(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        body = await self._json_body(request) or {}
+        signed = next((s for name, s in self.signed.items() if name == body.get("object_name")
+                       or (body.get("type") == "image" and s["file_id"] == body.get("file_id"))), None)
+        object_name = next((name for name, s in self.signed.items() if s is signed), None)
+        if signed is None or signed["user"] != user_id or object_name not in self.uploads \
+                or body.get("type") != signed["action"] or not self._registration_ok(body, user_id):
+            return web.json_response({"error_type": "file.invalid_params", "message": "参数错误"}, status=400)
+        file_id = signed["file_id"] if body["type"] == "image" else xid()
+        self.files[file_id] = {"id": file_id, "name": signed["name"], "type": body["type"], "owner": user_id,
+                               "size": len(self.uploads[object_name]), "object_name": object_name,
+                               "status": "initialized"}
+        return web.json_response({k: v for k, v in self.files[file_id].items() if k != "owner"})
+
+    def _registration_ok(self, body: dict, user_id: str) -> bool:
+        return True
+
+    async def parse_process(self, request: web.Request) -> web.StreamResponse:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        self.parse_calls += 1
+        body = await self._json_body(request) or {}
+        ids = body.get("ids")
+        if not isinstance(ids, list) or not all(self.files.get(i, {}).get("owner") == user_id for i in ids):
+            return web.json_response({"error_type": "file.not_found", "message": "文件不存在"}, status=404)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        for file_id in ids:
+            file = self.files[file_id]
+            events = [{"event": "resp", "id": file_id, "file_info": {"id": file_id, "status": "parsing"}}]
+            if "slow_parse" in file["name"]:
+                await asyncio.sleep(0.1)
+            else:
+                file["status"] = "failed" if "parse_fail" in file["name"] else "parsed"
+                events.append({"event": "resp", "id": file_id, "file_info": {"id": file_id, "status": file["status"]}})
+            for event in events:
+                await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        await response.write_eof()
+        return response
+
+    def _attached_files_problem(self, ids: list, user_id: str) -> str | None:
+        for file_id in ids:
+            file = self.files.get(file_id) if isinstance(file_id, str) else None
+            if file is None or file["owner"] != user_id:
+                return "unknown file"
+            if file["type"] == "file" and file["status"] != "parsed":
+                return "the file is not parsed yet"
+        return None
 
     def add_routes(self, app: web.Application) -> None:
         raise NotImplementedError
@@ -178,9 +270,9 @@ class FakeKimiBase:
             return None
         return grant[0]
 
-    def _record_completion(self, request, chat_id, user_id, body, prompt, search, thinking) -> None:
+    def _record_completion(self, request, chat_id, user_id, body, prompt, search, thinking, files) -> None:
         self.completions.append({"chat": chat_id, "user": user_id, "prompt": prompt, "search": search,
-                                 "thinking": thinking, "body": body, "headers": dict(request.headers)})
+                                 "thinking": thinking, "files": files, "body": body, "headers": dict(request.headers)})
 
     def _open_stream(self, user_id: str) -> None:
         self.open_streams += 1
@@ -250,6 +342,12 @@ class FakeLegacyKimi(FakeKimiBase):
     def auth_error(self) -> web.Response:
         return kimi_error(401, "auth.token.invalid", "您的授权已过期，请重新登录")
 
+    def _registration_ok(self, body: dict, user_id: str) -> bool:
+        if body.get("type") == "image":
+            return isinstance(body.get("file_id"), str) and isinstance(body.get("name"), str)
+        chat = self.chats.get(body.get("chat_id"))  # documents are registered into the chat they belong to
+        return chat is not None and chat.owner == user_id and body.get("file_id") == ""
+
     async def user(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
         if user_id is None:
@@ -311,9 +409,9 @@ class FakeLegacyKimi(FakeKimiBase):
         if not continuing:
             chat.question = body["messages"][0]["content"]
             self._record_completion(request, chat_id, user_id, body, chat.question.removesuffix("\n"),
-                                    body["use_search"], chat.kimiplus_id == kp.K1_AGENT_ID)
+                                    body["use_search"], chat.kimiplus_id == kp.K1_AGENT_ID, body["refs"])
         else:
-            self._record_completion(request, chat_id, user_id, body, None, False, False)
+            self._record_completion(request, chat_id, user_id, body, None, False, False, [])
         segment_id = xid()
         chat.segment_ids.append(segment_id)
         chat.streaming = True
@@ -342,9 +440,11 @@ class FakeLegacyKimi(FakeKimiBase):
         for flag in ("use_search", "use_research", "use_math"):
             if not isinstance(body.get(flag), bool):
                 return f"{flag} must be a boolean"
-        if body.get("refs") != [] or not isinstance(body.get("refs_file"), list):
-            return "refs must be a list of file ids"
-        return None
+        refs, refs_file = body.get("refs"), body.get("refs_file")
+        if not isinstance(refs, list) or not isinstance(refs_file, list) \
+                or [entry.get("id") if isinstance(entry, dict) else None for entry in refs_file] != refs:
+            return "refs must be a list of file ids, described in refs_file"
+        return self._attached_files_problem(refs, chat.owner)
 
     def _events(self, scenario: str, body: dict, chat: Chat, segment_id: str, continuing: bool) -> list:
         """The scripted stream: dicts are events, numbers are pauses, "DROP" cuts the connection."""
@@ -511,7 +611,8 @@ class FakeConnectKimi(FakeKimiBase):
         chat = self.chats.get(chat_id) or Chat(owner=user_id)
         search = any(tool.get("type") == "TOOL_TYPE_SEARCH" for tool in body.get("tools") or ())
         thinking = bool((body.get("options") or {}).get("thinking"))
-        self._record_completion(request, chat_id, user_id, body, prompt, search, thinking)
+        files = [block["file"]["id"] for block in message["blocks"][:-1]]
+        self._record_completion(request, chat_id, user_id, body, prompt, search, thinking, files)
         self._open_stream(user_id)
         try:
             await self._stream(response, scenario_of(prompt), chat_id, chat, prompt, search, thinking, request)
@@ -541,6 +642,9 @@ class FakeConnectKimi(FakeKimiBase):
             return ("invalid_argument", "exactly one text block is required"), body
         if blocks[-1] is not texts[0]:
             return ("invalid_argument", "the text block comes last"), body
+        files = [block.get("file", {}).get("id") if isinstance(block.get("file"), dict) else None for block in blocks[:-1]]
+        if self._attached_files_problem(files, user_id):
+            return ("invalid_argument", "unknown file block"), body
         if not isinstance(body.get("tools", []), list) or not isinstance((body.get("options") or {}).get("thinking", False), bool):
             return ("invalid_argument", "bad tools or options"), body
         chat_id, parent_id = pick(body, "chat_id", "chatId"), pick(message, "parent_id", "parentId")
@@ -862,8 +966,15 @@ def test_continuing_a_chat_sends_only_the_newest_user_message():
     ({"messages": [{"role": "user", "content": "   "}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages[0].content[0]"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
-     "messages[0].content[0]"),
+    *[({"messages": [{"role": "user", "content": [{"type": "text", "text": "read this"}, part]}]}, "messages[0].content[1]")
+      for part in ({"type": "image_url", "image_url": {"url": "ftp://files.example.com/a.png"}},
+                   {"type": "image_url", "image_url": "file:///etc/passwd"},
+                   {"type": "image_url", "image_url": {"detail": "high"}},
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}},
+                   {"type": "image_url", "image_url": {"url": "data:image/png,rawbytes"}},
+                   {"type": "file", "file": {"file_id": "file-abc123"}},
+                   {"type": "file", "file_url": {"url": "gopher://x"}},
+                   {"type": "file", "file": "nothing"})],
     ({"messages": user("hi"), "model": 5}, "model"),
     ({"messages": user("hi"), "stream": "yes"}, "stream"),
     ({"messages": user("hi"), "n": 2}, "n"),
@@ -2145,3 +2256,173 @@ async def test_any_chat_request_is_answered_or_refused_cleanly(http, proxy, toke
 async def test_any_bytes_at_any_endpoint_are_answered_cleanly(http, proxy, kimi, data, endpoint, bearer):
     headers = {"Authorization": bearer} if bearer else {}
     await assert_client_safe(http, proxy, kimi, *endpoint, data, headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents and images
+# ---------------------------------------------------------------------------------------------
+
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 800 + b"\n%%EOF\n"   # about 200 KB
+PNG = b"\x89PNG\r\n\x1a\n" + secrets.token_bytes(4096)
+
+
+def data_uri(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def with_files(*parts: dict, text: str = "总结这个文件") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
+
+
+class FileServer:
+    """The web servers clients point file URLs at, recording what was fetched."""
+
+    def __init__(self) -> None:
+        self.fetched: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/redirect", self.redirect)
+        app.router.add_get("/stream/{name}", self.stream)
+        app.router.add_get("/{name}", self.file)
+        return app
+
+    async def file(self, request: web.Request) -> web.Response:
+        self.fetched.append(request.path)
+        name = request.match_info["name"]
+        body = PNG if name.endswith(".png") else PDF
+        return web.Response(body=body, content_type="image/png" if name.endswith(".png") else "application/pdf")
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """No Content-Length: the length is only known at the end (and may be over any limit)."""
+        self.fetched.append(request.path)
+        response = web.StreamResponse(headers={"Content-Type": "application/pdf"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(PDF), 50_000):
+            await response.write(PDF[start:start + 50_000])
+        await response.write_eof()
+        return response
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self.fetched.append(request.path)
+        raise web.HTTPFound(request.query["to"])
+
+
+@pytest.fixture
+async def files():
+    server = FileServer()
+    runner, server.url = await start_app(server.app())
+    yield server
+    await runner.cleanup()
+
+
+def assert_uploaded(kimi, completion: dict, expected: dict[str, bytes]) -> None:
+    """Kimi got exactly these files (name -> bytes), attached to this completion."""
+    attached = {kimi.files[file_id]["name"]: kimi.uploads[kimi.files[file_id]["object_name"]]
+                for file_id in completion["files"]}
+    assert attached == expected
+
+
+async def test_documents_and_images_as_data_uris(sdk, kimi):
+    reply = await sdk.chat.completions.create(model="kimi", messages=with_files(
+        {"type": "image_url", "image_url": {"url": data_uri("image/png", PNG), "detail": "high"}},
+        {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "report.pdf"}}))
+    assert reply.choices[0].message.content == "".join(ANSWER)
+    [completion] = kimi.completions
+    assert_uploaded(kimi, completion, {"image.png": PNG, "report.pdf": PDF})
+    assert {kimi.files[i]["type"] for i in completion["files"]} == {"image", "file"}
+    assert completion["prompt"] == "总结这个文件"
+    await kimi.wait_deleted(1)
+
+
+async def test_documents_and_images_by_url(start_proxy, http, kimi, token, files):
+    proxy = await start_proxy(ALLOW_PRIVATE_FILE_URLS="1")
+    response, _, chunks = await stream_chunks(http, proxy, token, messages=with_files(
+        {"type": "image_url", "image_url": files.url + "/photo.png"},
+        {"type": "file", "file_url": {"url": files.url + "/annual%20report.pdf"}},
+        {"type": "file", "file_url": {"url": files.url + "/stream/chunked.pdf"}}))
+    assert response.status == 200 and content_of(chunks) == "".join(ANSWER)
+    assert_uploaded(kimi, kimi.completions[0], {"photo.png": PNG, "annual report.pdf": PDF, "chunked.pdf": PDF})
+    assert sorted(files.fetched) == ["/annual report.pdf", "/photo.png", "/stream/chunked.pdf"]
+    await kimi.wait_deleted(1)
+
+
+async def test_attachments_of_earlier_messages_are_not_sent(sdk, kimi):
+    await sdk.chat.completions.create(model="kimi", messages=[
+        *with_files({"type": "image_url", "image_url": {"url": data_uri("image/png", PNG)}}, text="这是什么"),
+        {"role": "assistant", "content": "一张图片"}, {"role": "user", "content": "谢谢"}])
+    assert kimi.completions[0]["files"] == [] and kimi.uploads == {}
+    assert "关注用户最新的消息" in kimi.completions[0]["prompt"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:{port}/doc.pdf", "http://localhost:{port}/doc.pdf", "http://10.1.2.3/doc.pdf",
+    "http://192.168.0.10/doc.pdf", "http://169.254.169.254/latest/meta-data/", "http://[::1]:{port}/doc.pdf",
+    "http://[::ffff:127.0.0.1]:{port}/doc.pdf", "http://0.0.0.0:{port}/doc.pdf", "http://224.0.0.1/doc.pdf",
+])
+async def test_private_file_urls_are_refused(http, proxy, token, kimi, files, url):
+    url = url.format(port=files.url.rsplit(":", 1)[1])
+    response = await post_chat(http, proxy, token, messages=with_files({"type": "file", "file_url": {"url": url}}))
+    assert response.status == 400
+    error = assert_envelope(await response.json(), param="messages[0].content[1]")
+    assert "private or local network" in error["message"] and "127.0.0.1" not in error["message"]
+    assert files.fetched == [] and kimi.uploads == {}
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+@pytest.mark.dialects("legacy")
+async def test_a_redirect_to_a_private_address_is_refused(http, proxy, token, kimi, monkeypatch):
+    public_looking = FileServer()  # stands for a public server: only 127.0.0.2 counts as public here
+    runner = web.AppRunner(public_looking.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.2", 0).start()
+    port = runner.addresses[0][1]
+    real_check = kp.is_public_address
+    monkeypatch.setattr(kp, "is_public_address", lambda address: address == "127.0.0.2" or real_check(address))
+    try:
+        target = f"http://127.0.0.1:{port}/doc.pdf"
+        for hop in (f"http://127.0.0.2:{port}/doc.pdf",):  # the public-looking server itself is fetched
+            response = await post_chat(http, proxy, token, messages=with_files({"type": "file", "file_url": {"url": hop}}))
+            assert response.status == 200
+        response = await post_chat(http, proxy, token, messages=with_files(
+            {"type": "file", "file_url": {"url": f"http://127.0.0.2:{port}/redirect?to={target}"}}))
+        assert response.status == 400
+        assert "private or local network" in (await response.json())["error"]["message"]
+        assert public_looking.fetched == ["/doc.pdf", "/redirect"]  # the private target was never asked
+    finally:
+        await runner.cleanup()
+    await kimi.wait_deleted(len(kimi.created))
+
+
+async def test_file_size_caps(start_proxy, http, token, kimi, files):
+    proxy = await start_proxy(ALLOW_PRIVATE_FILE_URLS="1", MAX_FILE_MB="0.1")  # 100 KiB, PDF is ~200 KB
+    for part in ({"type": "file", "file_url": {"url": files.url + "/big.pdf"}},          # refused by its header
+                 {"type": "file", "file_url": {"url": files.url + "/stream/big.pdf"}},   # no header: cut off
+                 {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "a.pdf"}}):
+        response = await post_chat(http, proxy, token, stream=True, messages=with_files(part))
+        assert response.status == 413
+        error = assert_envelope(await response.json(), "file_too_large", "messages[0].content[1]")
+        assert "MAX_FILE_MB" in error["message"]
+    assert kimi.uploads == {}
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+async def test_parse_failure_and_slow_parse(start_proxy, http, token, kimi):
+    proxy = await start_proxy(FILE_PARSE_TIMEOUT="0.8")
+    failing = {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "parse_fail.pdf"}}
+    response = await post_chat(http, proxy, token, messages=with_files(failing))
+    assert response.status == 422
+    assert "parse_fail" not in (error := assert_envelope(await response.json(), "file_unreadable"))["message"] \
+        and error["param"] == "messages[0].content[1]"
+    calls = kimi.parse_calls
+    slow = {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "slow_parse.pdf"}}
+    response = await post_chat(http, proxy, token, stream=True, messages=with_files(slow))
+    assert response.status == 504
+    assert "FILE_PARSE_TIMEOUT" in assert_envelope(await response.json(), "file_timeout")["message"]
+    assert 2 <= kimi.parse_calls - calls <= 5  # it asked again, backing off, not in a tight loop
+    assert kimi.completions == []
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
