@@ -317,6 +317,16 @@ def scenario_of(prompt: str) -> str:
     return found[1] if found else "plain"
 
 
+def bulk_pieces(scenario: str) -> list | None:
+    """`chunks_N`: N answer pieces as fast as possible; `trickle_N`: N pieces a second apart.
+    Numbers stand for pauses, strings for pieces (the benchmark's loads)."""
+    kind, _, count = scenario.partition("_")
+    if kind not in ("chunks", "trickle") or not count.isdigit():
+        return None
+    pause = [1.0] if kind == "trickle" else []
+    return [item for i in range(int(count)) for item in (*pause, f"片段{i} ")]
+
+
 class FakeLegacyKimi(FakeKimiBase):
     """A strict stand-in for kimi.moonshot.cn (KIMI_LEGACY_PROTOCOL.md section 10)."""
 
@@ -482,10 +492,15 @@ class FakeLegacyKimi(FakeKimiBase):
             + ([{"event": "all_done"}] if continuing else [{"event": "length"}]),
         }.get(scenario, lambda: head + [{"event": "done"}] + answer + done)()
 
+    def _bulk_events(self, pieces: list) -> list:
+        return [p if isinstance(p, float) else {"event": "cmpl", "text": p} for p in pieces] + [{"event": "all_done"}]
+
     async def _stream(self, request, scenario, body, chat, segment_id, continuing) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
-        for item in self._events(scenario, body, chat, segment_id, continuing):
+        pieces = bulk_pieces(scenario)
+        script = self._bulk_events(pieces) if pieces else self._events(scenario, body, chat, segment_id, continuing)
+        for item in script:
             if item == "DROP":
                 request.transport.abort()
                 return response
@@ -725,8 +740,17 @@ class FakeConnectKimi(FakeKimiBase):
             "two_blocks": lambda: head + [text("第一块", "0_1", "set"), text("第二块", "0_5", "set")] + tail,
         }.get(scenario, lambda: head + answer + tail)()
 
+    def _bulk_frames(self, chat_id: str, pieces: list) -> list:
+        return [connect_frame({"op": "set", "chat": {"id": chat_id, "name": "未命名会话"}})] + \
+            [p if isinstance(p, float) else connect_frame({"op": "append", "mask": "block.text.content",
+                                                            "block": {"id": "0_1", "text": {"content": p}}})
+             for p in pieces] + [connect_frame({"done": {}}), connect_end()]
+
     async def _stream(self, response, scenario, chat_id, chat, prompt, search, thinking, request) -> None:
-        for item in self._frames(scenario, chat_id, chat, prompt, search, thinking):
+        pieces = bulk_pieces(scenario)
+        script = self._bulk_frames(chat_id, pieces) if pieces else self._frames(scenario, chat_id, chat, prompt,
+                                                                                search, thinking)
+        for item in script:
             if item == "DROP":
                 request.transport.abort()
                 return
@@ -735,7 +759,7 @@ class FakeConnectKimi(FakeKimiBase):
             if isinstance(item, (int, float)):
                 await asyncio.sleep(item)
                 continue
-            if item[0] == 0:  # Kimi's heartbeats come between the events
+            if item[0] == 0 and not pieces:  # Kimi's heartbeats come between the events
                 await response.write(connect_frame({"heartbeat": {}}))
             await self._write(response, item, scenario == "split")
         await response.write_eof()
@@ -2426,3 +2450,18 @@ async def test_parse_failure_and_slow_parse(start_proxy, http, token, kimi):
     assert kimi.completions == []
     await kimi.wait_deleted(len(kimi.created))
     assert kimi.live_chats == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (its numbers are for people to read; here it only has to run)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect_name", ["connect", "legacy"])
+def test_benchmark_runs_with_tiny_sizes(dialect_name):
+    result = subprocess.run([sys.executable, "bench_kimi_proxy.py", "--quick", "--json", "--dialect", dialect_name],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert figures["chats_left"] == 0 and figures["streams_failed"] == 0 and figures["cpu_incomplete"] == 0
+    assert figures["ttfb_ms_median"] > 0 and figures["chunks_per_s"] > 0 and figures["idle_rss_mb"] > 10
