@@ -791,7 +791,7 @@ class FileFetcher:
     @staticmethod
     def session(config: Config) -> aiohttp.ClientSession:
         resolver = aiohttp.DefaultResolver() if config.allow_private_file_urls else PublicOnlyResolver()
-        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_DEADLINE, connect=config.upstream_connect_timeout,
+        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_DEADLINE, sock_connect=config.upstream_connect_timeout,
                                         sock_read=DOWNLOAD_READ_GAP)
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False),
                                      timeout=timeout)
@@ -2413,9 +2413,13 @@ async def kimi_client(app: web.Application):
     """The one HTTP session to Kimi (and one, fenced off, for the file URLs clients name), and
     the chat deletions still in flight when the app stops."""
     config = app[CONFIG]
-    timeout = aiohttp.ClientTimeout(total=None, connect=config.upstream_connect_timeout,
+    # No pool limit: answers are bounded by MAX_STREAMS_PER_TOKEN already, and with aiohttp's
+    # default of 100 the 101st open answer would wait for a connection until the connect timeout.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.upstream_connect_timeout,
                                     sock_read=config.upstream_read_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session, FileFetcher.session(config) as downloads:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
+            FileFetcher.session(config) as downloads:
         app[JANITOR] = Janitor()
         app[KIMI] = DIALECTS[config.kimi_protocol](session, config, FileFetcher(downloads, config))
         app[CHAT_OWNERS] = BoundedMap()

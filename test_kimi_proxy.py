@@ -844,7 +844,7 @@ def token(kimi):
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         yield session
 
 
@@ -1704,6 +1704,19 @@ async def test_hundred_concurrent_streams(http, proxy, kimi):
     await kimi.wait_deleted(100)
     assert sorted(kimi.deleted) == sorted(kimi.created) and kimi.live_chats == []
     assert sum(kimi.refreshes[kimi.user_of(t)] for t in tokens) == 4
+
+
+async def test_more_open_answers_than_a_connection_pool_holds(start_proxy, http, kimi, token):
+    """Each open answer holds one connection to Kimi: the 101st must not wait for a free one."""
+    proxy = await start_proxy(UPSTREAM_CONNECT_TIMEOUT="0.5", MAX_STREAMS_PER_TOKEN="200")
+
+    async def one() -> str:
+        response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:trickle_2"))
+        return content_of(sse_payloads(await response.read()))
+
+    assert await asyncio.gather(*(one() for _ in range(150))) == ["片段0 片段1 "] * 150
+    assert kimi.max_open_streams == 150
+    await kimi.wait_deleted(150)
 
 
 # ---------------------------------------------------------------------------------------------
