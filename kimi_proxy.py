@@ -291,8 +291,9 @@ class KimiDialect(Protocol):
 
     async def model_ids(self) -> list[str]: ...
     async def check_token(self, credential: str) -> bool: ...
-    def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
-        """Ask the plan's question; yields CHAT with the chat id as soon as a chat exists."""
+    def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
+        """Ask the plan's question. Yields the events of each network read together (so they
+        can reach the client in one write), CHAT with the chat id as soon as a chat exists."""
     async def delete_chat(self, credential: str, chat_id: str) -> None: ...
     def close(self) -> None: ...
 
@@ -925,27 +926,26 @@ class LegacyKimi(KimiHTTP):
             return False
         return True
 
-    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
+    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
         """Open (or reuse) a chat and stream the answer; a length-cut answer is continued up to
         3 times in the same chat."""
         if plan.research:
             await self._check_research_quota(credential)
         chat_id = plan.chat_id or await self._create_chat(credential, plan)
-        yield Event(CHAT, chat_id)
+        yield [Event(CHAT, chat_id)]
         body = to_legacy_completion(plan, await self.upload_all(credential, plan, chat_id))
         for continuation in range(MAX_CONTINUATIONS + 1):
             segment = SegmentState()
-            async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as events:
-                async for event in events:
-                    yield event
+            async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as batches:
+                async for batch in batches:
+                    yield batch
             if not segment.truncated:
-                yield DONE_EVENT
+                yield [DONE_EVENT]
                 return
             if segment.id is None or continuation == MAX_CONTINUATIONS:
                 break
             body = to_legacy_continuation(plan, segment.id)
-        yield LENGTH_EVENT
-        yield DONE_EVENT
+        yield [LENGTH_EVENT, DONE_EVENT]
 
     def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
         if kind == "image":
@@ -965,7 +965,7 @@ class LegacyKimi(KimiHTTP):
             pass
 
     async def _stream_segment(self, credential: str, chat_id: str, body: dict,
-                              segment: "SegmentState") -> AsyncIterator[Event]:
+                              segment: "SegmentState") -> AsyncIterator[list[Event]]:
         response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream",
                                     orjson.dumps(body), {"Referer": f"{self._base}/chat/{chat_id}"})
         async with response:
@@ -975,14 +975,11 @@ class LegacyKimi(KimiHTTP):
             decoder = SSEDecoder()
             async with aclosing(self._read_chunks(response)) as chunks:
                 async for data in chunks:
-                    for payload in decoder.feed(data):
-                        event = from_legacy_payload(payload, segment)
-                        if event is not None:
-                            yield event
-                            if event.kind == ERROR:
-                                return
-                        if segment.finished:
-                            return
+                    batch = from_legacy_payloads(decoder.feed(data), segment)
+                    if batch:
+                        yield batch
+                    if segment.finished or segment.failed:
+                        return
             if not segment.truncated:
                 raise upstream_error("Kimi ended the answer stream before finishing the answer")
 
@@ -1047,16 +1044,16 @@ class ConnectKimi(KimiHTTP):
             return False
         return isinstance(answer, dict) and bool(answer.get("subscription"))
 
-    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[Event]:
+    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
         catalog = await self._current_catalog()
         files = await self.upload_all(credential, plan, None)
         request = frame_message(orjson.dumps(to_connect_chat(plan, catalog, self._parents.get(plan.chat_id), files)))
         for attempt in range(2):
             state = ConnectState(silent=plan.silent)
             try:
-                async with aclosing(self._stream_chat(credential, request, state)) as events:
-                    async for event in events:
-                        yield event
+                async with aclosing(self._stream_chat(credential, request, state)) as batches:
+                    async for batch in batches:
+                        yield batch
             except StreamUnauthenticated:
                 # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
                 if state.answered or attempt == 1 or is_access_token(credential):
@@ -1069,20 +1066,21 @@ class ConnectKimi(KimiHTTP):
                     self._parents[state.chat_id or plan.chat_id] = state.message_id
             return
 
-    async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[Event]:
+    async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
         response = await self._call(credential, "POST", CHAT_RPC, request,
                                     {"Content-Type": "application/connect+json"})
         async with response:
             decoder = FrameDecoder()
             async with aclosing(self._read_chunks(response)) as chunks:
                 async for data in chunks:
-                    for flags, payload in decoder.feed(data):
-                        for event in from_connect_frame(flags, payload, state):
-                            yield event
-                        if state.ended:
-                            break
-            for event in from_connect_ending(state):
-                yield event
+                    batch, failure = from_connect_frames(decoder.feed(data), state)
+                    if batch:
+                        yield batch
+                    if failure is not None:
+                        raise failure
+                    if state.ended:
+                        break
+            yield from_connect_ending(state)
 
     async def _delete(self, credential: str, chat_id: str) -> None:
         await self._json_call(credential, "POST", DELETE_CHAT_RPC, {"chat_id": chat_id})
@@ -1475,6 +1473,22 @@ class SegmentState:
     id: str | None = None      # the `req` event id: what a continuation refers to
     truncated: bool = False    # a `length` event came
     finished: bool = False     # `all_done` came
+    failed: bool = False       # an `error` event came
+
+
+def from_legacy_payloads(payloads: list[bytes], segment: SegmentState) -> list[Event]:
+    """The events of one network read; nothing after the end or an error counts."""
+    events = []
+    for payload in payloads:
+        event = from_legacy_payload(payload, segment)
+        if event is not None:
+            events.append(event)
+            if event.kind == ERROR:
+                segment.failed = True
+                break
+        if segment.finished:
+            break
+    return events
 
 
 def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
@@ -1674,6 +1688,20 @@ class ConnectState:
     citations: CitationRewriter = dataclasses.field(default_factory=CitationRewriter)
 
 
+def from_connect_frames(frames: list[tuple[int, bytes]], state: ConnectState) -> tuple[list[Event], ProxyError | None]:
+    """The events of one network read, and the error that ended it, if one did (the events
+    before it still reach the client)."""
+    events: list[Event] = []
+    for flags, payload in frames:
+        try:
+            events += from_connect_frame(flags, payload, state)
+        except ProxyError as failure:
+            return events, failure
+        if state.ended:
+            break
+    return events, None
+
+
 def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[Event]:
     """One Connect envelope -> neutral events. Errors are raised; heartbeats and unknown masks
     say nothing."""
@@ -1871,43 +1899,75 @@ def estimate_tokens(text_bytes: int) -> int:
     return (text_bytes + 3) // 4
 
 
-async def to_pieces(events: AsyncIterator[Event], plan: Plan) -> AsyncIterator[tuple[str, object]]:
-    """Neutral Kimi events -> the pieces of an OpenAI answer, shared by streaming and JSON:
+Piece = tuple[str, object]
+
+
+class AnswerTranslator:
+    """Neutral events -> the pieces of an OpenAI answer, shared by streaming and JSON:
     ("conversation_id", id), ("content" | "reasoning_content", text), ("finish_reason", reason),
-    ("usage", dict). A Kimi error is raised as a ProxyError."""
-    sources = 0
-    after_source = truncated = False
-    received = 0
-    async for event in events:
-        kind = event.kind
-        if kind == TEXT:
-            text = "\n" + event.text if after_source else event.text
-            after_source = False
-            received += len(text.encode())
-            yield "content", text
-        elif kind == REASONING:
-            received += len(event.text.encode())
-            yield "reasoning_content", event.text
-        elif kind == SOURCE:
-            if not plan.silent:
-                sources += 1
-                after_source = True
-                line = f"【检索 {sources}】 [{event.text}]({event.url})\n"
-                received += len(line.encode())
-                yield "content", line
-        elif kind == LENGTH:
-            truncated = True
-        elif kind == CHAT:
-            if plan.keep:
-                yield "conversation_id", event.text
-        elif kind == ERROR:
-            raise upstream_error(f"Kimi stopped the answer: {event.text}")
-        elif kind == DONE:
-            yield "finish_reason", "length" if truncated else "stop"
-            prompt_tokens, completion_tokens = estimate_tokens(len(plan.prompt.encode())), estimate_tokens(received)
-            yield "usage", {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                            "total_tokens": prompt_tokens + completion_tokens}
-            return
+    ("usage", dict). Pure; it numbers the sources and counts what usage is estimated from."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._sources = 0
+        self._after_source = self._truncated = False
+        self._received = 0               # UTF-8 bytes of answer, thinking and source lines
+        self.finished = False
+        self.failure: ProxyError | None = None  # Kimi aborted: nothing after it counts
+
+    def pieces(self, events: list[Event]) -> list[Piece]:
+        pieces: list[Piece] = []
+        for event in events:
+            kind = event.kind
+            if kind == TEXT:
+                text = "\n" + event.text if self._after_source else event.text
+                self._after_source = False
+                self._received += len(text.encode())
+                pieces.append(("content", text))
+            elif kind == REASONING:
+                self._received += len(event.text.encode())
+                pieces.append(("reasoning_content", event.text))
+            elif kind == SOURCE:
+                if not self._plan.silent:
+                    self._sources += 1
+                    self._after_source = True
+                    line = f"【检索 {self._sources}】 [{event.text}]({event.url})\n"
+                    self._received += len(line.encode())
+                    pieces.append(("content", line))
+            elif kind == LENGTH:
+                self._truncated = True
+            elif kind == CHAT:
+                if self._plan.keep:
+                    pieces.append(("conversation_id", event.text))
+            elif kind == ERROR:
+                self.failure = upstream_error(f"Kimi stopped the answer: {event.text}")
+                break
+            elif kind == DONE:
+                self.finished = True
+                pieces += [("finish_reason", "length" if self._truncated else "stop"), ("usage", self._usage())]
+                break
+        return pieces
+
+    def _usage(self) -> dict:
+        prompt_tokens = estimate_tokens(len(self._plan.prompt.encode()))
+        completion_tokens = estimate_tokens(self._received)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def to_pieces(batches: AsyncIterator[list[Event]], plan: Plan) -> AsyncIterator[list[Piece]]:
+    """The answer's pieces, a list for each list of events; a Kimi error is raised after the
+    pieces that came before it."""
+    translator = AnswerTranslator(plan)
+    async with aclosing(batches):  # ending here ends the attempt too, so its chat goes at once
+        async for batch in batches:
+            pieces = translator.pieces(batch)
+            if pieces:
+                yield pieces
+            if translator.failure is not None:
+                raise translator.failure
+            if translator.finished:
+                return
     raise upstream_error("Kimi's answer ended without finishing")
 
 
@@ -1915,15 +1975,16 @@ def new_completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-async def fold_pieces(pieces: AsyncIterator[tuple[str, object]], plan: Plan) -> dict:
+async def fold_pieces(batches: AsyncIterator[list[Piece]], plan: Plan) -> dict:
     """The non-streaming answer: the same pieces the stream sends, folded into one object."""
     parts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
     extra: dict[str, object] = {}
-    async for field, value in pieces:
-        if field in parts:
-            parts[field].append(value)
-        else:
-            extra[field] = value
+    async for pieces in batches:
+        for field, value in pieces:
+            if field in parts:
+                parts[field].append(value)
+            else:
+                extra[field] = value
     message = {"role": "assistant", "content": "".join(parts["content"]), "refusal": None}
     if parts["reasoning_content"]:
         message["reasoning_content"] = "".join(parts["reasoning_content"])
@@ -1935,6 +1996,9 @@ async def fold_pieces(pieces: AsyncIterator[tuple[str, object]], plan: Plan) -> 
     if "conversation_id" in extra:
         completion["conversation_id"] = extra["conversation_id"]
     return completion
+
+
+DELTA_OPENINGS = {"content": b'{"content":', "reasoning_content": b'{"reasoning_content":'}
 
 
 class ChunkEncoder:
@@ -1967,7 +2031,7 @@ class ChunkEncoder:
         if field == "finish_reason":
             chunk = self._choice(b"{}", orjson.dumps(value))
         else:
-            chunk = self._choice(b'{"' + field.encode() + b'":' + orjson.dumps(value) + b"}", b"null")
+            chunk = self._choice(DELTA_OPENINGS[field] + orjson.dumps(value) + b"}", b"null")
         if self._role_sent:
             return chunk
         self._role_sent = True
@@ -2099,7 +2163,7 @@ def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan
     return credentials[start:] + credentials[:start]
 
 
-async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) -> AsyncIterator[Event]:
+async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) -> AsyncIterator[list[Event]]:
     """The answer's neutral events, from the healthiest token Kimi accepts. A token that Kimi
     rejects or rate-limits hands over to the next one, as long as nothing has been yielded. Every
     chat an attempt created is deleted when it ends, unless the client keeps it."""
@@ -2116,16 +2180,17 @@ async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) 
         created: list[str] = []
         answered = False
         try:
-            async with aclosing(kimi.converse(credential, plan)) as events:
-                async for event in events:
-                    if event.kind == CHAT:
-                        if plan.chat_id is None and event.text not in created:
-                            created.append(event.text)
-                            if plan.keep:
-                                app[CHAT_OWNERS][event.text] = credential
-                    else:
-                        answered = answered or event.kind in VISIBLE
-                    yield event
+            async with aclosing(kimi.converse(credential, plan)) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        if event.kind == CHAT:
+                            if plan.chat_id is None and event.text not in created:
+                                created.append(event.text)
+                                if plan.keep:
+                                    app[CHAT_OWNERS][event.text] = credential
+                        elif event.kind in VISIBLE:
+                            answered = True
+                    yield batch
             return
         except ProxyError as error:
             health.note(credential, error)
@@ -2149,7 +2214,7 @@ def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
     return refusals[-1] if refusals else TokenRejected("Kimi has rejected every token of this request")
 
 
-def answer_pieces(request: web.Request, plan: Plan, credentials: list[str]) -> AsyncIterator[tuple[str, object]]:
+def answer_pieces(request: web.Request, plan: Plan, credentials: list[str]) -> AsyncIterator[list[Piece]]:
     return to_pieces(kimi_events(request.app, plan, credentials), plan)
 
 
@@ -2233,23 +2298,25 @@ class SSEStream:
             pass  # the client left; the main loop finds out on its own write or by cancellation
 
 
-async def stream_answer(request: web.Request, plan: Plan, pieces: AsyncIterator[tuple[str, object]]) -> web.StreamResponse:
+async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator[list[Piece]]) -> web.StreamResponse:
     stream = SSEStream(request, request.app[CONFIG].keepalive_interval)
     encoder = ChunkEncoder(plan)
     chunks = 0
     try:
         try:
-            async with request.app[OPEN_REQUESTS].track(), aclosing(pieces), stream.keeping_alive():
-                async for field, value in pieces:
-                    if field == "conversation_id":
-                        encoder.set_conversation(value)
-                        if not stream.started:
-                            stream.response.headers["X-Conversation-Id"] = value
-                        continue
-                    data = encoder.encode(field, value)
-                    if data:
-                        chunks += 1
-                        await stream.send(data)
+            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream.keeping_alive():
+                async for pieces in batches:
+                    encoded = []
+                    for field, value in pieces:
+                        if field == "conversation_id":
+                            encoder.set_conversation(value)
+                            if not stream.started:
+                                stream.response.headers["X-Conversation-Id"] = value
+                        elif data := encoder.encode(field, value):
+                            encoded.append(data)
+                    if encoded:  # what one read from Kimi brought goes out in one write
+                        chunks += len(encoded)
+                        await stream.send(b"".join(encoded))
         except ProxyError as error:
             if not stream.started:
                 raise
