@@ -2259,6 +2259,8 @@ class SSEStream:
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
         self._start_lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._pinging: asyncio.Future | None = None
         self.response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
@@ -2279,23 +2281,30 @@ class SSEStream:
 
     @asynccontextmanager
     async def keeping_alive(self):
-        task = asyncio.ensure_future(self._keep_alive())
+        """SSE comments while the answer is silent. A timer, not a task per stream: a task is
+        made only in the rare moment a keep-alive is due."""
+        self._timer = self._loop.call_later(self._interval, self._keep_alive_due)
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            self._timer.cancel()
+            if self._pinging is not None:
+                self._pinging.cancel()
+                await asyncio.gather(self._pinging, return_exceptions=True)
 
-    async def _keep_alive(self) -> None:
+    def _keep_alive_due(self) -> None:
+        silent = self._loop.time() - self._last_write
+        if silent < self._interval:
+            self._timer = self._loop.call_later(self._interval - silent, self._keep_alive_due)
+        else:
+            self._pinging = asyncio.ensure_future(self._ping())
+
+    async def _ping(self) -> None:
         try:
-            while True:
-                wait = self._last_write + self._interval - self._loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                else:
-                    await self.send(self.KEEPALIVE)
+            await self.send(self.KEEPALIVE)
         except ConnectionError:
-            pass  # the client left; the main loop finds out on its own write or by cancellation
+            return  # the client left; the main loop finds out on its own write or by cancellation
+        self._timer = self._loop.call_later(self._interval, self._keep_alive_due)
 
 
 async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator[list[Piece]]) -> web.StreamResponse:
