@@ -54,8 +54,9 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from typing import AsyncIterator, Awaitable, Mapping, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import aiohttp
 import aiohttp.abc

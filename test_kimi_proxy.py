@@ -2231,7 +2231,7 @@ async def test_sigterm_ends_open_streams_and_deletes_their_chats(kimi, http):
         if server.returncode is None:
             server.kill()
             await server.wait()
-    for first_line, body in zip(first_lines, bodies):
+    for first_line, body in zip(first_lines, bodies, strict=True):
         *chunks, error = sse_payloads(first_line + body)
         assert chunks and assert_envelope(error, "shutting_down")
     assert len(kimi.created) == 20 and sorted(kimi.deleted) == sorted(kimi.created)
