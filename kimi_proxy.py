@@ -354,8 +354,8 @@ def is_access_token(credential: str) -> bool:
 
 class Grant(NamedTuple):
     access_token: str
-    user_id: str
     renew_at: float  # loop time after which the access token is renewed
+    headers: dict    # what every call with this access token sends, built once
 
 
 def renewal_time(access_token: str, now_wall: float, now_loop: float) -> float:
@@ -549,8 +549,11 @@ class KimiHTTP:
             error.cool_down = OUTAGE_COOL_DOWN
         return error
 
-    def _auth_headers(self, grant: Grant) -> dict[str, str]:
-        return {**self._headers, "Authorization": f"Bearer {grant.access_token}", "X-Traffic-Id": grant.user_id}
+    def _new_grant(self, access_token: str, user_id: str, renew_at: float) -> Grant:
+        return Grant(access_token, renew_at, self._auth_headers(access_token, user_id))
+
+    def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
+        return {**self._headers, "Authorization": f"Bearer {access_token}", "X-Traffic-Id": user_id}
 
     # -- shared ------------------------------------------------------------------------------------
 
@@ -594,7 +597,7 @@ class KimiHTTP:
         """An authenticated call that answered 2xx; an access token Kimi rejects is renewed once."""
         for _ in range(2):
             grant = await self.tokens.get(credential)
-            response = await self._send(method, path, {**self._auth_headers(grant), **(headers or {})}, data)
+            response = await self._send(method, path, {**grant.headers, **headers} if headers else grant.headers, data)
             if response.status < 300:
                 return response
             async with response:
@@ -995,7 +998,8 @@ class LegacyKimi(KimiHTTP):
         if response.status >= 300 or not isinstance(user_id, str) or not user_id:
             raise TokenRejected()
         log.debug("renewed a Kimi access token")
-        return Grant(access_token, user_id, renewal_time(access_token, time.time(), asyncio.get_running_loop().time()))
+        return self._new_grant(access_token, user_id,
+                               renewal_time(access_token, time.time(), asyncio.get_running_loop().time()))
 
     def _is_auth_failure(self, status: int, body: object) -> bool:
         return status == 401 or (isinstance(body, dict) and body.get("error_type") == "auth.token.invalid")
@@ -1114,16 +1118,16 @@ class ConnectKimi(KimiHTTP):
             if isinstance(exp, (int, float)) and exp <= now_wall:
                 raise self._rejected(credential)
             until = now_loop + (exp - now_wall if isinstance(exp, (int, float)) else ACCESS_TOKEN_DEFAULT_LIFETIME)
-            return Grant(credential, str(claims.get("sub", "")), until)
+            return self._new_grant(credential, str(claims.get("sub", "")), until)
         access_token, rotated = await self._exchange(self._refresh_tokens.get(credential, credential))
         self._refresh_tokens[credential] = rotated
         log.debug("renewed a Kimi access token")
-        return Grant(access_token, str(jwt_claims(access_token).get("sub", "")),
-                     renewal_time(access_token, now_wall, now_loop))
+        return self._new_grant(access_token, str(jwt_claims(access_token).get("sub", "")),
+                               renewal_time(access_token, now_wall, now_loop))
 
-    def _auth_headers(self, grant: Grant) -> dict[str, str]:
-        headers = super()._auth_headers(grant)
-        claims = jwt_claims(grant.access_token)
+    def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
+        headers = super()._auth_headers(access_token, user_id)
+        claims = jwt_claims(access_token)
         for header, claim in (("X-Msh-Device-Id", "device_id"), ("X-Msh-Session-Id", "ssid")):
             if isinstance(claims.get(claim), str):
                 headers[header] = claims[claim]
