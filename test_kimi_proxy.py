@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -116,7 +117,8 @@ class FakeKimiBase:
 
     def issue_access_token(self, user_id: str, ttl: float) -> str:
         now = time.time()
-        token = make_jwt({"typ": "access", "app_id": "kimi", "sub": user_id, "iat": int(now), "exp": int(now + ttl),
+        # exp in whole seconds, rounded up: truncated, a 1 s token could claim to expire at once
+        token = make_jwt({"typ": "access", "app_id": "kimi", "sub": user_id, "iat": int(now), "exp": math.ceil(now + ttl),
                           "jti": xid(), "device_id": "7651000000000000001", "ssid": "1731090000000000001"})
         self.access[token] = (user_id, now + ttl)
         return token
