@@ -467,7 +467,8 @@ class TokenHealth:
                 pass
 
     def release(self, token: str) -> None:
-        self.state(token).in_flight -= 1
+        state = self.state(token)  # (recreated if >10,000 passthrough tokens pushed it out meanwhile)
+        state.in_flight = max(0, state.in_flight - 1)
         self._released.set()
         self._released = asyncio.Event()
 
