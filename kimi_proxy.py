@@ -502,6 +502,12 @@ def browser_headers(base_url: str) -> dict[str, str]:
     }
 
 
+def json_body(value: object) -> bytes:
+    """A request body for Kimi. orjson's bytes keep the 4 KB buffer they were written into, and
+    aiohttp holds a body as long as its answer streams, so the body is copied to its own size."""
+    return bytes(memoryview(orjson.dumps(value)))
+
+
 async def read_kimi_json(response: aiohttp.ClientResponse) -> object:
     """A Kimi JSON body, or None when it is not JSON."""
     try:
@@ -589,7 +595,7 @@ class KimiHTTP:
         return access, refresh if isinstance(refresh, str) and refresh else refresh_token
 
     async def _json_call(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
-        data = None if body is None else orjson.dumps(body)
+        data = None if body is None else json_body(body)
         async with await self._call(credential, method, path, data) as response:
             return await read_kimi_json(response)
 
@@ -703,7 +709,7 @@ class KimiHTTP:
     async def _parse_progress(self, credential: str, file_id: str) -> str | None:
         """The last status the parse_process stream reports (it ends when parsing ends, or earlier)."""
         status = None
-        response = await self._call(credential, "POST", "/api/file/parse_process", orjson.dumps({"ids": [file_id]}))
+        response = await self._call(credential, "POST", "/api/file/parse_process", json_body({"ids": [file_id]}))
         async with response:
             decoder = SSEDecoder()
             async with aclosing(self._read_chunks(response)) as chunks:
@@ -972,7 +978,7 @@ class LegacyKimi(KimiHTTP):
     async def _stream_segment(self, credential: str, chat_id: str, body: dict,
                               segment: "SegmentState") -> AsyncIterator[list[Event]]:
         response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream",
-                                    orjson.dumps(body), {"Referer": f"{self._base}/chat/{chat_id}"})
+                                    json_body(body), {"Referer": f"{self._base}/chat/{chat_id}"})
         async with response:
             if "json" in response.headers.get("Content-Type", ""):
                 # an error body with status 200 instead of a stream

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -1068,6 +1069,19 @@ def test_refresh_time_uses_jwt_exp():
     assert kp.renewal_time(make_jwt({"exp": int(now) + 900}), now, 0) == pytest.approx(900 - 180)
     assert kp.renewal_time(long, now, 0) == pytest.approx(86400 - 240)
     assert kp.renewal_time("opaque-token", now, 0) == kp.ACCESS_TOKEN_DEFAULT_LIFETIME
+
+
+def test_kimi_request_bodies_take_only_their_own_size():
+    # a thousand open answers each hold their request body; orjson's own bytes would take 4 KB each
+    value = {"messages": [{"role": "user", "content": "hi\n"}], "use_search": True}
+    tracemalloc.start()
+    try:
+        bodies = [kp.json_body(value) for _ in range(200)]
+        traced, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert bodies[0] == orjson.dumps(value) and type(bodies[0]) is bytes
+    assert traced < 200 * 256
 
 
 @pytest.mark.parametrize("env, variable", [
