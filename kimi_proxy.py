@@ -2558,7 +2558,7 @@ async def start_server(config: Config) -> web.AppRunner:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="OpenAI-compatible API for Kimi's web chat")
+    parser = argparse.ArgumentParser(prog="kimi_proxy.py", description="OpenAI-compatible API for Kimi's web chat")
     parser.add_argument("--host", help="address to listen on (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port to listen on (env PORT, default 8000)")
     args = parser.parse_args(argv)
@@ -2574,5 +2574,23 @@ def main(argv: list[str] | None = None) -> None:
     web.run_app(create_app(config), host=config.host, port=config.port, print=None, **runner_options(config))
 
 
+def run_as_import() -> None:
+    """Run the server from this file imported as a module, in place of this script.
+
+    CPython keeps the syntax tree of a script it runs (about 6 MB for this file) until the script
+    returns, which for a server is never; a module frees it as soon as it is compiled. So the
+    script becomes a fresh interpreter (same process id, options and arguments) that imports it.
+    """
+    if os.name != "posix" or not sys.executable:
+        return main()
+    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    boot = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import kimi_proxy; kimi_proxy.main()")
+    os.execv(sys.executable, [sys.executable, *options, "-c", boot, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
-    main()
+    if __spec__ is None:  # `python kimi_proxy.py`; `python -m kimi_proxy` is an import already
+        run_as_import()
+    else:
+        main()
