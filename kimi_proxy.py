@@ -439,7 +439,7 @@ class TokenHealth:
             state = self._seen[token] = TokenState()
         return state
 
-    async def acquire(self, candidates: list[str], tried: set[str]) -> str:
+    async def acquire(self, candidates: list[str], tried: list[str]) -> str:
         """A token for one answer; waits (within the queue timeout) while all are at the cap."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._queue_timeout
@@ -520,6 +520,23 @@ def retry_after_seconds(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+class ReadFailures:
+    """Around the loop that reads an answer stream: its transport failures become ProxyErrors.
+    One object serves every stream (a wrapping generator would cost each open stream its frame)."""
+
+    def __init__(self, read_timeout: float) -> None:
+        self._read_timeout = read_timeout
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+        if isinstance(error, asyncio.TimeoutError):
+            raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
+        if isinstance(error, aiohttp.ClientError):
+            raise upstream_error("The connection to Kimi broke off mid-answer") from None
+
+
 class KimiHTTP:
     """What both dialects share: the session, retries of failed calls, and access tokens that
     are renewed before expiry and once more when Kimi rejects them."""
@@ -531,7 +548,7 @@ class KimiHTTP:
         self._fetcher = fetcher
         self._base = config.kimi_base_url
         self._headers = browser_headers(config.kimi_base_url)
-        self._read_timeout = config.upstream_read_timeout
+        self._read_failures = ReadFailures(config.upstream_read_timeout)
         self._parse_timeout = config.file_parse_timeout
         self.tokens = AccessTokens(self._grant)
 
@@ -712,23 +729,13 @@ class KimiHTTP:
         response = await self._call(credential, "POST", "/api/file/parse_process", json_body({"ids": [file_id]}))
         async with response:
             decoder = SSEDecoder()
-            async with aclosing(self._read_chunks(response)) as chunks:
-                async for data in chunks:
+            with self._read_failures:
+                async for data in response.content.iter_any():
                     for payload in decoder.feed(data):
                         status = from_parse_event(payload) or status
                         if status in ("parsed", "failed"):
                             return status
         return status
-
-    async def _read_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """An answer stream's bytes as they arrive, with transport failures as ProxyErrors."""
-        try:
-            async for data in response.content.iter_any():
-                yield data
-        except asyncio.TimeoutError:
-            raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
-        except aiohttp.ClientError:
-            raise upstream_error("The connection to Kimi broke off mid-answer") from None
 
 
 # -- files: fetching what clients point at, safely -------------------------------------------------
@@ -984,8 +991,8 @@ class LegacyKimi(KimiHTTP):
                 # an error body with status 200 instead of a stream
                 raise self._failure(response.status, await read_kimi_json(response), None)
             decoder = SSEDecoder()
-            async with aclosing(self._read_chunks(response)) as chunks:
-                async for data in chunks:
+            with self._read_failures:
+                async for data in response.content.iter_any():
                     batch = from_legacy_payloads(decoder.feed(data), segment)
                     if batch:
                         yield batch
@@ -1083,8 +1090,8 @@ class ConnectKimi(KimiHTTP):
                                     {"Content-Type": "application/connect+json"})
         async with response:
             decoder = FrameDecoder()
-            async with aclosing(self._read_chunks(response)) as chunks:
-                async for data in chunks:
+            with self._read_failures:
+                async for data in response.content.iter_any():
                     batch, failure = from_connect_frames(decoder.feed(data), state)
                     if batch:
                         yield batch
@@ -2181,14 +2188,14 @@ async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) 
     chat an attempt created is deleted when it ends, unless the client keeps it."""
     kimi, janitor, health = app[KIMI], app[JANITOR], app[TOKEN_HEALTH]
     candidates = credentials_in_turn(app, credentials, plan)
-    tried: set[str] = set()
+    tried: list[str] = []
     refusals: list[ProxyError] = []
     while True:
         try:
             credential = await health.acquire(candidates, tried)
         except NoTokenLeft:
             raise strongest_refusal(refusals) from None
-        tried.add(credential)
+        tried.append(credential)
         created: list[str] = []
         answered = False
         try:
@@ -2242,11 +2249,16 @@ async def read_json_object(request: web.Request) -> dict:
     return body
 
 
+async def read_plan(request: web.Request) -> Plan:
+    """The request as a Plan; the parsed body goes once planned, not held while the answer streams."""
+    config = request.app[CONFIG]
+    return to_plan(await read_json_object(request), request.app[KIMI].wraps_links, config.max_messages,
+                   int(config.max_file_mb * 2**20))
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     credentials = request_credentials(request)
-    body = await read_json_object(request)
-    config = request.app[CONFIG]
-    plan = to_plan(body, request.app[KIMI].wraps_links, config.max_messages, int(config.max_file_mb * 2**20))
+    plan = await read_plan(request)
     request[MODEL] = plan.model
     pieces = answer_pieces(request, plan, credentials)
     if plan.stream:
@@ -2291,18 +2303,17 @@ class SSEStream:
         self._last_write = self._loop.time()
         await self.response.write(data)
 
-    @asynccontextmanager
-    async def keeping_alive(self):
-        """SSE comments while the answer is silent. A timer, not a task per stream: a task is
-        made only in the rare moment a keep-alive is due."""
+    async def __aenter__(self) -> "SSEStream":
+        """Inside `async with`, SSE comments keep a silent answer alive. A timer, not a task per
+        stream: a task is made only in the rare moment a keep-alive is due."""
         self._timer = self._loop.call_later(self._interval, self._keep_alive_due)
-        try:
-            yield
-        finally:
-            self._timer.cancel()
-            if self._pinging is not None:
-                self._pinging.cancel()
-                await asyncio.gather(self._pinging, return_exceptions=True)
+        return self
+
+    async def __aexit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+        self._timer.cancel()
+        if self._pinging is not None:
+            self._pinging.cancel()
+            await asyncio.gather(self._pinging, return_exceptions=True)
 
     def _keep_alive_due(self) -> None:
         silent = self._loop.time() - self._last_write
@@ -2325,7 +2336,7 @@ async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator
     chunks = 0
     try:
         try:
-            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream.keeping_alive():
+            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream:
                 async for pieces in batches:
                     encoded = []
                     for field, value in pieces:
