@@ -2082,24 +2082,17 @@ class OpenRequests:
     def count(self) -> int:
         return len(self._deadlines)
 
-    @asynccontextmanager
-    async def track(self):
-        deadline = asyncio.timeout(None)
-        try:
-            async with deadline:
-                self._deadlines.add(deadline)
-                self._idle.clear()
-                try:
-                    yield
-                finally:
-                    self._deadlines.discard(deadline)
-                    if not self._deadlines:
-                        self._idle.set()
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise ProxyError(503, "kimi_proxy is shutting down; ask again", error_type="service_unavailable_error",
-                             code="shutting_down") from None
+    def track(self) -> "OpenRequest":
+        return OpenRequest(self)
+
+    def _opened(self, deadline: asyncio.Timeout) -> None:
+        self._deadlines.add(deadline)
+        self._idle.clear()
+
+    def _closed(self, deadline: asyncio.Timeout) -> None:
+        self._deadlines.discard(deadline)
+        if not self._deadlines:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -2113,6 +2106,29 @@ class OpenRequests:
         now = asyncio.get_running_loop().time()
         for deadline in self._deadlines:
             deadline.reschedule(now)
+
+
+class OpenRequest:
+    """`async with` one request of OpenRequests: answered under a deadline that shutdown can cut.
+    (A class, not a generator-based context manager: a thousand open streams each hold one.)"""
+
+    def __init__(self, requests: OpenRequests) -> None:
+        self._requests = requests
+        self._deadline = asyncio.timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self._deadline.__aenter__()
+        self._requests._opened(self._deadline)
+
+    async def __aexit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+        self._requests._closed(self._deadline)
+        try:
+            await self._deadline.__aexit__(kind, error, traceback)
+        except TimeoutError:
+            if not self._deadline.expired():
+                raise
+            raise ProxyError(503, "kimi_proxy is shutting down; ask again", error_type="service_unavailable_error",
+                             code="shutting_down") from None
 
 
 CONFIG = web.AppKey("config", Config)
