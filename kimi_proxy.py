@@ -62,7 +62,8 @@ import aiohttp
 import aiohttp.abc
 import orjson
 import yarl
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 
 log = logging.getLogger("kimi_proxy")
 
@@ -488,17 +489,24 @@ class TokenHealth:
                 for token, state in itertools.chain(self._pool.items(), self._seen.items())]
 
 
+# Header names for Kimi are istr (aiohttp.hdrs has the standard ones): aiohttp case-folds a plain
+# str name anew on every call and keeps that copy while the answer streams, about 1.8 KB for
+# each open stream with this many headers.
+X_MSH_PLATFORM, X_MSH_DEVICE_ID, X_MSH_SESSION_ID, X_TRAFFIC_ID, CONNECT_PROTOCOL_VERSION = map(istr, (
+    "X-Msh-Platform", "X-Msh-Device-Id", "X-Msh-Session-Id", "X-Traffic-Id", "Connect-Protocol-Version"))
+
+
 def browser_headers(base_url: str) -> dict[str, str]:
     """Headers Kimi's web app sends on every call; the device ids are fixed per process."""
     return {
-        "Accept": "*/*",
-        "Accept-Language": "zh-CN,zh;q=0.9,en-US;q=0.8,en;q=0.7",
-        "Origin": base_url,
-        "User-Agent": ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-                       "(KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
-        "X-Msh-Platform": "web",
-        "X-Msh-Device-Id": "7" + "".join(random.choices("0123456789", k=18)),
-        "X-Msh-Session-Id": "17" + "".join(random.choices("0123456789", k=17)),
+        hdrs.ACCEPT: "*/*",
+        hdrs.ACCEPT_LANGUAGE: "zh-CN,zh;q=0.9,en-US;q=0.8,en;q=0.7",
+        hdrs.ORIGIN: base_url,
+        hdrs.USER_AGENT: ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                          "(KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
+        X_MSH_PLATFORM: "web",
+        X_MSH_DEVICE_ID: "7" + "".join(random.choices("0123456789", k=18)),
+        X_MSH_SESSION_ID: "17" + "".join(random.choices("0123456789", k=17)),
     }
 
 
@@ -577,7 +585,7 @@ class KimiHTTP:
         return Grant(access_token, renew_at, self._auth_headers(access_token, user_id))
 
     def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
-        return {**self._headers, "Authorization": f"Bearer {access_token}", "X-Traffic-Id": user_id}
+        return {**self._headers, hdrs.AUTHORIZATION: f"Bearer {access_token}", X_TRAFFIC_ID: user_id}
 
     # -- shared ------------------------------------------------------------------------------------
 
@@ -598,7 +606,7 @@ class KimiHTTP:
     async def _exchange(self, refresh_token: str) -> tuple[str, str]:
         """Trade a refresh token for (access token, next refresh token) at Kimi's REST endpoint,
         which both dialects use."""
-        headers = {**self._headers, "Authorization": f"Bearer {refresh_token}"}
+        headers = {**self._headers, hdrs.AUTHORIZATION: f"Bearer {refresh_token}"}
         async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
             body = await read_kimi_json(response)
         if response.status >= 500 or response.status == 429:
@@ -634,8 +642,8 @@ class KimiHTTP:
 
     async def _send(self, method: str, path: str, headers: dict, data: bytes | None = None) -> aiohttp.ClientResponse:
         """One HTTP call, tried again (twice at most) on a dead connection or a 5xx."""
-        if data is not None and "Content-Type" not in headers:
-            headers = {**headers, "Content-Type": "application/json"}
+        if data is not None and hdrs.CONTENT_TYPE not in headers:
+            headers = {**headers, hdrs.CONTENT_TYPE: "application/json"}
         for backoff in (*RETRY_BACKOFF, None):
             try:
                 response = await self._session.request(method, self._base + path, headers=headers, data=data)
@@ -985,7 +993,7 @@ class LegacyKimi(KimiHTTP):
     async def _stream_segment(self, credential: str, chat_id: str, body: dict,
                               segment: "SegmentState") -> AsyncIterator[list[Event]]:
         response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream",
-                                    json_body(body), {"Referer": f"{self._base}/chat/{chat_id}"})
+                                    json_body(body), {hdrs.REFERER: f"{self._base}/chat/{chat_id}"})
         async with response:
             if "json" in response.headers.get("Content-Type", ""):
                 # an error body with status 200 instead of a stream
@@ -1003,7 +1011,7 @@ class LegacyKimi(KimiHTTP):
 
     async def _grant(self, credential: str) -> Grant:
         access_token, _ = await self._exchange(credential)  # the old refresh token stays valid here
-        headers = {**self._headers, "Authorization": f"Bearer {access_token}"}
+        headers = {**self._headers, hdrs.AUTHORIZATION: f"Bearer {access_token}"}
         async with await self._send("GET", "/api/user", headers) as response:
             user = await read_kimi_json(response)
         if response.status >= 500 or response.status == 429:
@@ -1046,7 +1054,7 @@ class ConnectKimi(KimiHTTP):
 
     def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher") -> None:
         super().__init__(session, config, fetcher)
-        self._headers = {**self._headers, "Referer": self._base + "/", "Connect-Protocol-Version": "1"}
+        self._headers = {**self._headers, hdrs.REFERER: self._base + "/", CONNECT_PROTOCOL_VERSION: "1"}
         self._refresh_tokens: dict[str, str] = {}  # credential -> newest refresh token (Kimi rotates them)
         self._parents = BoundedMap()              # chat id -> last assistant message id
         self._catalog: Catalog | None = None
@@ -1087,7 +1095,7 @@ class ConnectKimi(KimiHTTP):
 
     async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
         response = await self._call(credential, "POST", CHAT_RPC, request,
-                                    {"Content-Type": "application/connect+json"})
+                                    {hdrs.CONTENT_TYPE: "application/connect+json"})
         async with response:
             decoder = FrameDecoder()
             with self._read_failures:
@@ -1142,7 +1150,7 @@ class ConnectKimi(KimiHTTP):
     def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
         headers = super()._auth_headers(access_token, user_id)
         claims = jwt_claims(access_token)
-        for header, claim in (("X-Msh-Device-Id", "device_id"), ("X-Msh-Session-Id", "ssid")):
+        for header, claim in ((X_MSH_DEVICE_ID, "device_id"), (X_MSH_SESSION_ID, "ssid")):
             if isinstance(claims.get(claim), str):
                 headers[header] = claims[claim]
         return headers
@@ -2145,6 +2153,10 @@ CHUNKS_SENT = web.RequestKey("chunks_sent", int)
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 REQUEST_ID = web.RequestKey("request_id", str)
 
+# our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
+# last response (and its headers) until the next one is answered
+X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering"))
+
 
 def bearer_value(request: web.Request) -> str:
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
@@ -2283,7 +2295,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         completion = await fold_pieces(pieces, plan)
     response = web.Response(body=orjson.dumps(completion), content_type="application/json")
     if "conversation_id" in completion:
-        response.headers["X-Conversation-Id"] = completion["conversation_id"]
+        response.headers[X_CONVERSATION_ID] = completion["conversation_id"]
     return response
 
 
@@ -2302,9 +2314,9 @@ class SSEStream:
         self._timer: asyncio.TimerHandle | None = None
         self._pinging: asyncio.Future | None = None
         self.response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
+            hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+            hdrs.CACHE_CONTROL: "no-cache",
+            X_ACCEL_BUFFERING: "no",
         })
 
     @property
@@ -2359,7 +2371,7 @@ async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator
                         if field == "conversation_id":
                             encoder.set_conversation(value)
                             if not stream.started:
-                                stream.response.headers["X-Conversation-Id"] = value
+                                stream.response.headers[X_CONVERSATION_ID] = value
                         elif data := encoder.encode(field, value):
                             encoded.append(data)
                     if encoded:  # what one read from Kimi brought goes out in one write
@@ -2501,9 +2513,9 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and a request id on every response, streams and errors included."""
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After, X-Conversation-Id"
-    response.headers["X-Request-ID"] = request.setdefault(REQUEST_ID, secrets.token_hex(8))
+    response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*"
+    response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Request-ID, Retry-After, X-Conversation-Id"
+    response.headers[X_REQUEST_ID] = request.setdefault(REQUEST_ID, secrets.token_hex(8))
 
 
 # ---------------------------------------------------------------------------------------------
