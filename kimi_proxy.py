@@ -538,7 +538,7 @@ class ReadFailures:
     def __enter__(self) -> None:
         pass
 
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
         if isinstance(error, asyncio.TimeoutError):
             raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
         if isinstance(error, aiohttp.ClientError):
@@ -2128,7 +2128,8 @@ class OpenRequest:
         await self._deadline.__aenter__()
         self._requests._opened(self._deadline)
 
-    async def __aexit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: object) -> None:
         self._requests._closed(self._deadline)
         try:
             await self._deadline.__aexit__(kind, error, traceback)
@@ -2337,7 +2338,8 @@ class SSEStream:
         self._timer = self._loop.call_later(self._interval, self._keep_alive_due)
         return self
 
-    async def __aexit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: object) -> None:
         self._timer.cancel()
         if self._pinging is not None:
             self._pinging.cancel()
