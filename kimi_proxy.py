@@ -2622,7 +2622,7 @@ def run_as_import() -> None:
     returns, which for a server is never; a module frees it as soon as it is compiled. So the
     script becomes a fresh interpreter (same process id, options and arguments) that imports it.
     """
-    if os.name != "posix" or not sys.executable:
+    if os.name != "posix" or not sys.executable or not os.path.isfile(__file__):  # (`python - < kimi_proxy.py`)
         return main()
     options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     boot = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "

@@ -1816,6 +1816,10 @@ def test_script_hands_over_to_an_import_with_its_options(tmp_path):
     assert result.returncode == 0
     assert result.stdout.startswith("usage: kimi_proxy.py ")
     assert re.search(r"\| kimi_proxy$", result.stderr, re.MULTILINE)
+    with open(script, "rb") as source:  # a script with no file to import runs as it is
+        result = subprocess.run([sys.executable, "-", "--help"], stdin=source, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("usage: kimi_proxy.py ")
 
 
 def test_bad_setting_stops_startup_with_one_line():
