@@ -251,7 +251,7 @@ def error_response(error: ProxyError) -> web.Response:
     response = web.Response(status=error.status, body=orjson.dumps(error.envelope()) + b"\n",
                             content_type="application/json")
     if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
+        response.headers[hdrs.RETRY_AFTER] = str(error.retry_after)
     return response
 
 
@@ -699,7 +699,7 @@ class KimiHTTP:
 
     async def _put(self, url: str, source: Source, part: str) -> None:
         # only the storage's own signature: a browser sends it no Kimi credentials
-        headers = {"Content-Type": source.mime, "Content-Length": str(source.size)}
+        headers = {hdrs.CONTENT_TYPE: source.mime, hdrs.CONTENT_LENGTH: str(source.size)}
         try:
             async with self._session.put(url, data=source.chunks, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
@@ -2093,11 +2093,11 @@ class OpenRequests:
     def track(self) -> "OpenRequest":
         return OpenRequest(self)
 
-    def _opened(self, deadline: asyncio.Timeout) -> None:
+    def opened(self, deadline: asyncio.Timeout) -> None:
         self._deadlines.add(deadline)
         self._idle.clear()
 
-    def _closed(self, deadline: asyncio.Timeout) -> None:
+    def closed(self, deadline: asyncio.Timeout) -> None:
         self._deadlines.discard(deadline)
         if not self._deadlines:
             self._idle.set()
@@ -2126,11 +2126,11 @@ class OpenRequest:
 
     async def __aenter__(self) -> None:
         await self._deadline.__aenter__()
-        self._requests._opened(self._deadline)
+        self._requests.opened(self._deadline)
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
                         traceback: object) -> None:
-        self._requests._closed(self._deadline)
+        self._requests.closed(self._deadline)
         try:
             await self._deadline.__aexit__(kind, error, traceback)
         except TimeoutError:
@@ -2455,9 +2455,9 @@ def preflight(request: web.Request) -> web.Response:
     requested = request.headers.get("Access-Control-Request-Headers", "")
     allowed = {"authorization", "content-type"} | {h.strip().lower() for h in requested.split(",") if h.strip()}
     return web.Response(status=204, headers={
-        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-        "Access-Control-Allow-Headers": ", ".join(sorted(allowed)),
-        "Access-Control-Max-Age": "86400",
+        hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, OPTIONS",
+        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(sorted(allowed)),
+        hdrs.ACCESS_CONTROL_MAX_AGE: "86400",
     })
 
 
@@ -2481,7 +2481,7 @@ def from_http_exception(request: web.Request, error: web.HTTPException) -> web.R
         message = error.reason
     response = error_response(ProxyError(error.status, message, error_type=type_, code=code))
     if "Allow" in error.headers:
-        response.headers["Allow"] = error.headers["Allow"]
+        response.headers[hdrs.ALLOW] = error.headers[hdrs.ALLOW]
     return response
 
 
