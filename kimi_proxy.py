@@ -15,6 +15,9 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     HOST, PORT                 where to listen (0.0.0.0, 8000)
     KIMI_PROTOCOL              Kimi's dialect: connect (www.kimi.com today) or legacy (REST + SSE)
     KIMI_BASE_URL              Kimi's address (https://www.kimi.com, legacy: https://kimi.moonshot.cn)
+    KIMI_AUTH_URL              where connect tokens are renewed (https://auth.kimi.com for www.kimi.com,
+                               https://auth.kimi.ai for www.kimi.ai, else KIMI_BASE_URL)
+    KIMI_TOKEN_STORE           a file that keeps the newest (rotated) refresh tokens across restarts (none)
     UPSTREAM_CONNECT_TIMEOUT   seconds to connect to Kimi (10)
     UPSTREAM_READ_TIMEOUT      seconds without a byte from Kimi before giving up (120)
     KEEPALIVE_INTERVAL         seconds of silence before an SSE keep-alive comment (15)
@@ -73,6 +76,7 @@ log = logging.getLogger("kimi_proxy")
 # ---------------------------------------------------------------------------------------------
 
 PROTOCOLS = {"connect": "https://www.kimi.com", "legacy": "https://kimi.moonshot.cn"}
+AUTH_HOSTS = {"https://www.kimi.com": "https://auth.kimi.com", "https://www.kimi.ai": "https://auth.kimi.ai"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -86,6 +90,8 @@ class Config:
     port: int = 8000
     kimi_base_url: str = PROTOCOLS["connect"]
     kimi_protocol: str = "connect"
+    kimi_auth_url: str = AUTH_HOSTS[PROTOCOLS["connect"]]
+    kimi_token_store: str | None = None
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 120.0
     keepalive_interval: float = 15.0
@@ -108,9 +114,8 @@ class Config:
         protocol = env.get("KIMI_PROTOCOL", "connect").strip().lower()
         if protocol not in PROTOCOLS:
             raise ConfigError(f"KIMI_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-        base_url = env.get("KIMI_BASE_URL", "").strip().rstrip("/") or PROTOCOLS[protocol]
-        if not re.match(r"https?://[^/\s]+", base_url):
-            raise ConfigError(f"KIMI_BASE_URL must be an http(s) URL, got {base_url!r}")
+        base_url = _url_setting(env, "KIMI_BASE_URL", PROTOCOLS[protocol])
+        auth_url = _url_setting(env, "KIMI_AUTH_URL", AUTH_HOSTS.get(base_url, base_url))
         log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -123,6 +128,8 @@ class Config:
             port=_port_setting(env, "PORT", cls.port),
             kimi_base_url=base_url,
             kimi_protocol=protocol,
+            kimi_auth_url=auth_url,
+            kimi_token_store=env.get("KIMI_TOKEN_STORE", "").strip() or None,
             upstream_connect_timeout=_positive_setting(env, "UPSTREAM_CONNECT_TIMEOUT", cls.upstream_connect_timeout),
             upstream_read_timeout=_positive_setting(env, "UPSTREAM_READ_TIMEOUT", cls.upstream_read_timeout),
             keepalive_interval=_positive_setting(env, "KEEPALIVE_INTERVAL", cls.keepalive_interval),
@@ -145,6 +152,13 @@ class Config:
 def split_list(value: str) -> list[str]:
     """A comma-separated list (tokens, keys), without blanks."""
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
+    url = env.get(name, "").strip().rstrip("/") or default
+    if not re.match(r"https?://[^/\s]+", url):
+        raise ConfigError(f"{name} must be an http(s) URL, got {url!r}")
+    return url
 
 
 def _port_setting(env: Mapping[str, str], name: str, default: int) -> int:
@@ -290,8 +304,10 @@ class KimiDialect(Protocol):
     """What the handlers need from a Kimi dialect. Errors are raised as ProxyError."""
 
     wraps_links: bool  # whether user links are sent in the web app's <url> markup
+    chat_ids: re.Pattern  # the shape of the chat ids this dialect issues
+    chat_id_shape: str    # that shape in words, for error messages
 
-    async def model_ids(self) -> list[str]: ...
+    async def model_ids(self, credential: str | None = None) -> list[str]: ...
     async def check_token(self, credential: str) -> bool: ...
     def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
         """Ask the plan's question. Yields the events of each network read together (so they
@@ -489,22 +505,87 @@ class TokenHealth:
                 for token, state in itertools.chain(self._pool.items(), self._seen.items())]
 
 
+class TokenStore:
+    """The newest refresh token for each token a user configured or sent: Kimi rotates refresh
+    tokens on every renewal and refuses the spent one. Kept in memory, and with KIMI_TOKEN_STORE
+    also in that file (mode 0600, replaced atomically, keyed by a hash of the original token) so
+    that the original token still works after a restart."""
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._newest: dict[str, str] = read_token_store(path) if path else {}
+
+    def newest(self, credential: str) -> str:
+        return self._newest.get(token_key(credential), credential)
+
+    def save(self, credential: str, refresh_token: str) -> None:
+        key = token_key(credential)
+        if self._newest.get(key) == refresh_token:
+            return
+        self._newest[key] = refresh_token
+        if self._path is None:
+            return
+        try:
+            write_token_store(self._path, self._newest)
+        except OSError as error:  # the token still lives in memory: this process keeps working
+            log.error("could not write KIMI_TOKEN_STORE %s: %s", self._path, error.strerror or error)
+
+
+def token_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def read_token_store(path: str) -> dict[str, str]:
+    """The store's tokens; a store that cannot be used stops the start with a ConfigError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"KIMI_TOKEN_STORE {path}: its folder does not exist or is not writable")
+    try:
+        with open(path, "rb") as file:
+            stored = orjson.loads(file.read())
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError) as error:
+        raise ConfigError(f"KIMI_TOKEN_STORE {path} cannot be read: {error}") from None
+    tokens = stored.get("tokens") if isinstance(stored, dict) else None
+    if not isinstance(tokens, dict) or not all(isinstance(v, str) and v for v in tokens.values()):
+        raise ConfigError(f"KIMI_TOKEN_STORE {path} is not a token store (expected {{\"tokens\": {{...}}}})")
+    return dict(tokens)
+
+
+def write_token_store(path: str, tokens: dict[str, str]) -> None:
+    """Written to a temporary file beside it and renamed over it: a crash leaves the old or the new."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".kimi-tokens-")
+    try:
+        with os.fdopen(handle, "wb") as file:  # mkstemp creates it 0600
+            file.write(orjson.dumps({"tokens": tokens}))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
 # Header names for Kimi are istr (aiohttp.hdrs has the standard ones): aiohttp case-folds a plain
-# str name anew on every call and keeps that copy while the answer streams, about 1.8 KB for
-# each open stream with this many headers.
-X_MSH_PLATFORM, X_MSH_DEVICE_ID, X_MSH_SESSION_ID, X_TRAFFIC_ID, CONNECT_PROTOCOL_VERSION = map(istr, (
-    "X-Msh-Platform", "X-Msh-Device-Id", "X-Msh-Session-Id", "X-Traffic-Id", "Connect-Protocol-Version"))
+# str name anew on every call and keeps that copy while the answer streams.
+X_MSH_PLATFORM, X_MSH_VERSION, X_MSH_DEVICE_ID, X_MSH_SESSION_ID, X_TRAFFIC_ID, X_LANGUAGE, R_TIMEZONE, \
+    CONNECT_PROTOCOL_VERSION = map(istr, ("X-Msh-Platform", "X-Msh-Version", "X-Msh-Device-Id", "X-Msh-Session-Id",
+                                          "X-Traffic-Id", "X-Language", "R-Timezone", "Connect-Protocol-Version"))
 
 
 def browser_headers(base_url: str) -> dict[str, str]:
-    """Headers Kimi's web app sends on every call; the device ids are fixed per process."""
+    """Headers Kimi's web app sends on every call (as of 2026-09); the device ids are fixed per process."""
     return {
         hdrs.ACCEPT: "*/*",
         hdrs.ACCEPT_LANGUAGE: "zh-CN,zh;q=0.9,en-US;q=0.8,en;q=0.7",
         hdrs.ORIGIN: base_url,
         hdrs.USER_AGENT: ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-                          "(KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
+                          "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36"),
         X_MSH_PLATFORM: "web",
+        X_MSH_VERSION: "2.2.0",
+        X_LANGUAGE: "en-US",
+        R_TIMEZONE: "UTC",
         X_MSH_DEVICE_ID: "7" + "".join(random.choices("0123456789", k=18)),
         X_MSH_SESSION_ID: "17" + "".join(random.choices("0123456789", k=17)),
     }
@@ -522,6 +603,20 @@ async def read_kimi_json(response: aiohttp.ClientResponse) -> object:
         return orjson.loads(await response.read())
     except orjson.JSONDecodeError:
         return None
+
+
+def not_a_web_page(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+    """The response itself, unless Kimi redirected (kimi.moonshot.cn sends visitors outside
+    mainland China to www.kimi.com) or answered with an HTML page instead of its API."""
+    if 300 <= response.status < 400:
+        response.release()
+        raise upstream_error(f"Kimi redirected this API call (HTTP {response.status}) instead of answering: "
+                             "check KIMI_BASE_URL and KIMI_PROTOCOL (kimi.moonshot.cn redirects visitors outside "
+                             "mainland China; use the connect dialect)")
+    if response.status < 300 and response.content_type == "text/html":
+        response.release()
+        raise upstream_error("Kimi answered with a web page instead of its API: check KIMI_BASE_URL and KIMI_PROTOCOL")
+    return response
 
 
 def retry_after_seconds(value: str | None) -> int | None:
@@ -551,13 +646,15 @@ class KimiHTTP:
 
     wraps_links = False
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher") -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
+                 store: TokenStore) -> None:
         self._session = session
         self._fetcher = fetcher
         self._base = config.kimi_base_url
         self._headers = browser_headers(config.kimi_base_url)
         self._read_failures = ReadFailures(config.upstream_read_timeout)
         self._parse_timeout = config.file_parse_timeout
+        self._refresh_tokens = store
         self.tokens = AccessTokens(self._grant)
 
     # -- what a dialect defines ------------------------------------------------------------------
@@ -641,12 +738,14 @@ class KimiHTTP:
         raise self._rejected(credential)
 
     async def _send(self, method: str, path: str, headers: dict, data: bytes | None = None) -> aiohttp.ClientResponse:
-        """One HTTP call, tried again (twice at most) on a dead connection or a 5xx."""
+        """One HTTP call to `path` on Kimi (or a full URL), tried again (twice at most) on a dead
+        connection or a 5xx. Redirects are never followed, and a web page is no API answer."""
         if data is not None and hdrs.CONTENT_TYPE not in headers:
             headers = {**headers, hdrs.CONTENT_TYPE: "application/json"}
+        url = path if path.startswith("http") else self._base + path
         for backoff in (*RETRY_BACKOFF, None):
             try:
-                response = await self._session.request(method, self._base + path, headers=headers, data=data)
+                response = await self._session.request(method, url, headers=headers, data=data, allow_redirects=False)
             except asyncio.TimeoutError:
                 raise upstream_timeout("Kimi did not answer in time") from None
             except aiohttp.ClientError as error:
@@ -655,7 +754,7 @@ class KimiHTTP:
                 log.info("retrying a Kimi call after %s", type(error).__name__)
             else:
                 if response.status < 500 or backoff is None:
-                    return response
+                    return not_a_web_page(response)
                 response.release()
                 log.info("retrying a Kimi call after HTTP %d", response.status)
             await asyncio.sleep(backoff)
@@ -690,7 +789,7 @@ class KimiHTTP:
         if not isinstance(registered, dict) or not isinstance(registered.get("id"), str):
             raise upstream_error(f"Kimi did not register '{attachment.part}'")
         if kind == "file":
-            await self._wait_until_read(credential, registered, attachment.part)
+            await self._wait_until_read(credential, registered["id"], attachment.part, registered.get("status"))
         return KimiFile(registered["id"], source.name, source.size, kind, registered)
 
     def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
@@ -701,7 +800,7 @@ class KimiHTTP:
         # only the storage's own signature: a browser sends it no Kimi credentials
         headers = {hdrs.CONTENT_TYPE: source.mime, hdrs.CONTENT_LENGTH: str(source.size)}
         try:
-            async with self._session.put(url, data=source.chunks, headers=headers,
+            async with self._session.put(url, data=source.chunks, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
                 if response.status >= 300:
                     raise upstream_error(f"Kimi's storage refused '{part}' (HTTP {response.status})")
@@ -710,17 +809,17 @@ class KimiHTTP:
         except aiohttp.ClientError:
             raise upstream_error(f"Uploading '{part}' to Kimi failed") from None
 
-    async def _wait_until_read(self, credential: str, registered: dict, part: str) -> None:
-        """Kimi parses a document after it is registered: follow its progress, backing off,
-        under one deadline."""
-        status, delay = registered.get("status"), 0.25
+    async def _wait_until_read(self, credential: str, file_id: str, part: str, status: object = None) -> None:
+        """Kimi reads (parses) a file after it is uploaded: follow its progress ("parsed",
+        "failed" or anything else for not yet), backing off, under one deadline."""
+        delay = 0.25
         deadline = asyncio.timeout(self._parse_timeout)
         try:
             async with deadline:
                 while status != "parsed":
                     if status == "failed":
                         raise ProxyError(422, f"Kimi could not read '{part}'", code="file_unreadable", param=part)
-                    status = await self._parse_progress(credential, registered["id"])
+                    status = await self._parse_progress(credential, file_id)
                     if status not in ("parsed", "failed"):
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 2.0)
@@ -939,10 +1038,12 @@ class LegacyKimi(KimiHTTP):
     """Kimi's REST + SSE dialect (kimi.moonshot.cn): refresh token -> access token -> chat."""
 
     wraps_links = True
+    chat_ids = CHAT_ID
+    chat_id_shape = "20 characters of 0-9a-z"
     MODELS = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
               "kimi-silent", "kimi-search-silent"]
 
-    async def model_ids(self) -> list[str]:
+    async def model_ids(self, credential: str | None = None) -> list[str]:
         return self.MODELS
 
     async def check_token(self, credential: str) -> bool:
@@ -1042,41 +1143,59 @@ CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
 MODELS_RPC = "/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels"
 SUBSCRIPTION_RPC = "/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription"
 DELETE_CHAT_RPC = "/apiv2/kimi.chat.v1.ChatService/DeleteChat"
+REFRESH_RPC = "/api/account.gateway.v1.AuthService/RefreshToken"  # on KIMI_AUTH_URL
+UPLOAD_PATH = "/apiv2-files/file/upload"
+PARSE_PROGRESS_RPC = "/apiv2-files/kimi.gateway.file.v1.FileService/GetFileParseProgress"
+PARSE_STATUSES = {"PROCESS_STATUS_SUCCESS": "parsed", 3: "parsed", "PROCESS_STATUS_FAILED": "failed", 4: "failed"}
 CATALOG_TTL = 300.0  # seconds a fetched model catalog is used
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 EXPIRED_ACCESS_TOKEN = ("Kimi rejected this access token (kimi-auth) or it has expired, and an access token "
                         "cannot be renewed: send a fresh kimi-auth value, or your refresh_token so that the "
                         "proxy can renew access by itself")
 
 
+class UploadPathMissing(Exception):
+    """Kimi has no /apiv2-files/ upload here (404): the older pre-sign flow is used instead."""
+
+
 class ConnectKimi(KimiHTTP):
     """Kimi's current dialect (www.kimi.com): Connect-RPC with 5-byte framed JSON messages.
-    The client may send a refresh token or an access token (the kimi-auth cookie)."""
+    The client may send a refresh token or an access token (the kimi-auth value)."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher") -> None:
-        super().__init__(session, config, fetcher)
-        self._headers = {**self._headers, hdrs.REFERER: self._base + "/", CONNECT_PROTOCOL_VERSION: "1"}
-        self._refresh_tokens: dict[str, str] = {}  # credential -> newest refresh token (Kimi rotates them)
-        self._parents = BoundedMap()              # chat id -> last assistant message id
+    chat_ids = UUID
+    chat_id_shape = "a UUID"
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
+                 store: TokenStore) -> None:
+        super().__init__(session, config, fetcher, store)
+        self._auth_base = config.kimi_auth_url
+        self._headers = {**self._headers, hdrs.REFERER: self._base + "/"}
+        self._parents = BoundedMap()       # chat id -> last assistant message id
         self._catalog: Catalog | None = None
         self._catalog_until = 0.0
         self._catalog_lock = asyncio.Lock()
+        self._refresh_route: str | None = None  # "rpc" or "rest", once one has answered
+        self._presigned_uploads = False         # the /apiv2-files/ upload answered 404
 
-    async def model_ids(self) -> list[str]:
-        return (await self._current_catalog()).model_ids()
+    async def model_ids(self, credential: str | None = None) -> list[str]:
+        return (await self._current_catalog(credential)).model_ids()
 
     async def check_token(self, credential: str) -> bool:
         try:
-            answer = await self._json_call(credential, "POST", SUBSCRIPTION_RPC, {})
+            answer = await self._rpc(credential, SUBSCRIPTION_RPC, {})
         except TokenRejected:
             return False
         return isinstance(answer, dict) and bool(answer.get("subscription"))
 
     async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
-        catalog = await self._current_catalog()
+        await self.tokens.get(credential)  # a token Kimi refuses fails here, not in the catalog call
+        catalog = await self._current_catalog(credential)
         files = await self.upload_all(credential, plan, None)
         request = frame_message(orjson.dumps(to_connect_chat(plan, catalog, self._parents.get(plan.chat_id), files)))
+        if plan.chat_id:
+            yield [Event(CHAT, plan.chat_id)]  # a continued chat's stream need not name it
         for attempt in range(2):
-            state = ConnectState(silent=plan.silent)
+            state = ConnectState(silent=plan.silent, chat_id=plan.chat_id)
             try:
                 async with aclosing(self._stream_chat(credential, request, state)) as batches:
                     async for batch in batches:
@@ -1089,13 +1208,13 @@ class ConnectKimi(KimiHTTP):
                 continue
             finally:
                 # (the consumer stops reading at DONE, so this cannot wait until after the loop)
-                if (state.chat_id or plan.chat_id) and state.message_id:
-                    self._parents[state.chat_id or plan.chat_id] = state.message_id
+                if state.chat_id and state.message_id:
+                    self._parents[state.chat_id] = state.message_id
             return
 
     async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
         response = await self._call(credential, "POST", CHAT_RPC, request,
-                                    {hdrs.CONTENT_TYPE: "application/connect+json"})
+                                    {hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})
         async with response:
             decoder = FrameDecoder()
             with self._read_failures:
@@ -1109,21 +1228,35 @@ class ConnectKimi(KimiHTTP):
                         break
             yield from_connect_ending(state)
 
-    async def _delete(self, credential: str, chat_id: str) -> None:
-        await self._json_call(credential, "POST", DELETE_CHAT_RPC, {"chat_id": chat_id})
+    async def _rpc(self, credential: str, path: str, body: dict) -> object:
+        async with await self._call(credential, "POST", path, json_body(body), {CONNECT_PROTOCOL_VERSION: "1"}) as answer:
+            return await read_kimi_json(answer)
 
-    async def _current_catalog(self) -> "Catalog":
+    async def _delete(self, credential: str, chat_id: str) -> None:
+        await self._rpc(credential, DELETE_CHAT_RPC, {"chat_id": chat_id})
+
+    # -- models --------------------------------------------------------------------------------------
+
+    async def _current_catalog(self, credential: str | None) -> "Catalog":
         """Kimi's model catalog, fetched at most every 5 minutes; the built-in one when Kimi fails."""
         loop = asyncio.get_running_loop()
         async with self._catalog_lock:
             if self._catalog is None or loop.time() >= self._catalog_until:
-                self._catalog = await self._fetch_catalog() or self._catalog or Catalog.from_rpc(FALLBACK_CATALOG)
+                self._catalog = await self._fetch_catalog(credential) or self._catalog or Catalog.from_rpc(FALLBACK_CATALOG)
                 self._catalog_until = loop.time() + CATALOG_TTL
             return self._catalog
 
-    async def _fetch_catalog(self) -> "Catalog | None":
+    async def _fetch_catalog(self, credential: str | None) -> "Catalog | None":
+        """The web app asks with the user's authorization; without a token at hand, anonymously."""
+        headers = self._headers
+        if credential:
+            try:
+                headers = (await self.tokens.get(credential)).headers
+            except ProxyError:
+                pass  # the request itself will say what is wrong with the token
         try:
-            async with await self._send("POST", MODELS_RPC, self._headers, b"{}") as response:
+            async with await self._send("POST", MODELS_RPC, {**headers, CONNECT_PROTOCOL_VERSION: "1"},
+                                        b"{}") as response:
                 answer = await read_kimi_json(response) if response.status == 200 else None
         except ProxyError:
             answer = None
@@ -1131,6 +1264,8 @@ class ConnectKimi(KimiHTTP):
         if catalog is None:
             log.warning("could not read Kimi's model catalog; using the built-in one")
         return catalog
+
+    # -- tokens --------------------------------------------------------------------------------------
 
     async def _grant(self, credential: str) -> Grant:
         now_wall, now_loop = time.time(), asyncio.get_running_loop().time()
@@ -1141,11 +1276,42 @@ class ConnectKimi(KimiHTTP):
                 raise self._rejected(credential)
             until = now_loop + (exp - now_wall if isinstance(exp, (int, float)) else ACCESS_TOKEN_DEFAULT_LIFETIME)
             return self._new_grant(credential, str(claims.get("sub", "")), until)
-        access_token, rotated = await self._exchange(self._refresh_tokens.get(credential, credential))
-        self._refresh_tokens[credential] = rotated
+        access_token, rotated = await self._renew(self._refresh_tokens.newest(credential))
+        self._refresh_tokens.save(credential, rotated)
         log.debug("renewed a Kimi access token")
         return self._new_grant(access_token, str(jwt_claims(access_token).get("sub", "")),
                                renewal_time(access_token, now_wall, now_loop))
+
+    async def _renew(self, refresh_token: str) -> tuple[str, str]:
+        """(access token, next refresh token) from the 2026 RefreshToken RPC, or from the older
+        REST endpoint where the RPC does not exist; the route that worked is remembered."""
+        if self._refresh_route != "rest":
+            renewed = await self._refresh_by_rpc(refresh_token)
+            if renewed is not None:
+                if self._refresh_route is None:
+                    self._refresh_route = "rpc"
+                    log.info("renewing Kimi tokens at %s%s", self._auth_base, REFRESH_RPC)
+                return renewed
+            if self._refresh_route != "rest":
+                self._refresh_route = "rest"
+                log.warning("Kimi has no RefreshToken RPC at %s: renewing tokens at %s/api/auth/token/refresh",
+                            self._auth_base, self._base)
+        return await self._exchange(refresh_token)
+
+    async def _refresh_by_rpc(self, refresh_token: str) -> tuple[str, str] | None:
+        headers = {**self._headers, CONNECT_PROTOCOL_VERSION: "1"}
+        async with await self._send("POST", self._auth_base + REFRESH_RPC, headers,
+                                    json_body({"refresh_token": refresh_token})) as response:
+            body = await read_kimi_json(response)
+        if response.status in (404, 405) or connect_error_code(body) == "unimplemented":
+            return None
+        if response.status >= 500 or response.status == 429:
+            raise self._refusal(response, body)
+        access = body.get("accessToken") or body.get("access_token") if isinstance(body, dict) else None
+        rotated = body.get("refreshToken") or body.get("refresh_token") if isinstance(body, dict) else None
+        if response.status >= 300 or not isinstance(access, str) or not access:
+            raise TokenRejected()
+        return access, rotated if isinstance(rotated, str) and rotated else refresh_token
 
     def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
         headers = super()._auth_headers(access_token, user_id)
@@ -1166,6 +1332,79 @@ class ConnectKimi(KimiHTTP):
     def _rejected(self, credential: str) -> TokenRejected:
         return TokenRejected(EXPIRED_ACCESS_TOKEN) if is_access_token(credential) else TokenRejected()
 
+    # -- files ---------------------------------------------------------------------------------------
+
+    async def _upload(self, credential: str, attachment: "Attachment", chat_id: str | None) -> KimiFile:
+        if not self._presigned_uploads:
+            try:
+                return await self._upload_file(credential, attachment)
+            except UploadPathMissing:
+                if not self._presigned_uploads:
+                    self._presigned_uploads = True
+                    log.warning("Kimi has no %s: uploading files through /api/pre-sign-url", UPLOAD_PATH)
+        return await super()._upload(credential, attachment, chat_id)
+
+    async def _upload_file(self, credential: str, attachment: "Attachment") -> KimiFile:
+        """One multipart POST, streamed from the source; then wait until Kimi has read the file."""
+        async with self._fetcher.source(attachment) as source:
+            content_type, size, body = to_multipart(source)
+            grant = await self.tokens.get(credential)
+            headers = {**grant.headers, hdrs.CONTENT_TYPE: content_type, hdrs.CONTENT_LENGTH: str(size)}
+            try:
+                async with self._session.post(self._base + UPLOAD_PATH, data=body, headers=headers,
+                                              allow_redirects=False,
+                                              timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
+                    if response.status == 404:
+                        raise UploadPathMissing()
+                    answer = await read_kimi_json(not_a_web_page(response))
+            except asyncio.TimeoutError:
+                raise upstream_timeout(f"Uploading '{attachment.part}' to Kimi timed out") from None
+            except aiohttp.ClientError:
+                raise upstream_error(f"Uploading '{attachment.part}' to Kimi failed") from None
+        if self._is_auth_failure(response.status, answer):
+            self.tokens.drop(credential, grant)
+            raise self._rejected(credential)
+        if response.status >= 300:
+            raise self._refusal(response, answer)
+        file = answer.get("file") if isinstance(answer, dict) else None
+        if not isinstance(file, dict) or not isinstance(file.get("id"), str) or not file["id"]:
+            raise upstream_error(f"Kimi did not accept '{attachment.part}'")
+        await self._wait_until_read(credential, file["id"], attachment.part)
+        kind = "image" if source.mime.startswith("image/") else "file"
+        return KimiFile(file["id"], source.name, source.size, kind, file)
+
+    async def _parse_progress(self, credential: str, file_id: str) -> str | None:
+        answer = await self._rpc(credential, PARSE_PROGRESS_RPC, {"file_ids": [file_id]})
+        progresses = answer.get("progresses") if isinstance(answer, dict) else None
+        for progress in progresses if isinstance(progresses, list) else ():
+            if isinstance(progress, dict) and progress.get("fileId", progress.get("file_id")) == file_id:
+                status = progress.get("status")
+                return PARSE_STATUSES.get(status) if isinstance(status, (str, int)) else None
+        return None
+
+
+SAFE_MIME = re.compile(r"[\w.+-]+/[\w.+-]+")
+
+
+def to_multipart(source: Source) -> tuple[str, int, AsyncIterator[bytes]]:
+    """(content type, length, body) of the multipart form Kimi's upload takes: one part named
+    `file`, streamed from the source, with its exact length as a browser sends it."""
+    boundary = "----KimiProxyBoundary" + secrets.token_hex(12)
+    name = source.name.replace('"', "%22")
+    mime = source.mime if SAFE_MIME.fullmatch(source.mime) else "application/octet-stream"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: {mime}\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", len(head) + source.size + len(tail), \
+        between(head, source.chunks, tail)
+
+
+async def between(head: bytes, chunks: AsyncIterator[bytes], tail: bytes) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in chunks:
+        yield chunk
+    yield tail
+
 
 DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
 
@@ -1185,6 +1424,7 @@ class Plan:
     search: bool = False
     research: bool = False
     reasoning: bool = False
+    reasoning_effort: str | None = None  # OpenAI's: none, minimal, low, medium or high
     math: bool = False
     silent: bool = False
     stream: bool = False
@@ -1205,8 +1445,10 @@ LATEST_MESSAGE_HINT = "关注用户最新的消息"
 LATEST_FILE_HINT = "关注用户最新发送文件和消息"
 
 
-def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20) -> Plan:
-    """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError."""
+def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20,
+            chat_ids: re.Pattern = CHAT_ID, chat_id_shape: str = "20 characters of 0-9a-z") -> Plan:
+    """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError.
+    `chat_ids` is the shape of the chat ids the Kimi dialect issues."""
     model = optional(body, "model", str) or "kimi"
     stream = bool(optional(body, "stream", bool))
     stream_options = optional(body, "stream_options", dict) or {}
@@ -1224,12 +1466,18 @@ def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_
     for field in INTEGER_FIELDS:
         optional(body, field, int)
     use_search = bool(optional(body, "use_search", bool))
-    chat_id, keep = to_conversation(body.get("conversation_id"))
+    reasoning_effort = optional(body, "reasoning_effort", str)
+    if reasoning_effort is not None and reasoning_effort not in OPENAI_EFFORTS:
+        raise bad_request(f"'reasoning_effort' must be one of {', '.join(OPENAI_EFFORTS)}", "reasoning_effort")
+    chat_id, keep = to_conversation(body.get("conversation_id"), chat_ids, chat_id_shape)
     messages = to_messages(body.get("messages"), max_messages, max_file_bytes)
     prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
     flags = model_flags(model)
+    if reasoning_effort not in (None, "none"):
+        flags["reasoning"] = True
     return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
-                keep=keep, attachments=messages[-1].attachments, **{**flags, "search": flags["search"] or use_search})
+                keep=keep, attachments=messages[-1].attachments, reasoning_effort=reasoning_effort,
+                **{**flags, "search": flags["search"] or use_search})
 
 
 def optional(body: dict, field: str, kind, param: str | None = None):
@@ -1243,16 +1491,15 @@ def optional(body: dict, field: str, kind, param: str | None = None):
     return value
 
 
-def to_conversation(value: object) -> tuple[str | None, bool]:
+def to_conversation(value: object, chat_ids: re.Pattern, shape: str) -> tuple[str | None, bool]:
     """(chat to continue, keep the chat) from the request's conversation_id."""
     if value is None:
         return None, False
     if value == "new":
         return None, True
-    if isinstance(value, str) and CHAT_ID.fullmatch(value):
+    if isinstance(value, str) and chat_ids.fullmatch(value):
         return value, True
-    raise bad_request("'conversation_id' must be \"new\" or a Kimi chat id (20 characters of 0-9a-z)",
-                      "conversation_id")
+    raise bad_request(f"'conversation_id' must be \"new\" or a Kimi chat id ({shape})", "conversation_id")
 
 
 def model_flags(model: str) -> dict:
@@ -1598,11 +1845,15 @@ def connect_error_code(body: object) -> str | None:
     return code if isinstance(code, str) else None
 
 
+OVERLOAD_RETRY_AFTER = 30  # seconds a client is told to wait when Kimi is full for free users
+
+
 def from_connect_error(error: dict, retry_after: int | None = None, status: int | None = None) -> ProxyError:
     """A Connect error (in the stream, or a unary answer's body) -> what the client sees."""
     code = error.get("code")
-    debug = {}
-    for detail in error.get("details") or ():
+    debug = error.get("debug") if isinstance(error.get("debug"), dict) else {}
+    details = error.get("details")
+    for detail in details if isinstance(details, list) else ():
         if isinstance(detail, dict) and isinstance(detail.get("debug"), dict):
             debug = detail["debug"]
     localized = debug.get("localizedMessage")
@@ -1611,6 +1862,9 @@ def from_connect_error(error: dict, retry_after: int | None = None, status: int 
     said = said if isinstance(said, str) and said else "no details"
     if code == "unauthenticated":
         return StreamUnauthenticated()
+    if debug.get("reason") == "REASON_SERVER_OVERLOADED_FOR_FREE_USER":
+        return ProxyError(503, f"Kimi is overloaded: {said}", error_type="service_unavailable_error",
+                          code="server_is_overloaded", retry_after=retry_after or OVERLOAD_RETRY_AFTER)
     if code == "resource_exhausted" or status == 429:
         if "paywall" in debug:
             return QuotaExhausted(f"Kimi says this needs a paid Kimi plan: {said}")
@@ -1705,11 +1959,11 @@ class ConnectState:
 
     silent: bool = False
     chat_id: str | None = None
+    user_message_id: str | None = None
     message_id: str | None = None     # the assistant message: the next turn's parent_id
     answered: bool = False            # text or thinking arrived
     done: bool = False
     ended: bool = False               # the end-stream envelope arrived
-    thinking_stage: bool = False
     text_block: str | None = None
     sources: dict = dataclasses.field(default_factory=dict)   # refIndex -> citation number
     citations: CitationRewriter = dataclasses.field(default_factory=CitationRewriter)
@@ -1730,8 +1984,8 @@ def from_connect_frames(frames: list[tuple[int, bytes]], state: ConnectState) ->
 
 
 def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[Event]:
-    """One Connect envelope -> neutral events. Errors are raised; heartbeats and unknown masks
-    say nothing."""
+    """One Connect envelope -> neutral events. Errors are raised; heartbeats, stages,
+    notifications and unknown masks say nothing."""
     if flags & COMPRESSED:
         return []
     try:
@@ -1752,34 +2006,58 @@ def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[
     events = []
     chat = message.get("chat")
     if isinstance(chat, dict) and isinstance(chat.get("id"), str) and state.chat_id is None:
-        state.chat_id = chat["id"]
+        state.chat_id = chat["id"]  # from `set chat` on a new chat, from `chat.lastRequest` on any
         events.append(Event(CHAT, chat["id"]))
     turn = message.get("message")
     if isinstance(turn, dict):
-        if turn.get("role") == "assistant" and isinstance(turn.get("id"), str):
-            state.message_id = turn["id"]
+        note_message(turn, message.get("mask"), state)
         refs = turn.get("refs")
         if isinstance(refs, dict):
             events += from_search_results(refs.get("searchChunks"), state)
     block = message.get("block")
     if isinstance(block, dict):
         events += from_connect_block(block, state)
+    notice = message.get("notification")
+    if isinstance(notice, dict) and notice.get("type") == "TYPE_MODEL_DEGRADE":
+        log.info("Kimi answered with a lighter model than asked for (TYPE_MODEL_DEGRADE)")
     return events
 
 
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", 2: "user", 3: "assistant", 1: "system"}
+
+
+def note_message(turn: dict, mask: object, state: ConnectState) -> None:
+    """Which message is the user's and which the answer's, even when Kimi leaves out the role
+    (protobuf JSON drops enum fields left at their default): the answer is the child of the user
+    message, or the message whose final status arrives. A new chat's system message has the
+    chat's own id."""
+    message_id = turn.get("id")
+    role = turn.get("role")
+    role = ROLES.get(role) if isinstance(role, (str, int)) else None
+    if not isinstance(message_id, str) or message_id == state.chat_id or role == "system":
+        return
+    if role == "user":
+        state.user_message_id = message_id
+        return
+    parent = turn.get("parentId", turn.get("parent_id"))
+    child_of_user = state.user_message_id is not None and parent == state.user_message_id
+    if role == "assistant" or (message_id != state.user_message_id and (child_of_user or mask == "message.status")):
+        state.message_id = message_id
+
+
 def from_connect_block(block: dict, state: ConnectState) -> list[Event]:
+    """Thinking and answer told apart by the kind of block (`think` or `text`), never by the
+    stage events around them."""
     events = []
-    stages = block.get("multiStage", {}).get("stages") if isinstance(block.get("multiStage"), dict) else None
-    if isinstance(stages, list) and stages and isinstance(stages[0], dict) \
-            and stages[0].get("name") == "STAGE_NAME_THINKING":
-        state.thinking_stage = stages[0].get("status") != "completed"
+    owner = block.get("messageId", block.get("message_id"))
+    if state.message_id is None and isinstance(owner, str) and owner and owner != state.user_message_id:
+        state.message_id = owner
     think = block.get("think")
     if isinstance(think, dict) and isinstance(think.get("content"), str) and think["content"]:
         events.append(Event(REASONING, think["content"]))
     text = block.get("text")
     if isinstance(text, dict) and isinstance(text.get("content"), str):
-        flags = text.get("flags")
-        if flags == "thinking" or (state.thinking_stage and flags != "answer"):
+        if text.get("flags") == "thinking":  # the 2025 shape of a thinking block
             if text["content"]:
                 events.append(Event(REASONING, text["content"]))
         else:
@@ -1828,95 +2106,161 @@ def from_connect_ending(state: ConnectState) -> list[Event]:
     return [Event(TEXT, rest), DONE_EVENT] if rest else [DONE_EVENT]
 
 
+NO_REASONING = "REASONING_EFFORT_NONE"
+# Kimi's efforts and OpenAI's reasoning_effort values on one scale, to find the nearest offered one
+EFFORT_RANKS = {NO_REASONING: 0, "REASONING_EFFORT_MINIMAL": 1, "REASONING_EFFORT_LOW": 2,
+                "REASONING_EFFORT_MEDIUM": 3, "REASONING_EFFORT_HIGH": 4, "REASONING_EFFORT_MAX": 5}
+OPENAI_EFFORTS = {"none": 0, "minimal": 1, "low": 2, "medium": 3, "high": 4}
+
+
 class CatalogModel(NamedTuple):
-    id: str
+    name: str                  # our readable id, e.g. kimi-k3
+    id: str                    # Kimi's own id, sent as options.model
     scenario: str
-    thinking: bool = False
-    kimiplus_id: str | None = None
-    agent_mode: str | None = None
+    efforts: tuple[str, ...]   # the reasoning efforts it offers
+    default_effort: str | None
+    kimiplus_id: str | None
+    agent_mode: str | None
+    key: str | None
+
+    @property
+    def thinking_optional(self) -> bool:
+        return NO_REASONING in self.efforts and len(self.efforts) > 1
 
 
-# Used when Kimi's catalog cannot be fetched (values from a 2026-05 capture).
+# Used when Kimi's catalog cannot be fetched: the entries of www.kimi.ai's catalog of 2026-09.
 FALLBACK_CATALOG = {
-    "availableModels": [{"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Instant"},
-                        {"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Thinking", "thinking": True}],
-    "defaultScenario": {"scenario": "SCENARIO_K2D5", "thinking": False},
+    "availableModels": [
+        {"id": "k2d6-chat", "key": "k2d6", "scenario": "SCENARIO_CHAT", "defaultReasoningEffort": "REASONING_EFFORT_LOW",
+         "reasoningEffortOptions": [{"effort": NO_REASONING}, {"effort": "REASONING_EFFORT_LOW"}]},
+        *({"id": kimi_id, "key": key, "scenario": scenario, "kimiPlusId": "ok-computer", "agentMode": mode,
+           "defaultReasoningEffort": "REASONING_EFFORT_HIGH",
+           "reasoningEffortOptions": [{"effort": "REASONING_EFFORT_LOW"}, {"effort": "REASONING_EFFORT_HIGH"},
+                                      {"effort": "REASONING_EFFORT_MAX"}]}
+          for kimi_id, key, scenario, mode in (
+              ("k28-agent-preview", "k28-preview", "SCENARIO_OK_COMPUTER", "TYPE_NORMAL"),
+              ("k3-agent", "k3", "SCENARIO_OK_COMPUTER", "TYPE_NORMAL"),
+              ("k3-agent-swarm", "k3-agent-ultra", "SCENARIO_OK_COMPUTER_SWARM", "TYPE_ULTRA")))],
+    "defaultScenario": {"scenario": "SCENARIO_CHAT", "model": "k2d6-chat"},
 }
 LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
                 "kimi-silent", "kimi-search-silent"]
+MODEL_SUFFIXES = ("-search", "-silent", "-thinking")
 
 
 class Catalog:
     """Kimi's models under readable ids, and which one a requested model name means."""
 
     def __init__(self, models: list[CatalogModel], default: CatalogModel) -> None:
-        self.models = {model.id: model for model in reversed(models)}  # the first of equal ids wins
         self.default = default
-        self.default_thinking = next((m for m in models if m.scenario == default.scenario and m.thinking),
-                                     default._replace(thinking=True))
+        self._names: dict[str, CatalogModel] = {}
+        for model in models:  # Kimi's ids and keys answer too, e.g. k3-agent or k3
+            for name in (model.name, model.id, model.key):
+                if name:
+                    self._names.setdefault(name.lower(), model)
+        self._models = models
 
     @classmethod
     def from_rpc(cls, answer: dict) -> "Catalog | None":
-        models = [to_catalog_model(entry) for entry in answer.get("availableModels") or ()
-                  if isinstance(entry, dict) and isinstance(entry.get("scenario"), str)]
+        entries = answer.get("availableModels")
+        models: list[CatalogModel] = []
+        for entry in entries if isinstance(entries, list) else ():
+            model = to_catalog_model(entry, {model.name for model in models})
+            if model is not None:
+                models.append(model)
         if not models:
             return None
         wanted = answer.get("defaultScenario") if isinstance(answer.get("defaultScenario"), dict) else {}
-        default = next((m for m in models if m.scenario == wanted.get("scenario")
-                        and m.thinking == bool(wanted.get("thinking")) and not m.kimiplus_id), models[0])
+        default = next((m for m in models if m.id == wanted.get("model")), None) \
+            or next((m for m in models if m.scenario == wanted.get("scenario")), models[0])
         return cls(models, default)
 
     def model_ids(self) -> list[str]:
         ids = []
-        for model in self.models.values():
-            ids.append(model.id)
-            if not model.kimiplus_id:
-                ids.append(model.id + "-search")
-        return sorted(ids) + [name for name in LEGACY_NAMES if name not in ids]
+        for model in self._models:
+            ids.append(model.name)
+            if model.thinking_optional:
+                ids.append(model.name + "-thinking")
+        return ids + [name for name in LEGACY_NAMES if name not in ids]
 
-    def resolve(self, plan: "Plan") -> CatalogModel:
-        """The catalog model for a plan: its id (less -search/-silent), else the default one,
-        thinking when the name asks for it."""
-        name = plan.model.lower()
-        for suffix in ("-silent", "-search", "-silent"):
-            name = name.removesuffix(suffix)
-        model = self.models.get(name) or (self.default_thinking if plan.reasoning else self.default)
-        return model._replace(thinking=True) if plan.reasoning else model
+    def resolve(self, model_name: str) -> CatalogModel:
+        """The catalog model a name means (less its -search, -silent and -thinking), else the default."""
+        name = model_name.lower()
+        while name.endswith(MODEL_SUFFIXES):
+            name = name.rsplit("-", 1)[0]
+        return self._names.get(name) or self.default
 
 
-def to_catalog_model(entry: dict) -> CatalogModel:
-    thinking = bool(entry.get("thinking"))
-    name = entry.get("displayName") or entry.get("key") or entry["scenario"].removeprefix("SCENARIO_")
-    words = [re.sub(r"[^a-z0-9.]+", "", word) for word in str(name).lower().split()]
-    words = [word for word in words if word and word not in ("instant", "fast", "kimi")]
-    if thinking and "thinking" not in words:
-        words.append("thinking")
-    kimiplus_id = entry.get("kimiPlusId") or entry.get("kimiplusId")
-    agent_mode = entry.get("agentMode")
-    return CatalogModel("-".join(["kimi", *words]), entry["scenario"], thinking,
-                        kimiplus_id if isinstance(kimiplus_id, str) else None,
-                        agent_mode if isinstance(agent_mode, str) else None)
+def to_model_name(kimi_id: str) -> str:
+    """A readable, stable id from Kimi's: k2d6-chat -> kimi-k2.6, k28-agent-preview -> kimi-k2.8,
+    k3-agent-swarm -> kimi-k3-swarm."""
+    words = re.findall(r"[a-z0-9]+", kimi_id.lower())
+    if words:
+        version = re.fullmatch(r"k(\d)d?(\d*)", words[0])
+        if version:
+            words[0] = f"k{version[1]}.{version[2]}" if version[2] else f"k{version[1]}"
+    words = [word for word in words if word not in ("chat", "agent", "preview", "instant", "kimi")]
+    return "-".join(["kimi", *words])
+
+
+def to_catalog_model(entry: object, taken: set[str]) -> CatalogModel | None:
+    """One catalog entry; None for an entry without the id and scenario a request needs."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"] \
+            or not isinstance(entry.get("scenario"), str):
+        return None
+    options = entry.get("reasoningEffortOptions")
+    efforts = tuple(option["effort"] for option in (options if isinstance(options, list) else ())
+                    if isinstance(option, dict) and option.get("effort") in EFFORT_RANKS)
+    default_effort = entry.get("defaultReasoningEffort")
+    name = to_model_name(entry["id"])
+    if name in taken:
+        name = "kimi-" + re.sub(r"[^a-z0-9.]+", "-", entry["id"].lower())
+
+    def text(field: str) -> str | None:
+        return entry[field] if isinstance(entry.get(field), str) and entry[field] else None
+
+    return CatalogModel(name, entry["id"], entry["scenario"], efforts,
+                        default_effort if default_effort in efforts else None,
+                        text("kimiPlusId") or text("kimiplusId"), text("agentMode"), text("key"))
+
+
+def to_reasoning_effort(model: CatalogModel, thinking: bool, asked: str | None) -> str | None:
+    """The effort to send: one the model offers, never another. NONE where it offers NONE and no
+    thinking was asked for; else the asked effort's nearest (ties go up), else its default."""
+    if not model.efforts:
+        return None
+    reasoning = [effort for effort in model.efforts if effort != NO_REASONING]
+    if not reasoning or (NO_REASONING in model.efforts and (asked == "none" or (asked is None and not thinking))):
+        return NO_REASONING
+    if asked is None or asked == "none":
+        return model.default_effort if model.default_effort in reasoning else reasoning[0]
+    rank = OPENAI_EFFORTS[asked]
+    return min(reasoning, key=lambda effort: (abs(EFFORT_RANKS[effort] - rank), -EFFORT_RANKS[effort]))
 
 
 def to_connect_chat(plan: "Plan", catalog: Catalog, parent_id: str | None, files: list = ()) -> dict:
-    """The Chat RPC request: file blocks, then the folded prompt as one text block, on a new or a
-    kept chat."""
-    model = catalog.resolve(plan)
-    blocks = [{"message_id": "", "file": {"id": file.id}} for file in files]
-    blocks.append({"message_id": "", "text": {"content": plan.prompt or " "}})
+    """The Chat RPC request, shaped like the web app's: the folded prompt as one text block,
+    then the file blocks, on a new or a kept chat."""
+    model = catalog.resolve(plan.model)
+    effort = to_reasoning_effort(model, plan.reasoning, plan.reasoning_effort)
+    options = {"thinking": effort != NO_REASONING if effort else plan.reasoning, "model": model.id}
+    if effort:
+        options["reasoning_effort"] = effort
+    blocks = [{"message_id": "", "text": {"content": plan.prompt or " "}}]
+    blocks += [{"file": {"id": file.id, "status": "PROCESS_STATUS_SUCCESS"}} for file in files]
     message = {"role": "user", "blocks": blocks, "scenario": model.scenario}
     if plan.chat_id and parent_id:
         message["parent_id"] = parent_id
     chat = {"scenario": model.scenario,
             "tools": [{"type": "TOOL_TYPE_SEARCH", "search": {}}] if plan.search else [],
-            "message": message, "options": {"thinking": model.thinking}}
+            "message": message, "options": options}
     if plan.chat_id:
         chat["chat_id"] = plan.chat_id
     kimiplus_id = plan.agent_id or model.kimiplus_id
     if kimiplus_id:
-        chat["kimiplusId"] = kimiplus_id
+        chat["kimiplus_id"] = kimiplus_id
     if model.agent_mode:
-        chat["agentMode"] = model.agent_mode
+        chat["agent_mode"] = model.agent_mode
     return chat
 
 
@@ -2146,6 +2490,7 @@ JANITOR = web.AppKey("janitor", Janitor)
 CHAT_OWNERS = web.AppKey("chat_owners", BoundedMap)  # kept chat id -> the credential that created it
 TOKEN_TURN = web.AppKey("token_turn", itertools.count)
 TOKEN_HEALTH = web.AppKey("token_health", TokenHealth)
+TOKEN_STORE = web.AppKey("token_store", TokenStore)
 OPEN_REQUESTS = web.AppKey("open_requests", OpenRequests)
 STARTED_AT = web.AppKey("started_at", float)
 # what the request log line reports
@@ -2281,8 +2626,9 @@ async def read_json_object(request: web.Request) -> dict:
 async def read_plan(request: web.Request) -> Plan:
     """The request as a Plan; the parsed body goes once planned, not held while the answer streams."""
     config = request.app[CONFIG]
-    return to_plan(await read_json_object(request), request.app[KIMI].wraps_links, config.max_messages,
-                   int(config.max_file_mb * 2**20))
+    kimi = request.app[KIMI]
+    return to_plan(await read_json_object(request), kimi.wraps_links, config.max_messages,
+                   int(config.max_file_mb * 2**20), kimi.chat_ids, kimi.chat_id_shape)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -2393,17 +2739,23 @@ async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator
     return stream.response
 
 
-async def list_models(request: web.Request) -> web.Response:
+async def model_ids(request: web.Request) -> list[str]:
+    """The models this server offers; Kimi is asked with the caller's first token, if any.
+    With a pool, only its clients see them."""
     if request.app[CONFIG].kimi_tokens:
-        request_credentials(request)  # with a pool, only its clients see the models
-    return json_response({"object": "list", "data": [to_model_card(name) for name in await request.app[KIMI].model_ids()]})
+        credentials = request_credentials(request)
+    else:
+        credentials = split_list(bearer_value(request))
+    return await request.app[KIMI].model_ids(credentials[0] if credentials else None)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [to_model_card(name) for name in await model_ids(request)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    if request.app[CONFIG].kimi_tokens:
-        request_credentials(request)  # with a pool, only its clients see the models
     model_id = request.match_info["model_id"]
-    if model_id not in await request.app[KIMI].model_ids():
+    if model_id not in await model_ids(request):
         raise ProxyError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
     return json_response(to_model_card(model_id))
 
@@ -2550,7 +2902,7 @@ async def kimi_client(app: web.Application):
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
             FileFetcher.session(config) as downloads:
         app[JANITOR] = Janitor()
-        app[KIMI] = DIALECTS[config.kimi_protocol](session, config, FileFetcher(downloads, config))
+        app[KIMI] = DIALECTS[config.kimi_protocol](session, config, FileFetcher(downloads, config), app[TOKEN_STORE])
         app[CHAT_OWNERS] = BoundedMap()
         app[TOKEN_TURN] = itertools.count()
         yield
@@ -2561,6 +2913,7 @@ async def kimi_client(app: web.Application):
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=int(config.max_body_mb * 1024 * 1024), middlewares=[errors_and_logging])
     app[CONFIG] = config
+    app[TOKEN_STORE] = TokenStore(config.kimi_token_store)  # read now: a bad store stops the start
     app[TOKEN_HEALTH] = TokenHealth(config.kimi_tokens, config.max_streams_per_token, config.queue_timeout)
     app[OPEN_REQUESTS] = OpenRequests()
     app[STARTED_AT] = time.monotonic()
@@ -2605,14 +2958,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = Config.from_env()
+        config = dataclasses.replace(config, host=args.host or config.host,
+                                     port=config.port if args.port is None else args.port)
+        app = create_app(config)
     except ConfigError as error:
         sys.exit(f"kimi_proxy: {error}")
-    config = dataclasses.replace(config, host=args.host or config.host,
-                                 port=config.port if args.port is None else args.port)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("kimi_proxy on http://%s:%d, Kimi at %s (%s dialect)", config.host, config.port,
              config.kimi_base_url, config.kimi_protocol)
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None, **runner_options(config))
+    web.run_app(app, host=config.host, port=config.port, print=None, **runner_options(config))
 
 
 def run_as_import() -> None:

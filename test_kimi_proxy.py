@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -101,6 +104,7 @@ class FakeKimiBase:
         self.uploads: dict[str, bytes] = {}             # object name -> the bytes PUT to storage
         self.files: dict[str, dict] = {}                # file id -> the registered file (and its owner)
         self.parse_calls = 0
+        self.presign_uploads = True                     # the REST upload flow (pre-sign, PUT, register)
         self.url = ""
 
     # -- test controls ---------------------------------------------------------------------------
@@ -161,6 +165,8 @@ class FakeKimiBase:
     # -- uploads (REST in both dialects): pre-sign, PUT to storage, register, parse --------------------
 
     async def pre_sign(self, request: web.Request) -> web.Response:
+        if not self.presign_uploads:
+            return web.Response(status=404, text="404 page not found")
         user_id = self._authenticated_user(request)
         if user_id is None:
             return self.auth_error()
@@ -521,15 +527,34 @@ def kimi_error(status: int, error_type: str, message: str, headers: dict | None 
 
 FakeKimi = FakeLegacyKimi
 
-CATALOG = {"availableModels": [
-    {"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Instant", "description": "快速回答"},
-    {"scenario": "SCENARIO_K2D5", "displayName": "K2.6 Thinking", "description": "深度思考", "thinking": True},
-    {"scenario": "SCENARIO_OK_COMPUTER", "displayName": "K2.6 Agent", "kimiPlusId": "ok-computer",
-     "agentMode": "TYPE_NORMAL"},
-    {"scenario": "SCENARIO_OK_COMPUTER", "displayName": "K2.6 Agent Swarm", "kimiPlusId": "ok-computer",
-     "agentMode": "TYPE_ULTRA"}],
-    "defaultScenario": {"scenario": "SCENARIO_K2D5", "thinking": False}}
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "kimi-connect-2026")
+
+
+def fixture_bytes(name: str) -> bytes:
+    with open(os.path.join(FIXTURES, name), "rb") as file:
+        return file.read()
+
+
+CATALOG = orjson.loads(fixture_bytes("GetAvailableModels.response.json"))  # the real 2026-09 catalog
+CATALOG_ENTRIES = {entry["id"]: entry for entry in CATALOG["availableModels"]}
+CAPTURE = fixture_bytes("chat_k26_thinking.bin")  # a real answer stream, replayed byte for byte
+CAPTURE_CHAT = "19fdf14e-bd52-88b5-8000-092152992fca"
+CAPTURE_ASSISTANT = "19fdf190-9d52-8775-8000-0a21a81a2788"
+# what the capture says, decoded by hand from its 69 frames
+CAPTURE_ANSWER = '```json\n{"id":"probe_net","calls":[{"tool":"list","path":"C:/temp"}]}\n```'
+CAPTURE_THINKING = ("The user wants me to reply with ONLY the specified JSON inside a ```json code block, "
+                    "and nothing else at all. I should comply exactly as requested.")
 CITE = "\ue3a0cite\ue3a3web_search:1#0\ue3a3web_search:1#1\ue3a8"
+UUID_KINDS = {"chat": "09", "message": "0a", "file": "0000"}
+OVERLOADED_FOR_FREE = "Too many people are chatting with Kimi right now. Subscribe to enter a priority queue!"
+
+
+def kimi_uuid(kind: str, sequence=itertools.count(0x774)) -> str:
+    """Kimi's 2026 ids: the time in ms, a sequence, and a kind marker (chat, message, file)."""
+    stamp = f"{(int(time.time() * 1000) << 4) | 2:012x}"[-12:]
+    prefix = UUID_KINDS[kind]
+    return (f"{stamp[:8]}-{stamp[8:]}-8{next(sequence) % 0x1000:03x}-8000-"
+            f"{prefix}{secrets.token_hex(6)[:12 - len(prefix)]}")
 
 
 def connect_frame(message: dict, flags: int = 0) -> bytes:
@@ -546,33 +571,83 @@ def pick(body: dict, snake: str, camel: str):
     return body[snake] if snake in body else body.get(camel)
 
 
+def connect_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
 class FakeConnectKimi(FakeKimiBase):
-    """A strict stand-in for www.kimi.com's Connect-RPC API (KIMI_CONNECT_PROTOCOL.md section 11)."""
+    """A strict stand-in for www.kimi.com's Connect-RPC API as it is in 2026 (KIMI_CONNECT_2026.md,
+    over KIMI_CONNECT_PROTOCOL.md section 11): UUID ids, the RefreshToken RPC with rotation, the
+    real model catalog, /apiv2-files/ uploads, stages around think blocks."""
 
     PROTOCOL = "connect"
     CHAT = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
+    REFRESH_RPC = "/api/account.gateway.v1.AuthService/RefreshToken"
     START_PATH = CHAT
     ANSWER_PATH = CHAT
 
     def __init__(self) -> None:
         super().__init__()
+        self.access_ttl = 900.0               # 2026 access tokens live 15 minutes
         self.catalog: dict | None = CATALOG   # None: GetAvailableModels fails
-        self.catalog_calls = 0
+        self.catalog_calls: list[str] = []    # the user each catalog call came from ("" when anonymous)
         self.unauthenticated_streams = 0      # how many next Chat streams fail in-stream with `unauthenticated`
+        self.rpc_refresh = True               # False: the RefreshToken RPC does not exist (404)
+        self.rest_refresh = True              # False: GET /api/auth/token/refresh does not exist (404)
+        self.rpc_refreshes = 0
+        self.new_uploads = True               # False: /apiv2-files/file/upload does not exist (404)
+        self.presign_uploads = False          # the pre-2026 upload flow, not seen in 2026 captures
+        self.streams = 0
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(self.CHAT, self.chat)
+        app.router.add_post(self.REFRESH_RPC, self.refresh_rpc)
         app.router.add_post("/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels", self.models)
         app.router.add_post("/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription", self.subscription)
         app.router.add_post("/apiv2/kimi.chat.v1.ChatService/DeleteChat", self.delete_chat)
+        app.router.add_post("/apiv2-files/file/upload", self.upload)
+        app.router.add_post("/apiv2-files/kimi.gateway.file.v1.FileService/GetFileParseProgress", self.parse_progress)
 
     def auth_error(self) -> web.Response:
-        return web.json_response({"code": "unauthenticated", "message": "token is expired"}, status=401)
+        return connect_error(401, "unauthenticated", "token is expired")
+
+    def new_chat_id(self) -> str:
+        return kimi_uuid("chat")
+
+    def new_file_id(self) -> str:
+        return kimi_uuid("file")
+
+    # -- tokens ----------------------------------------------------------------------------------
+
+    async def refresh(self, request: web.Request) -> web.Response:
+        if not self.rest_refresh:
+            return web.Response(status=404, text="404 page not found")
+        return await super().refresh(request)
+
+    async def refresh_rpc(self, request: web.Request) -> web.Response:
+        """Plain JSON (no Connect envelope, no Authorization); both tokens rotate, and the spent
+        refresh token is refused from then on."""
+        if not self.rpc_refresh:
+            return web.Response(status=404, text="404 page not found")
+        self.rpc_refreshes += 1
+        body = await self._json_body(request)
+        token = pick(body, "refresh_token", "refreshToken") if body else None
+        if request.headers.get("Connect-Protocol-Version") != "1" or not isinstance(token, str):
+            return connect_error(400, "invalid_argument", "refresh_token is required")
+        user_id = self.users.get(token)
+        self.refreshes[user_id or token] += 1
+        if user_id is None or token in self.spent or token in self.banned:
+            return connect_error(401, "unauthenticated", "invalid claims")
+        self.spent.add(token)
+        return web.json_response({"accessToken": self.issue_access_token(user_id, self.access_ttl),
+                                  "refreshToken": self._refresh_token_for(user_id)})
+
+    # -- unary RPCs ------------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        self.catalog_calls += 1
+        self.catalog_calls.append(self._authenticated_user(request) or "")
         if self.catalog is None or await self._json_body(request) is None:
-            return web.json_response({"code": "unavailable", "message": ""}, status=503)
+            return connect_error(503, "unavailable", "")
         return web.json_response(self.catalog)
 
     async def subscription(self, request: web.Request) -> web.Response:
@@ -589,19 +664,80 @@ class FakeConnectKimi(FakeKimiBase):
         chat_id = pick(body, "chat_id", "chatId") if body else None
         chat = self.chats.get(chat_id)
         if chat is None or chat.owner != user_id or chat.deleted:
-            return web.json_response({"code": "not_found", "message": "chat not found"}, status=404)
+            return connect_error(404, "not_found", "chat not found")
         if self.hold_deletes is not None:
             await self.hold_deletes.wait()
         chat.deleted = True
         self.deleted.append(chat_id)
         return web.json_response({})
 
+    # -- files -----------------------------------------------------------------------------------
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """One multipart part named `file`, with a file name and a type (read by aiohttp's own parser)."""
+        if not self.new_uploads:
+            return web.Response(status=404, text="404 page not found")
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        if request.content_type != "multipart/form-data" or request.content_length is None:
+            return connect_error(400, "invalid_argument", "multipart body with a length expected")
+        reader = await request.multipart()
+        part = await reader.next()
+        if part is None or part.name != "file" or not part.filename or "Content-Type" not in part.headers:
+            return connect_error(400, "invalid_argument", "a file part is required")
+        data, name, mime = await part.read(), part.filename, part.headers["Content-Type"]
+        if await reader.next() is not None or not data:
+            return connect_error(400, "invalid_argument", "exactly one non-empty file part")
+        file_id = self.new_file_id()
+        self.uploads[file_id] = data
+        self.files[file_id] = {"id": file_id, "name": name, "owner": user_id, "size": len(data), "object_name": file_id,
+                               "type": "image" if mime.startswith("image/") else "file", "status": "PROCESSING",
+                               "mime": mime}
+        return web.json_response({"file": {"id": file_id, "meta": {
+            "name": name, "contentType": mime, "sizeBytes": str(len(data)), "checksum": hashlib.sha256(data).hexdigest(),
+            "type": "FILE_TYPE_IMAGE" if mime.startswith("image/") else "FILE_TYPE_DOCUMENT"}, "blob": {}}})
+
+    async def parse_progress(self, request: web.Request) -> web.Response:
+        """PROCESSING on the first poll, then SUCCESS (FAILED for parse_fail, never done for slow_parse)."""
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        self.parse_calls += 1
+        body = await self._json_body(request)
+        ids = pick(body, "file_ids", "fileIds") if body else None
+        if request.headers.get("Connect-Protocol-Version") != "1" or not isinstance(ids, list) \
+                or not all(self.files.get(i, {}).get("owner") == user_id for i in ids):
+            return connect_error(404, "not_found", "file not found")
+        progresses = []
+        for file_id in ids:
+            file = self.files[file_id]
+            if "slow_parse" not in file["name"]:
+                if file["status"] in ("PROCESSING", "initialized"):
+                    file["status"] = "polled"
+                elif file["status"] == "polled":
+                    file["status"] = "parsed" if "parse_fail" not in file["name"] else "failed"
+            status = {"parsed": "PROCESS_STATUS_SUCCESS", "failed": "PROCESS_STATUS_FAILED"}.get(file["status"])
+            progresses.append({"fileId": file_id, "status": status or "PROCESS_STATUS_PROCESSING"})
+        return web.json_response({"progresses": progresses})
+
+    def _attached_files_problem(self, ids: list, user_id: str) -> str | None:
+        for file_id in ids:
+            file = self.files.get(file_id) if isinstance(file_id, str) else None
+            if file is None or file["owner"] != user_id:
+                return "unknown file"
+            if file["status"] != "parsed" and (file["type"] == "file" or "mime" in file):
+                return "the file is not processed yet"
+        return None
+
+    # -- chat ------------------------------------------------------------------------------------
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         user_id = self._authenticated_user(request)
         if user_id is None:
             return self.auth_error()
         if request.content_type != "application/connect+json":
-            return web.json_response({"code": "invalid_argument", "message": "bad content type"}, status=415)
+            return connect_error(415, "invalid_argument", "bad content type")
         raw = await request.read()
         problem, body = self._chat_problem(raw, user_id)
         if user_id in self.rate_limited:
@@ -614,26 +750,34 @@ class FakeConnectKimi(FakeKimiBase):
             await response.write(connect_end({"code": problem[0], "message": problem[1]}))
             return response
         message = body["message"]
-        prompt = message["blocks"][-1]["text"]["content"]
+        prompt = message["blocks"][0]["text"]["content"]
         if self.unauthenticated_streams:  # refused before any chat exists
             self.unauthenticated_streams -= 1
             await response.write(connect_end({"code": "unauthenticated", "message": "token is expired"}))
             return response
+        scenario = scenario_of(prompt)
         chat_id = pick(body, "chat_id", "chatId")
-        if chat_id is None and scenario_of(prompt) == "overloaded_first":
-            chat_id = "never-announced"  # overload refusals come before a chat exists
-        elif chat_id is None:
-            chat_id = xid()
+        new_chat = chat_id is None and scenario != "overloaded_first"  # overload refusals come before a chat exists
+        if scenario.startswith("capture") and chat_id is None:
+            chat_id = CAPTURE_CHAT  # the captured answer names its chat; this user owns it now
+        elif new_chat:
+            chat_id = self.new_chat_id()
+        if new_chat:
             self.chats[chat_id] = Chat(owner=user_id, question=prompt)
             self.created.append(chat_id)
         chat = self.chats.get(chat_id) or Chat(owner=user_id)
         search = any(tool.get("type") == "TOOL_TYPE_SEARCH" for tool in body.get("tools") or ())
-        thinking = bool((body.get("options") or {}).get("thinking"))
-        files = [block["file"]["id"] for block in message["blocks"][:-1]]
+        thinking = body["options"]["thinking"]
+        files = [block["file"]["id"] for block in message["blocks"][1:]]
         self._record_completion(request, chat_id, user_id, body, prompt, search, thinking, files)
         self._open_stream(user_id)
         try:
-            await self._stream(response, scenario_of(prompt), chat_id, chat, prompt, search, thinking, request)
+            if scenario.startswith("capture"):
+                chat.last_message = CAPTURE_ASSISTANT
+                await self._replay_capture(response, scenario)
+            else:
+                await self._stream(response, scenario, chat_id, chat, prompt, search, thinking, request,
+                                   new_chat, pick(message, "parent_id", "parentId") or chat_id)
         except (ConnectionError, asyncio.CancelledError):
             self.closed_streams.append(chat_id)
             raise
@@ -642,76 +786,139 @@ class FakeConnectKimi(FakeKimiBase):
         return response
 
     def _chat_problem(self, raw: bytes, user_id: str) -> tuple[tuple[str, str] | None, dict | None]:
-        """What real Kimi would refuse: an unframed body, a malformed message, an unknown chat."""
+        """What real Kimi would refuse: an unframed body, a malformed message, a model that is not
+        in the catalog or options it does not offer, an unknown chat."""
         if len(raw) < 5 or raw[0] != 0 or int.from_bytes(raw[1:5], "big") != len(raw) - 5:
             return ("invalid_argument", "request must be one Connect envelope"), None
         try:
             body = orjson.loads(raw[5:])
         except orjson.JSONDecodeError:
             return ("invalid_argument", "malformed JSON"), None
-        scenarios = {m["scenario"] for m in CATALOG["availableModels"]}
-        message = body.get("message") if isinstance(body, dict) else None
-        if not isinstance(message, dict) or body.get("scenario") not in scenarios \
-                or message.get("scenario", body["scenario"]) != body["scenario"] or message.get("role") != "user":
-            return ("invalid_argument", "scenario and a user message are required"), body
+        if not isinstance(body, dict):
+            return ("invalid_argument", "malformed request"), None
+        problem = self._model_problem(body) or self._message_problem(body, user_id)
+        return (("invalid_argument", problem) if problem else self._chat_id_problem(body, user_id)), body
+
+    def _model_problem(self, body: dict) -> str | None:
+        options = body.get("options")
+        if not isinstance(options, dict) or not isinstance(options.get("thinking"), bool):
+            return "options.thinking is required"
+        entry = CATALOG_ENTRIES.get(options.get("model"))
+        if entry is None:
+            return "unknown model"  # a guess at what real Kimi does with a key or a made-up id
+        message = body.get("message")
+        if body.get("scenario") != entry["scenario"] or not isinstance(message, dict) \
+                or message.get("scenario", entry["scenario"]) != entry["scenario"]:
+            return "the scenario does not match the model"
+        effort = pick(options, "reasoning_effort", "reasoningEffort")
+        offered = [option["effort"] for option in entry["reasoningEffortOptions"]]
+        if effort is not None and (effort not in offered or options["thinking"] != (effort != "REASONING_EFFORT_NONE")):
+            return "this model does not offer that reasoning effort"
+        kimiplus_id = pick(body, "kimiplus_id", "kimiplusId")
+        if entry.get("kimiPlusId") and (kimiplus_id != entry["kimiPlusId"]
+                                        or pick(body, "agent_mode", "agentMode") != entry["agentMode"]):
+            return "this model needs its kimiplus_id and agent_mode"
+        if not isinstance(body.get("tools", []), list):
+            return "bad tools"
+        return None
+
+    def _message_problem(self, body: dict, user_id: str) -> str | None:
+        message = body["message"]
+        if message.get("role") != "user":
+            return "a user message is required"
         blocks = message.get("blocks")
-        texts = [b for b in blocks if isinstance(b, dict) and "text" in b] if isinstance(blocks, list) else []
-        if len(texts) != 1 or not isinstance(texts[0]["text"].get("content"), str) or not texts[0]["text"]["content"]:
-            return ("invalid_argument", "exactly one text block is required"), body
-        if blocks[-1] is not texts[0]:
-            return ("invalid_argument", "the text block comes last"), body
-        files = [block.get("file", {}).get("id") if isinstance(block.get("file"), dict) else None for block in blocks[:-1]]
-        if self._attached_files_problem(files, user_id):
-            return ("invalid_argument", "unknown file block"), body
-        if not isinstance(body.get("tools", []), list) or not isinstance((body.get("options") or {}).get("thinking", False), bool):
-            return ("invalid_argument", "bad tools or options"), body
-        chat_id, parent_id = pick(body, "chat_id", "chatId"), pick(message, "parent_id", "parentId")
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+            return "blocks are required"
+        text = blocks[0].get("text")
+        if not isinstance(text, dict) or not isinstance(text.get("content"), str) or not text["content"]:
+            return "the first block is the text"
+        files = [block.get("file") for block in blocks[1:]]
+        if not all(isinstance(f, dict) and f.get("status") == "PROCESS_STATUS_SUCCESS" for f in files) \
+                or self._attached_files_problem([f["id"] for f in files], user_id):
+            return "unknown or unprocessed file block"
+        return None
+
+    def _chat_id_problem(self, body: dict, user_id: str) -> tuple[str, str] | None:
+        chat_id, parent_id = pick(body, "chat_id", "chatId"), pick(body["message"], "parent_id", "parentId")
         if chat_id == "" or parent_id == "" or (parent_id is not None and chat_id is None):
-            return ("invalid_argument", "empty chat_id or parent_id"), body
+            return "invalid_argument", "empty chat_id or parent_id"
         if chat_id is not None:
             chat = self.chats.get(chat_id)
             if chat is None or chat.deleted or chat.owner != user_id:
-                return ("not_found", "chat not found"), body
+                return "not_found", "chat not found"
             if parent_id is not None and parent_id != chat.last_message:
-                return ("invalid_argument", "parent_id is not the last message"), body
-        return None, body
+                return "invalid_argument", "parent_id is not the last message"
+        return None
 
-    def _frames(self, scenario: str, chat_id: str, chat: Chat, prompt: str, search: bool, thinking: bool) -> list:
-        """The scripted stream: bytes are envelopes, numbers are pauses, "DROP" cuts the connection,
-        "EOF" ends the body without an end-stream envelope."""
+    async def _replay_capture(self, response: web.StreamResponse, scenario: str) -> None:
+        """The real stream, unchanged: whole, in random pieces, or a byte at a time."""
+        if scenario == "capture":
+            await response.write(CAPTURE)
+        else:
+            sizes = random.Random(len(self.completions))
+            start = 0
+            while start < len(CAPTURE):
+                end = start + (1 if scenario == "capture_bytes" else sizes.randint(1, 300))
+                await response.write(CAPTURE[start:end])
+                if sizes.random() < 0.2:
+                    await asyncio.sleep(0)
+                start = end
+        await response.write_eof()
+
+    def _frames(self, scenario: str, chat_id: str, chat: Chat, prompt: str, search: bool, thinking: bool,
+                new_chat: bool, parent_id: str) -> list:
+        """The scripted stream, in the 2026 shape: bytes are envelopes, numbers are pauses, "DROP"
+        cuts the connection, "EOF" ends the body without an end-stream envelope."""
         offset = iter(range(1, 10_000))
-        user_id, assistant_id = xid(), xid()
+        user_id, assistant_id = kimi_uuid("message"), kimi_uuid("message")
         chat.last_message = assistant_id
+        self.streams += 1
 
         def event(**fields) -> bytes:
             return connect_frame({**fields, "eventOffset": next(offset)})
 
-        def text(content: str, block: str = "0_1", op: str = "append") -> bytes:
+        def text(content: str, block: str = "4", op: str = "append") -> bytes:
             mask = "block.text.content" if op == "append" else "block.text"
-            return event(op=op, mask=mask, block={"id": block, "text": {"content": content}})
+            return event(op=op, mask=mask, block={"id": block, "parentId": "", "text": {"content": content}})
 
-        head = [event(op="set", chat={"id": chat_id, "name": "未命名会话"}),
-                event(op="set", mask="message", message={"id": user_id, "role": "user",
-                      "status": "MESSAGE_STATUS_COMPLETED", "blocks": [{"id": "text_0_0", "text": {"content": prompt}}]}),
-                event(op="set", mask="message", message={"id": assistant_id, "parentId": user_id, "role": "assistant",
-                      "status": "MESSAGE_STATUS_GENERATING", "scenario": "SCENARIO_K2D5"}),
-                event(op="set", mask="chat.lastRequest", chat={"lastRequest": {"x": 1}})]  # an unknown mask
+        def stage(status: str) -> list[bytes]:
+            named = {"name": "STAGE_NAME_THINKING", "status": status}
+            return [event(op="set", mask="block.multiStage", block={"id": "1", "parentId": "", "messageId": assistant_id,
+                                                                     "multiStage": {"stages": [named]}}),
+                    event(op="set", mask="block.stage", block={"id": "2", "parentId": "1", "messageId": assistant_id,
+                                                               "stage": named})]
+
+        head = [connect_frame({"heartbeat": {}})]
+        if new_chat:
+            head += [event(op="set", chat={"id": chat_id, "name": "未命名会话"})]
+        head += [event(op="set", mask="chat.lastRequest", chat={"id": chat_id, "lastRequest": {"options": {"thinking": thinking}}})]
+        if new_chat:
+            head += [event(op="set", message={"id": chat_id, "role": "system", "status": "MESSAGE_STATUS_COMPLETED"})]
+        assistant = {"id": assistant_id, "parentId": user_id, "role": "assistant", "status": "MESSAGE_STATUS_GENERATING"}
+        if self.streams % 2 == 0:
+            del assistant["role"]  # protobuf JSON may drop an enum left at its default
+        head += [event(op="set", mask="message", message={"id": user_id, "parentId": parent_id, "role": "user",
+                       "status": "MESSAGE_STATUS_COMPLETED", "blocks": [{"messageId": "", "text": {"content": prompt}}]}),
+                 event(op="set", mask="message", message=assistant)]
         if thinking:
-            head += [event(op="set", mask="block.think", block={"id": "0_0", "think": {"content": THINKING[0]}}),
-                     event(op="append", mask="block.think.content", block={"id": "0_0", "think": {"content": THINKING[1]}})]
+            head += stage("STAGE_STATUS_START") + [
+                event(op="set", mask="block.think", block={"id": "3", "parentId": "2", "think": {"content": THINKING[0]}}),
+                event(op="append", mask="block.think.content", block={"id": "3", "parentId": "2", "think": {"content": THINKING[1]}}),
+            ] + stage("STAGE_STATUS_END")
         answer = [text("", op="set")] + [text(piece) for piece in ANSWER]
         if search:
             results = [{"searchResult": {"id": f"r{n}", "base": {"title": title, "url": url, "siteName": "示例"},
                                          "refIndex": f"web_search:1#{n}"}} for n, (title, url) in enumerate(SOURCES)]
-            head += [event(op="set", block={"id": "0_2", "parentId": "0_0", "tool": {
+            head += [event(op="set", block={"id": "5", "parentId": "", "tool": {
                          "toolCallId": "web_search_0", "name": "web_search", "status": "STATUS_PENDING"}}),
-                     event(op="append", mask="block.tool.args", block={"id": "0_2", "tool": {"args": "{\"queries\":[\"x\"]}"}}),
+                     event(op="append", mask="block.tool.args", block={"id": "5", "tool": {"args": "{\"queries\":[\"x\"]}"}}),
                      event(op="set", mask="block.tool.contents,block.tool.status",
-                           block={"id": "0_2", "tool": {"status": "STATUS_DONE", "contents": results}}),
-                     event(op="set", mask="message.refs.searchChunks", message={"refs": {"searchChunks": results}})]
+                           block={"id": "5", "tool": {"status": "STATUS_DONE", "contents": results}}),
+                     event(op="set", mask="message.refs.searchChunks", message={"id": assistant_id, "refs": {"searchChunks": results}})]
             # the citation marker arrives split across two deltas
             answer = [text("", op="set"), text(ANSWER[0] + CITE[:9]), text(CITE[9:] + ANSWER[1]), text(ANSWER[2])]
-        tail = [event(op="set", mask="chat.name", chat={"name": "长城简介"}),
+        tail = [event(op="set", mask="chat.name", chat={"id": chat_id, "name": "长城简介"}),
+                event(op="set", notification={"type": "TYPE_MODEL_DEGRADE", "message": "High demand.", "paywall": {}}),
                 event(op="set", mask="message.status", message={"id": assistant_id, "status": "MESSAGE_STATUS_COMPLETED"}),
                 event(done={}), connect_end()]
         overloaded = {"code": "internal", "message": OVERLOADED}
@@ -719,9 +926,9 @@ class FakeConnectKimi(FakeKimiBase):
             "error": lambda: head + answer[:2] + [connect_end(overloaded)],
             "error_first": lambda: head + [connect_end(overloaded)],
             "done_then_error": lambda: head + answer + [event(done={}), event(error={"code": "internal", "message": OVERLOADED}), connect_end()],
-            "overloaded_first": lambda: [event(heartbeat={}), connect_end({"code": "resource_exhausted", "message": "",
-                                         "details": [{"debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER",
-                                                                 "localizedMessage": {"message": "当前使用人数较多，请稍后再试"}}}]})],
+            "overloaded_first": lambda: [connect_frame({"heartbeat": {}}), connect_end({"code": "resource_exhausted", "details": [
+                {"debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER",
+                           "localizedMessage": {"locale": "en-US", "message": OVERLOADED_FOR_FREE}}}]})],
             "paywall": lambda: head + [connect_end({"code": "resource_exhausted", "details": [{"debug": {"paywall": {}}}]})],
             "unavailable": lambda: head + [connect_end({"code": "unavailable"})],
             "denied": lambda: head + [connect_end({"code": "permission_denied", "message": "agent mode needs a plan"})],
@@ -735,24 +942,25 @@ class FakeConnectKimi(FakeKimiBase):
             "endless": lambda: head + [x for i in range(400) for x in (0.05, text(f"{i} "))] + tail,
             "pace": lambda: head + [x for piece in answer for x in (0.02, piece)] + tail,
             "no_all_done": lambda: head + answer + ["EOF"],
-            "staged": lambda: head + [event(op="set", block={"id": "0_0", "multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "running"}]}}),
-                                      text(THINKING[0], "0_1", "set"),
-                                      event(op="set", block={"id": "0_0", "multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "completed"}]}}),
-                                      text(ANSWER[0], "0_2", "set"), event(op="set", block={"id": "0_3", "text": {"content": THINKING[1], "flags": "thinking"}}),
-                                      text(ANSWER[1], "0_2")] + tail,
-            "two_blocks": lambda: head + [text("第一块", "0_1", "set"), text("第二块", "0_5", "set")] + tail,
+            "staged": lambda: head + stage("STAGE_STATUS_START") + [
+                event(op="set", mask="block.think", block={"id": "3", "parentId": "2", "think": {"content": THINKING[0]}})]
+                + stage("STAGE_STATUS_END") + [text(ANSWER[0], "4", "set"),
+                event(op="set", mask="block.think", block={"id": "6", "parentId": "2", "think": {"content": THINKING[1]}}),
+                text(ANSWER[1], "4")] + tail,
+            "two_blocks": lambda: head + [text("第一块", "4", "set"), text("第二块", "7", "set")] + tail,
         }.get(scenario, lambda: head + answer + tail)()
 
     def _bulk_frames(self, chat_id: str, pieces: list) -> list:
         return [connect_frame({"op": "set", "chat": {"id": chat_id, "name": "未命名会话"}})] + \
             [p if isinstance(p, float) else connect_frame({"op": "append", "mask": "block.text.content",
-                                                            "block": {"id": "0_1", "text": {"content": p}}})
+                                                            "block": {"id": "4", "text": {"content": p}}})
              for p in pieces] + [connect_frame({"done": {}}), connect_end()]
 
-    async def _stream(self, response, scenario, chat_id, chat, prompt, search, thinking, request) -> None:
+    async def _stream(self, response, scenario, chat_id, chat, prompt, search, thinking, request,
+                      new_chat, parent_id) -> None:
         pieces = bulk_pieces(scenario)
         script = self._bulk_frames(chat_id, pieces) if pieces else self._frames(scenario, chat_id, chat, prompt,
-                                                                                search, thinking)
+                                                                                search, thinking, new_chat, parent_id)
         for item in script:
             if item == "DROP":
                 request.transport.abort()
@@ -1146,13 +1354,21 @@ async def test_connect_request_shape(sdk, kimi):
     await sdk.chat.completions.create(model="kimi", messages=user("用一句话介绍长城"))
     await sdk.chat.completions.create(model="kimi-k2.6-thinking-search", messages=user("q"))
     plain, rich = kimi.completions
-    assert plain["body"] == {"scenario": "SCENARIO_K2D5", "tools": [], "options": {"thinking": False},
-                             "message": {"role": "user", "scenario": "SCENARIO_K2D5",
+    assert plain["body"] == {"scenario": "SCENARIO_CHAT", "tools": [],
+                             "options": {"thinking": False, "model": "k2d6-chat", "reasoning_effort": "REASONING_EFFORT_NONE"},
+                             "message": {"role": "user", "scenario": "SCENARIO_CHAT",
                                          "blocks": [{"message_id": "", "text": {"content": "用一句话介绍长城"}}]}}
-    assert plain["headers"]["Content-Type"] == "application/connect+json"
-    assert plain["headers"]["Connect-Protocol-Version"] == "1"
-    assert plain["headers"]["X-Msh-Device-Id"] == "7651000000000000001"
-    assert rich["body"]["tools"] == [{"type": "TOOL_TYPE_SEARCH", "search": {}}] and rich["body"]["options"] == {"thinking": True}
+    headers = plain["headers"]
+    assert headers["Content-Type"] == "application/connect+json" and headers["Connect-Protocol-Version"] == "1"
+    assert headers["X-Msh-Device-Id"] == "7651000000000000001" and headers["X-Msh-Platform"] == "web"
+    assert headers["X-Msh-Version"] and headers["X-Language"] == "en-US" and headers["R-Timezone"]
+    assert "Chrome/14" in headers["User-Agent"]
+    assert rich["body"]["tools"] == [{"type": "TOOL_TYPE_SEARCH", "search": {}}]
+    assert rich["body"]["options"] == {"thinking": True, "model": "k2d6-chat", "reasoning_effort": "REASONING_EFFORT_LOW"}
+    # the same keys and spelling as the web app's own request (a real capture)
+    web_app = orjson.loads(fixture_bytes("Chat.request.web.json"))
+    assert set(plain["body"]["options"]) <= set(web_app["options"]) and set(plain["body"]) <= set(web_app)
+    assert set(plain["body"]["message"]) <= set(web_app["message"])
 
 
 async def test_raw_completion_shape(http, proxy, token):
@@ -1580,7 +1796,9 @@ async def test_kept_conversation_round_trip(http, proxy, kimi):
     first, second = kimi.add_user(), kimi.add_user()
     response, _, chunks = await stream_chunks(http, proxy, f"{first},{second}", conversation_id="new")
     conversation_id = response.headers["X-Conversation-Id"]
-    assert {c["conversation_id"] for c in chunks} == {conversation_id} and len(conversation_id) == 20
+    assert {c["conversation_id"] for c in chunks} == {conversation_id}
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}" if kimi.PROTOCOL == "connect"
+                        else r"[0-9a-v]{20}", conversation_id)
     owner = kimi.chats[conversation_id].owner
     for tokens in (f"{first},{second}", f"{second},{first}"):  # the creating token is used either way
         response = await post_chat(http, proxy, tokens, conversation_id=conversation_id,
@@ -1863,11 +2081,15 @@ def frames_to_events(*messages, silent=False) -> tuple[list, kp.ConnectState]:
     ([{"block": {"id": "0", "text": {"content": "t", "flags": "thinking"}}},
       {"block": {"id": "1", "text": {"content": "a", "flags": "answer"}}}],
      [kp.Event(kp.REASONING, "t"), kp.Event(kp.TEXT, "a")]),
-    ([{"block": {"multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "running"}]}}},
-      {"block": {"id": "1", "text": {"content": "t"}}},
-      {"block": {"multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "completed"}]}}},
-      {"block": {"id": "2", "text": {"content": "a"}}}],
-     [kp.Event(kp.REASONING, "t"), kp.Event(kp.TEXT, "a")]),
+    # the kind of block decides, never the stage around it (as in the real capture)
+    ([{"block": {"id": "1", "multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "STAGE_STATUS_START"}]}}},
+      {"block": {"id": "2", "parentId": "1", "stage": {"name": "STAGE_NAME_THINKING", "status": "STAGE_STATUS_START"}}},
+      {"block": {"id": "3", "parentId": "2", "think": {"content": "t"}}},
+      {"block": {"id": "4", "parentId": "", "text": {"content": "a"}}},
+      {"block": {"id": "1", "multiStage": {"stages": [{"name": "STAGE_NAME_THINKING", "status": "STAGE_STATUS_END"}]}}},
+      {"block": {"id": "4", "parentId": "", "text": {"content": "b"}}},
+      {"op": "set", "notification": {"type": "TYPE_MODEL_DEGRADE", "message": "Switched to K2.6 Instant"}}],
+     [kp.Event(kp.REASONING, "t"), kp.Event(kp.TEXT, "a"), kp.Event(kp.TEXT, "b")]),
     ([{"block": {"id": "1", "text": {"content": "a"}}}, {"block": {"id": "2", "text": {"content": "b"}}}],
      [kp.Event(kp.TEXT, "a"), kp.Event(kp.TEXT, "\nb")]),
     ([{"block": {"tool": {"contents": [{"searchResult": {"base": {"title": "T", "url": "https://u"}, "refIndex": "w:1#0"}}]}}},
@@ -1894,7 +2116,11 @@ def test_connect_stream_state():
 
 @pytest.mark.parametrize("error, status, code, says", [
     ({"code": "resource_exhausted", "details": [{"debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER"}}]},
-     429, "rate_limit_exceeded", "REASON_SERVER_OVERLOADED_FOR_FREE_USER"),
+     503, "server_is_overloaded", "REASON_SERVER_OVERLOADED_FOR_FREE_USER"),
+    ({"code": "resource_exhausted", "debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER",
+                                              "localizedMessage": {"message": "Too many people"}}},
+     503, "server_is_overloaded", "Too many people"),
+    ({"code": "resource_exhausted", "message": "slow down"}, 429, "rate_limit_exceeded", "slow down"),
     ({"code": "resource_exhausted", "details": [{"debug": {"paywall": {}, "localizedMessage": {"message": "升级"}}}]},
      429, "insufficient_quota", "paid Kimi plan"),
     ({"code": "unavailable"}, 503, "server_is_overloaded", "unavailable"),
@@ -1937,47 +2163,86 @@ def test_citation_markers_vanish_when_silent():
 
 def test_catalog_ids_and_resolution():
     catalog = kp.Catalog.from_rpc(CATALOG)
-    ids = catalog.model_ids()
-    assert {"kimi-k2.6", "kimi-k2.6-search", "kimi-k2.6-thinking", "kimi-k2.6-thinking-search", "kimi-k2.6-agent",
-            "kimi-k2.6-agent-swarm", *kp.LEGACY_NAMES} == set(ids)
-    assert "kimi-k2.6-agent-search" not in ids
+    assert catalog.model_ids() == ["kimi-k2.6", "kimi-k2.6-thinking", "kimi-k2.8", "kimi-k3", "kimi-k3-swarm",
+                                   *kp.LEGACY_NAMES]
+    assert kp.Catalog.from_rpc(kp.FALLBACK_CATALOG).model_ids() == catalog.model_ids()
 
-    def resolved(model: str) -> dict:
-        return kp.to_connect_chat(kp.to_plan({"model": model, "messages": user("q")}), catalog, None)
+    def resolved(model: str, **body) -> dict:
+        return kp.to_connect_chat(kp.to_plan({"model": model, "messages": user("q"), **body}), catalog, None)
 
-    assert resolved("kimi")["options"] == {"thinking": False} and resolved("kimi")["tools"] == []
+    assert resolved("kimi")["options"] == {"thinking": False, "model": "k2d6-chat", "reasoning_effort": "REASONING_EFFORT_NONE"}
+    assert resolved("kimi")["tools"] == []
     for thinking in ("kimi-k1", "kimi-thinking", "kimi-k2.6-thinking", "kimi-k2.6-thinking-search-silent"):
-        assert resolved(thinking)["options"] == {"thinking": True}, thinking
-    for search in ("kimi-search", "kimi-research", "kimi-k2.6-search", "kimi-search-silent"):
+        assert resolved(thinking)["options"] == {"thinking": True, "model": "k2d6-chat",
+                                                 "reasoning_effort": "REASONING_EFFORT_LOW"}, thinking
+    for search in ("kimi-search", "kimi-research", "kimi-k2.6-search", "kimi-search-silent", "kimi-k3-search"):
         assert resolved(search)["tools"] == [{"type": "TOOL_TYPE_SEARCH", "search": {}}], search
-    swarm = resolved("kimi-k2.6-agent-swarm")
-    assert (swarm["scenario"], swarm["kimiplusId"], swarm["agentMode"]) == ("SCENARIO_OK_COMPUTER", "ok-computer", "TYPE_ULTRA")
+    for name, kimi_id in (("kimi-k2.8", "k28-agent-preview"), ("kimi-k3", "k3-agent"), ("kimi-k3-swarm", "k3-agent-swarm"),
+                          ("k3-agent", "k3-agent"), ("k3", "k3-agent"), ("KIMI-K3-THINKING", "k3-agent")):
+        request = resolved(name)
+        entry = CATALOG_ENTRIES[kimi_id]
+        assert request["options"] == {"thinking": True, "model": kimi_id, "reasoning_effort": "REASONING_EFFORT_HIGH"}
+        assert (request["scenario"], request["message"]["scenario"], request["kimiplus_id"], request["agent_mode"]) == \
+            (entry["scenario"], entry["scenario"], entry["kimiPlusId"], entry["agentMode"]), name
     assert resolved("gpt-4o-mini") == resolved("kimi-math") == resolved("kimi")
-    assert resolved("crm40ee9e5jvhsn7pt00")["kimiplusId"] == "crm40ee9e5jvhsn7pt00"
+    assert resolved("crm40ee9e5jvhsn7pt00")["kimiplus_id"] == "crm40ee9e5jvhsn7pt00"
     assert kp.Catalog.from_rpc({"availableModels": []}) is None
+    assert kp.Catalog.from_rpc({"availableModels": [{"scenario": "SCENARIO_K2D5", "thinking": True}]}) is None
+
+
+@pytest.mark.parametrize("model, effort, sent", [
+    ("kimi-k2.6", "none", "REASONING_EFFORT_NONE"),
+    ("kimi-k2.6", "minimal", "REASONING_EFFORT_LOW"),     # the only thinking effort K2.6 offers
+    ("kimi-k2.6", "high", "REASONING_EFFORT_LOW"),
+    ("kimi-k3", "none", "REASONING_EFFORT_HIGH"),         # K3 always thinks: its default, never NONE
+    ("kimi-k3", "minimal", "REASONING_EFFORT_LOW"),
+    ("kimi-k3", "low", "REASONING_EFFORT_LOW"),
+    ("kimi-k3", "medium", "REASONING_EFFORT_HIGH"),       # between LOW and HIGH: ties go up
+    ("kimi-k3", "high", "REASONING_EFFORT_HIGH"),         # MAX costs extra credits: never chosen for a client
+])
+def test_reasoning_effort_maps_to_one_the_model_offers(model, effort, sent):
+    plan = kp.to_plan({"model": model, "messages": user("q"), "reasoning_effort": effort})
+    options = kp.to_connect_chat(plan, kp.Catalog.from_rpc(CATALOG), None)["options"]
+    assert options["reasoning_effort"] == sent and options["thinking"] == (sent != "REASONING_EFFORT_NONE")
+    offered = [option["effort"] for option in CATALOG_ENTRIES[options["model"]]["reasoningEffortOptions"]]
+    assert sent in offered
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"id": "k2d6-chat"}, "kimi-k2.6"), ({"id": "k28-agent-preview"}, "kimi-k2.8"), ({"id": "k3-agent"}, "kimi-k3"),
+    ({"id": "k3-agent-swarm"}, "kimi-k3-swarm"), ({"id": "k25-chat"}, "kimi-k2.5"), ({"id": "Moonshot_V9"}, "kimi-moonshot-v9"),
+])
+def test_readable_model_ids_come_from_kimi_ids(entry, expected):
+    assert kp.to_model_name(entry["id"]) == expected
 
 
 @pytest.mark.dialects("connect")
-async def test_connect_models_come_from_the_live_catalog(sdk, kimi, http, proxy):
+async def test_connect_models_come_from_the_live_catalog(sdk, kimi, http, proxy, token):
     ids = [m.id async for m in sdk.models.list()]
-    assert "kimi-k2.6-thinking" in ids and "kimi-k2.6-agent-swarm" in ids and "kimi-search" in ids
-    await sdk.chat.completions.create(model="kimi-k2.6-agent", messages=user("plan a trip"))
-    assert kimi.completions[0]["body"]["scenario"] == "SCENARIO_OK_COMPUTER"
-    assert kimi.catalog_calls == 1  # cached for five minutes
+    assert {"kimi-k2.6-thinking", "kimi-k3", "kimi-k3-swarm", "kimi-search"} <= set(ids)
+    assert kimi.catalog_calls == [kimi.user_of(token)]  # asked with the caller's authorization
+    for model in ("kimi-k2.6", "kimi-k2.8", "kimi-k3", "kimi-k3-swarm"):
+        reply = await sdk.chat.completions.create(model=model, messages=user("plan a trip"))
+        assert reply.choices[0].message.content == "".join(ANSWER)
+    assert [c["body"]["options"]["model"] for c in kimi.completions] == list(CATALOG_ENTRIES)
+    assert [c["thinking"] for c in kimi.completions] == [False, True, True, True]
+    assert len(kimi.catalog_calls) == 1  # cached for five minutes
+    anonymous = await http.get(proxy + "/v1/models")
+    assert anonymous.status == 200 and len(kimi.catalog_calls) == 1
 
 
 @pytest.mark.dialects("connect")
 async def test_connect_falls_back_to_a_built_in_catalog(sdk, kimi):
     kimi.catalog = None
     ids = [m.id async for m in sdk.models.list()]
-    assert {"kimi-k2.6", "kimi-k2.6-thinking", "kimi"} <= set(ids)
+    assert {"kimi-k2.6", "kimi-k2.6-thinking", "kimi-k3", "kimi"} <= set(ids)
     reply = await sdk.chat.completions.create(model="kimi-k2.6-thinking", messages=user("q"))
     assert reply.choices[0].message.model_extra["reasoning_content"] == "".join(THINKING)
 
 
 @pytest.mark.dialects("connect")
 @pytest.mark.parametrize("scenario, status, code, says", [
-    ("overloaded_first", 429, "rate_limit_exceeded", "当前使用人数较多"),
+    ("overloaded_first", 503, "server_is_overloaded", OVERLOADED_FOR_FREE),
     ("paywall", 429, "insufficient_quota", "paid Kimi plan"),
     ("unavailable", 503, "server_is_overloaded", "unavailable"),
     ("denied", 403, "permission_denied", "agent mode needs a plan"),
@@ -1990,6 +2255,8 @@ async def test_connect_failures_before_any_text_get_real_statuses(start_proxy, h
     response = await post_chat(http, proxy, token, stream=True, messages=user(f"scenario:{scenario}"))
     assert response.status == status
     assert says in assert_envelope(await response.json(), code)["message"]
+    if scenario == "overloaded_first":
+        assert response.headers["Retry-After"] == str(kp.OVERLOAD_RETRY_AFTER)
     await kimi.wait_deleted(len(kimi.created))
     assert kimi.live_chats == []
 
@@ -2068,25 +2335,40 @@ async def test_connect_kept_chat_continues_after_its_last_message(http, start_pr
     assert kimi.deleted == []
 
 
+async def refresh_by_rpc(http, kimi, token: str) -> aiohttp.ClientResponse:
+    return await http.post(kimi.url + kimi.REFRESH_RPC, json={"refresh_token": token},
+                           headers={"Connect-Protocol-Version": "1"})
+
+
 @pytest.mark.dialects("connect")
 async def test_fake_connect_kimi_is_strict(http, kimi, token):
     """The fake refuses what real Kimi refuses, so the proxy's passing tests mean something."""
-    refreshed = await (await http.get(kimi.url + "/api/auth/token/refresh", headers=auth(token))).json()
-    headers = {**auth(refreshed["access_token"]), "Content-Type": "application/connect+json"}
-    good = {"scenario": "SCENARIO_K2D5", "message": {"role": "user", "blocks": [{"text": {"content": "hi"}}]}}
+    refreshed = await (await refresh_by_rpc(http, kimi, token)).json()
+    assert set(refreshed) == {"accessToken", "refreshToken"}
+    headers = {**auth(refreshed["accessToken"]), "Content-Type": "application/connect+json"}
+    good = {"scenario": "SCENARIO_CHAT", "options": {"thinking": False, "model": "k2d6-chat"},
+            "message": {"role": "user", "blocks": [{"text": {"content": "hi"}}]}}
+    k3 = {**good, "scenario": "SCENARIO_OK_COMPUTER", "options": {"thinking": True, "model": "k3-agent"},
+          "kimiplus_id": "ok-computer", "agent_mode": "TYPE_NORMAL"}
     for body in (orjson.dumps(good),  # not framed
                  connect_frame({**good, "chat_id": ""}),
                  connect_frame({**good, "scenario": "SCENARIO_NOPE"}),
-                 connect_frame({**good, "message": {"role": "user", "blocks": []}})):
+                 connect_frame({**good, "options": {"thinking": False, "model": "k3"}}),  # a key, not an id
+                 connect_frame({**good, "options": {"thinking": False}}),
+                 connect_frame({**good, "options": {"thinking": True, "model": "k2d6-chat",
+                                                    "reasoning_effort": "REASONING_EFFORT_HIGH"}}),
+                 connect_frame({**k3, "kimiplus_id": None}),
+                 connect_frame({**good, "message": {"role": "user", "blocks": []}}),
+                 connect_frame({**good, "message": {"role": "user", "blocks": [{"file": {"id": "x"}}, {"text": {"content": "hi"}}]}})):
         response = await http.post(kimi.url + kimi.CHAT, data=body, headers=headers)
         frames = kp.FrameDecoder().feed(await response.read())
-        assert frames == [(2, orjson.dumps({"error": frames and orjson.loads(frames[0][1])["error"]}))]
-        assert orjson.loads(frames[0][1])["error"]["code"] == "invalid_argument"
-    response = await http.post(kimi.url + kimi.CHAT, data=connect_frame({**good, "chat_id": "nosuchchat0000000000"}),
-                               headers=headers)
+        assert len(frames) == 1 and frames[0][0] == 2
+        assert orjson.loads(frames[0][1])["error"]["code"] == "invalid_argument", body
+    response = await http.post(kimi.url + kimi.CHAT, headers=headers,
+                               data=connect_frame({**good, "chat_id": "19fdf14e-bd52-88b5-8000-092152992fca"}))
     assert orjson.loads(kp.FrameDecoder().feed(await response.read())[0][1])["error"]["code"] == "not_found"
-    again = await http.get(kimi.url + "/api/auth/token/refresh", headers=auth(token))
-    assert again.status == 401  # a refresh token works once: Kimi rotates it
+    again = await refresh_by_rpc(http, kimi, token)
+    assert again.status == 401 and (await again.json())["code"] == "unauthenticated"  # Kimi rotates refresh tokens
     assert kimi.created == []
 
 
