@@ -105,6 +105,7 @@ class FakeKimiBase:
         self.files: dict[str, dict] = {}                # file id -> the registered file (and its owner)
         self.parse_calls = 0
         self.presign_uploads = True                     # the REST upload flow (pre-sign, PUT, register)
+        self.web_page: str | None = None                # "redirect" or "html": every call gets that instead
         self.url = ""
 
     # -- test controls ---------------------------------------------------------------------------
@@ -254,6 +255,10 @@ class FakeKimiBase:
     @web.middleware
     async def _record_and_inject_faults(self, request: web.Request, handler):
         self.calls.append((request.method, request.path))
+        if self.web_page == "redirect":  # what kimi.moonshot.cn does for visitors outside mainland China
+            raise web.HTTPFound(self.url + "/ping-redirected")
+        if self.web_page == "html":
+            return web.Response(text="<!doctype html><title>Kimi</title>", content_type="text/html")
         for fault in self.faults:
             if fault["times"] > 0 and fault["method"] == request.method and fault["path"].fullmatch(request.path):
                 fault["times"] -= 1
@@ -2370,6 +2375,217 @@ async def test_fake_connect_kimi_is_strict(http, kimi, token):
     again = await refresh_by_rpc(http, kimi, token)
     assert again.status == 401 and (await again.json())["code"] == "unauthenticated"  # Kimi rotates refresh tokens
     assert kimi.created == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Kimi as it is in 2026: real captures, UUID ids, token renewal and its store, uploads
+# ---------------------------------------------------------------------------------------------
+
+
+def capture_frames() -> list[tuple[int, bytes]]:
+    return kp.FrameDecoder().feed(CAPTURE)
+
+
+def test_the_capture_is_what_its_readme_says():
+    frames = capture_frames()
+    assert len(CAPTURE) == 9747 and len(frames) == 69 and frames[-1] == (2, b"{}")
+    assert [flags for flags, _ in frames[:-1]] == [0] * 68
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 4096, len(CAPTURE)])
+def test_the_capture_decodes_to_its_answer_and_thinking_however_split(size):
+    decoder, state, events = kp.FrameDecoder(), kp.ConnectState(), []
+    for start in range(0, len(CAPTURE), size):
+        batch, failure = kp.from_connect_frames(decoder.feed(CAPTURE[start:start + size]), state)
+        assert failure is None
+        events += batch
+    events += kp.from_connect_ending(state)
+    assert "".join(e.text for e in events if e.kind == kp.TEXT) == CAPTURE_ANSWER
+    assert "".join(e.text for e in events if e.kind == kp.REASONING) == CAPTURE_THINKING
+    assert [e for e in events if e.kind == kp.CHAT] == [kp.Event(kp.CHAT, CAPTURE_CHAT)]  # from chat.lastRequest
+    assert state.message_id == CAPTURE_ASSISTANT and state.user_message_id == "19fdf190-9d52-8774-8000-0a21cfb84051"
+    assert events[-1] == kp.DONE_EVENT
+
+
+def prelude_events(drop_role: bool) -> tuple[list, kp.ConnectState]:
+    with open(os.path.join(FIXTURES, "chat_new_prelude.events.jsonl"), "rb") as file:
+        messages = [orjson.loads(line) for line in file if line.strip()]
+    if drop_role:
+        for message in messages:
+            if message.get("message", {}).get("role") == "assistant":
+                del message["message"]["role"]
+    return frames_to_events(*messages)
+
+
+@pytest.mark.parametrize("drop_role", [False, True])
+def test_a_new_chat_prelude_names_the_chat_and_the_answer(drop_role):
+    events, state = prelude_events(drop_role)
+    assert events == [kp.Event(kp.CHAT, "19b79776-8e42-8075-8000-091037ea12d9")]
+    assert state.user_message_id == "19b79776-9262-8db7-8000-0a101182304b"
+    assert state.message_id == "19b79776-9262-8db7-8000-0a1082ef3e40"  # never the system message (the chat's id)
+
+
+def test_an_answer_without_roles_is_found_by_its_final_status_or_its_blocks():
+    _, state = frames_to_events({"op": "set", "message": {"id": "u1", "role": "user"}},
+                                {"op": "set", "mask": "message.status", "message": {"id": "a1", "status": "MESSAGE_STATUS_COMPLETED"}})
+    assert state.message_id == "a1"
+    _, state = frames_to_events({"op": "set", "message": {"id": "u1", "role": 2}},
+                                {"block": {"id": "1", "messageId": "a2", "multiStage": {"stages": []}}})
+    assert (state.user_message_id, state.message_id) == ("u1", "a2")
+
+
+@pytest.mark.dialects("connect")
+@pytest.mark.parametrize("scenario", ["capture", "capture_random", "capture_bytes"])
+@pytest.mark.parametrize("model", ["kimi-k2.6-thinking", "kimi-k2.6"])
+async def test_a_real_kimi_answer_replayed_byte_for_byte(http, proxy, token, kimi, scenario, model):
+    prompt = f"scenario:{scenario} reply with json"
+    response, raw, chunks = await stream_chunks(http, proxy, token, model=model, messages=user(prompt))
+    assert response.status == 200
+    assert content_of(chunks) == CAPTURE_ANSWER
+    assert content_of(chunks, "reasoning_content") == CAPTURE_THINKING  # what Kimi sent, asked for or not
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    reply = await (await post_chat(http, proxy, token, model=model, messages=user(prompt))).json()
+    assert reply["choices"][0]["message"]["content"] == CAPTURE_ANSWER
+    assert reply["choices"][0]["message"]["reasoning_content"] == CAPTURE_THINKING
+    assert [c["thinking"] for c in kimi.completions] == [model.endswith("-thinking")] * 2
+    await kimi.wait_deleted(2)
+    assert kimi.deleted == [CAPTURE_CHAT] * 2  # the chat the capture names, deleted after each answer
+
+
+@pytest.mark.dialects("connect")
+async def test_a_kept_uuid_conversation_continues(http, proxy, kimi, token):
+    response = await post_chat(http, proxy, token, conversation_id="new")
+    chat_id = response.headers["X-Conversation-Id"]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-8000-09[0-9a-f]{10}", chat_id)
+    for turn in range(3):  # every other answer comes without a role: the parent is found all the same
+        parent = kimi.chats[chat_id].last_message
+        response = await post_chat(http, proxy, token, conversation_id=chat_id, messages=user(f"问题 {turn}"))
+        assert response.status == 200 and (await response.json())["conversation_id"] == chat_id
+        assert kimi.completions[-1]["body"]["message"]["parent_id"] == parent
+    assert kimi.created == [chat_id] and kimi.deleted == []
+    response = await post_chat(http, proxy, token, conversation_id="cr7p4ik2lq1s5t0u9v3g")  # a legacy id
+    assert response.status == 400 and "UUID" in assert_envelope(await response.json(), param="conversation_id")["message"]
+
+
+@pytest.mark.dialects("legacy")
+async def test_legacy_ids_are_still_twenty_characters(http, proxy, token):
+    response = await post_chat(http, proxy, token, conversation_id="19fdf14e-bd52-88b5-8000-092152992fca")
+    error = assert_envelope(await response.json(), param="conversation_id")
+    assert response.status == 400 and "20 characters" in error["message"]
+
+
+def test_auth_url_follows_the_site():
+    for base, auth_url in (("https://www.kimi.com", "https://auth.kimi.com"), ("https://www.kimi.ai", "https://auth.kimi.ai"),
+                           ("http://127.0.0.1:9", "http://127.0.0.1:9")):
+        assert kp.Config.from_env({"KIMI_BASE_URL": base}).kimi_auth_url == auth_url
+    assert kp.Config.from_env({"KIMI_AUTH_URL": "https://auth.example/"}).kimi_auth_url == "https://auth.example"
+    with pytest.raises(kp.ConfigError, match="KIMI_AUTH_URL"):
+        kp.Config.from_env({"KIMI_AUTH_URL": "auth.kimi.com"})
+
+
+@pytest.mark.dialects("connect")
+async def test_tokens_are_renewed_by_the_refresh_token_rpc(http, proxy, kimi, token):
+    kimi.rest_refresh = False
+    kimi.access_ttl = 1  # renewed before each request
+    for _ in range(3):
+        assert (await post_chat(http, proxy, token)).status == 200
+        await asyncio.sleep(1.05)
+    assert kimi.rpc_refreshes == 3 and kimi.refreshes[kimi.user_of(token)] == 3
+    assert ("GET", "/api/auth/token/refresh") not in kimi.calls
+    assert token in kimi.spent  # rotated: only the newest refresh token works now
+
+
+@pytest.mark.dialects("connect")
+@pytest.mark.parametrize("missing", ["404", "unimplemented"])
+async def test_renewal_falls_back_to_the_rest_endpoint_once(http, proxy, kimi, token, caplog, missing):
+    if missing == "404":
+        kimi.rpc_refresh = False
+    else:
+        kimi.fail("POST", kimi.REFRESH_RPC, 501, times=100, body={"code": "unimplemented", "message": ""})
+    second = kimi.add_user()
+    for credential in (token, second, token):
+        assert (await post_chat(http, proxy, credential)).status == 200
+        await kimi.wait_deleted(len(kimi.created))
+        kimi.revoke_access_tokens()  # each request renews
+    rpc_calls = [call for call in kimi.calls if call[1] == kimi.REFRESH_RPC]
+    assert len(rpc_calls) == (1 if missing == "404" else 3)  # 501 is retried like any 5xx, then remembered
+    assert kimi.calls.count(("GET", "/api/auth/token/refresh")) == 3
+    fallbacks = [r for r in caplog.records if r.name == "kimi_proxy" and "no RefreshToken RPC" in r.getMessage()]
+    assert len(fallbacks) == 1
+
+
+@pytest.mark.dialects("connect")
+async def test_rotated_tokens_survive_a_restart_with_a_token_store(start_proxy, http, kimi, token, tmp_path):
+    store = tmp_path / "tokens.json"
+    proxy = await start_proxy(KIMI_TOKEN_STORE=str(store))
+    assert (await post_chat(http, proxy, token)).status == 200
+    assert token in kimi.spent and store.stat().st_mode & 0o777 == 0o600
+    saved = orjson.loads(store.read_bytes())["tokens"]
+    assert list(saved) == [hashlib.sha256(token.encode()).hexdigest()] and token not in store.read_text()
+    await kimi.wait_deleted(1)
+    restarted = await start_proxy(KIMI_TOKEN_STORE=str(store))  # a new process: nothing in memory
+    assert (await post_chat(http, restarted, token)).status == 200  # the original token, as the client kept it
+    assert orjson.loads(store.read_bytes())["tokens"] != saved  # rotated again, and kept
+    forgetful = await start_proxy()  # no store: the spent token is all it has
+    response = await post_chat(http, forgetful, token)
+    assert response.status == 401
+    assert [name for name in os.listdir(tmp_path)] == ["tokens.json"]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"tokens": {"a": 3}}', None])
+def test_a_bad_token_store_stops_the_start_naming_the_file(tmp_path, content):
+    store = tmp_path / "store.json"
+    if content is None:
+        store.mkdir()  # a folder where the file should be
+    else:
+        store.write_bytes(content)
+    result = subprocess.run([sys.executable, "kimi_proxy.py", "--port", "0"], capture_output=True, text=True,
+                            env={**os.environ, "KIMI_TOKEN_STORE": str(store)}, timeout=30)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"KIMI_TOKEN_STORE {store}" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_a_token_store_in_a_missing_folder_is_refused():
+    with pytest.raises(kp.ConfigError, match="KIMI_TOKEN_STORE"):
+        kp.TokenStore("/nonexistent-folder/tokens.json")
+
+
+@pytest.mark.dialects("connect")
+async def test_files_go_through_apiv2_files_and_wait_until_processed(sdk, kimi):
+    reply = await sdk.chat.completions.create(model="kimi", messages=with_files(
+        {"type": "image_url", "image_url": {"url": data_uri("image/png", PNG)}},
+        {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "报告 \"Q3\".pdf"}}))
+    assert reply.choices[0].message.content == "".join(ANSWER)
+    [completion] = kimi.completions
+    assert_uploaded(kimi, completion, {"image.png": PNG, "报告 %22Q3%22.pdf": PDF})
+    blocks = completion["body"]["message"]["blocks"]
+    assert "text" in blocks[0] and [b["file"]["status"] for b in blocks[1:]] == ["PROCESS_STATUS_SUCCESS"] * 2
+    assert {kimi.files[i]["mime"] for i in completion["files"]} == {"image/png", "application/pdf"}
+    assert kimi.parse_calls >= 2 and ("POST", "/api/pre-sign-url") not in kimi.calls
+
+
+@pytest.mark.dialects("connect")
+async def test_uploads_fall_back_to_pre_signing_once(sdk, kimi, caplog):
+    kimi.new_uploads, kimi.presign_uploads = False, True
+    for _ in range(2):
+        reply = await sdk.chat.completions.create(model="kimi", messages=with_files(
+            {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "a.pdf"}}))
+        assert reply.choices[0].message.content == "".join(ANSWER)
+    assert kimi.calls.count(("POST", "/apiv2-files/file/upload")) == 1  # remembered
+    assert kimi.calls.count(("POST", "/api/pre-sign-url")) == 2
+    assert len([r for r in caplog.records if r.name == "kimi_proxy" and "pre-sign" in r.getMessage()]) == 1
+
+
+@pytest.mark.dialects("legacy")
+@pytest.mark.parametrize("answer", ["redirect", "html"])
+async def test_a_redirect_or_a_web_page_from_kimi_is_a_502_that_says_so(http, proxy, token, kimi, answer):
+    kimi.web_page = answer
+    calls = len(kimi.calls)
+    response = await post_chat(http, proxy, token)
+    error = assert_envelope(await response.json(), "upstream_error")
+    assert response.status == 502
+    assert ("redirected" if answer == "redirect" else "web page") in error["message"]
+    assert len(kimi.calls) - calls == 1  # the redirect was not followed
 
 
 # ---------------------------------------------------------------------------------------------
