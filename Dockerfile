@@ -3,7 +3,8 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt && useradd --system --uid 10001 --no-create-home kimi
+RUN pip install --no-cache-dir -r requirements.txt && useradd --system --uid 10001 --no-create-home kimi \
+    && mkdir /data && chown kimi /data
 COPY kimi_proxy.py .
 USER kimi
 
