@@ -161,20 +161,24 @@ async def direct_first_content(http, kimi: str, access: str, dialect: str) -> fl
         async with http.delete(f"{kimi}/api/chat/{chat_id}", headers=headers):
             pass
         return first
-    payload = orjson.dumps({"scenario": "SCENARIO_K2D5", "tools": [], "options": {"thinking": False},
-                            "message": {"role": "user", "scenario": "SCENARIO_K2D5",
+    payload = orjson.dumps({"scenario": "SCENARIO_CHAT", "tools": [],
+                            "options": {"thinking": False, "model": "k2d6-chat", "reasoning_effort": "REASONING_EFFORT_NONE"},
+                            "message": {"role": "user", "scenario": "SCENARIO_CHAT",
                                         "blocks": [{"message_id": "", "text": {"content": "scenario:chunks_5"}}]}})
     chat_id = None
     async with http.post(kimi + "/apiv2/kimi.gateway.chat.v1.ChatService/Chat",
                          data=b"\0" + len(payload).to_bytes(4, "big") + payload,
-                         headers={**headers, "Content-Type": "application/connect+json"}) as response:
+                         headers={**headers, "Content-Type": "application/connect+json",
+                                  "Connect-Protocol-Version": "1"}) as response:
         async for data in response.content.iter_any():
             if b"block.text.content" in data and not first:
                 first = time.perf_counter() - started
             if chat_id is None and b'"chat":{"id":"' in data:
                 chat_id = data.split(b'"chat":{"id":"', 1)[1].split(b'"', 1)[0].decode()
     async with http.post(kimi + "/apiv2/kimi.chat.v1.ChatService/DeleteChat", json={"chat_id": chat_id},
-                         headers=headers):
+                         headers={**headers, "Connect-Protocol-Version": "1"}) as response:
+        if response.status != 200:
+            raise SystemExit(f"the direct call to the fake Kimi failed: HTTP {response.status}")
         pass
     return first
 
