@@ -2969,23 +2969,5 @@ def main(argv: list[str] | None = None) -> None:
     web.run_app(app, host=config.host, port=config.port, print=None, **runner_options(config))
 
 
-def run_as_import() -> None:
-    """Run the server from this file imported as a module, in place of this script.
-
-    CPython keeps the syntax tree of a script it runs (about 6 MB for this file) until the script
-    returns, which for a server is never; a module frees it as soon as it is compiled. So the
-    script becomes a fresh interpreter (same process id, options and arguments) that imports it.
-    """
-    if os.name != "posix" or not sys.executable or not os.path.isfile(__file__):  # (`python - < kimi_proxy.py`)
-        return main()
-    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    boot = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            "import kimi_proxy; kimi_proxy.main()")
-    os.execv(sys.executable, [sys.executable, *options, "-c", boot, *sys.argv[1:]])
-
-
 if __name__ == "__main__":
-    if __spec__ is None:  # `python kimi_proxy.py`; `python -m kimi_proxy` is an import already
-        run_as_import()
-    else:
-        main()
+    main()

@@ -2030,21 +2030,6 @@ async def test_main_serves_with_flags_over_env(kimi, token, http):
     assert kimi.deleted == kimi.created
 
 
-def test_script_hands_over_to_an_import_with_its_options(tmp_path):
-    # run from elsewhere, with an interpreter option whose output shows which interpreter ran:
-    # -X importtime lists `kimi_proxy` only when the file is imported as a module
-    script = os.path.abspath("kimi_proxy.py")
-    result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: kimi_proxy.py ")
-    assert re.search(r"\| kimi_proxy$", result.stderr, re.MULTILINE)
-    with open(script, "rb") as source:  # a script with no file to import runs as it is
-        result = subprocess.run([sys.executable, "-", "--help"], stdin=source, cwd=tmp_path, capture_output=True,
-                                text=True, timeout=30)
-    assert result.returncode == 0 and result.stdout.startswith("usage: kimi_proxy.py ")
-
-
 def test_bad_setting_stops_startup_with_one_line():
     result = subprocess.run([sys.executable, "kimi_proxy.py"], env={**os.environ, "UPSTREAM_READ_TIMEOUT": "soon"},
                             capture_output=True, text=True, timeout=30)
