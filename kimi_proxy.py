@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import email.utils
 import hashlib
 import hmac
 import ipaddress
@@ -197,6 +198,10 @@ def _flag_setting(env: Mapping[str, str], name: str) -> bool:
 
 RATE_LIMIT_COOL_DOWN = 60.0  # seconds a rate-limited token rests when Kimi gives no hint
 OUTAGE_COOL_DOWN = 5.0       # seconds a token rests after Kimi failed with a 5xx
+DEAD_TOKEN_RETRY = 600.0     # seconds before a token Kimi rejected is tried again
+MAX_TOKENS_PER_REQUEST = 32  # tokens one API key may carry, comma-separated
+MAX_TRIES_PER_REQUEST = 5    # tokens one request tries before it gives up
+MAX_MODEL_NAME = 256         # characters: the model name is echoed in every chunk and logged
 
 
 class ProxyError(Exception):
@@ -295,6 +300,7 @@ LENGTH_EVENT = Event(LENGTH)
 
 K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ agent id that selects the K1 reasoning model
 CHAT_ID = re.compile(r"[0-9a-z]{20}")
+KIMI_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # any id Kimi hands out that is safe in a path or a header
 MAX_CONTINUATIONS = 3
 RETRY_BACKOFF = (0.25, 0.75)  # seconds before the 2nd and 3rd try of a call that hit a 5xx or a dead connection
 ACCESS_TOKEN_DEFAULT_LIFETIME = 300.0
@@ -425,9 +431,13 @@ class AccessTokens:
 
 @dataclasses.dataclass(slots=True)
 class TokenState:
-    dead: bool = False
+    dead_until: float = 0.0  # loop time; a dead token is tried again after a while, so a pool heals
     cool_until: float = 0.0  # loop time
+    resting_after: str = ""  # what made it rest: "a rate limit" or "a Kimi failure"
     in_flight: int = 0
+
+    def is_dead(self, now: float) -> bool:
+        return self.dead_until > now
 
 
 class NoTokenLeft(Exception):
@@ -436,7 +446,7 @@ class NoTokenLeft(Exception):
 
 def fingerprint(token: str) -> str:
     """A short id for a token that cannot be turned back into it (for /healthz)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 class TokenHealth:
@@ -462,13 +472,14 @@ class TokenHealth:
         deadline = loop.time() + self._queue_timeout
         while True:
             now = loop.time()
-            alive = [token for token in candidates if token not in tried and not self.state(token).dead]
-            if not alive:
+            alive = [token for token in candidates if token not in tried and not self.state(token).is_dead(now)]
+            if not alive or len(tried) >= MAX_TRIES_PER_REQUEST:
                 raise NoTokenLeft()
             ready = [token for token in alive if self.state(token).cool_until <= now]
             if not ready:
                 rest = min(self.state(token).cool_until for token in alive) - now
-                raise RateLimited("Every Kimi token of this request is resting after a rate limit",
+                reasons = sorted({self.state(token).resting_after for token in alive})
+                raise RateLimited(f"Every Kimi token of this request is resting after {' or '.join(reasons)}",
                                   retry_after=max(1, math.ceil(rest)))
             best = min(ready, key=lambda token: self.state(token).in_flight)  # ties: the turn's order
             if self.state(best).in_flight < self._cap:
@@ -491,16 +502,19 @@ class TokenHealth:
 
     def note(self, token: str, error: ProxyError) -> None:
         """What an error says about the token that met it."""
+        now = asyncio.get_running_loop().time()
         if isinstance(error, TokenRejected):
-            self.state(token).dead = True
+            self.state(token).dead_until = now + DEAD_TOKEN_RETRY
         elif error.cool_down:
             state = self.state(token)
-            state.cool_until = max(state.cool_until, asyncio.get_running_loop().time() + error.cool_down)
+            if now + error.cool_down > state.cool_until:
+                state.cool_until = now + error.cool_down
+                state.resting_after = "a rate limit" if isinstance(error, RateLimited) else "a Kimi failure"
 
     def report(self) -> list[dict]:
         now = asyncio.get_running_loop().time()
         return [{"id": fingerprint(token),
-                 "state": "dead" if state.dead else "cooling" if state.cool_until > now else "alive",
+                 "state": "dead" if state.is_dead(now) else "cooling" if state.cool_until > now else "alive",
                  "in_flight": state.in_flight, "cooling_s": max(0, math.ceil(state.cool_until - now))}
                 for token, state in itertools.chain(self._pool.items(), self._seen.items())]
 
@@ -620,7 +634,18 @@ def not_a_web_page(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
 
 
 def retry_after_seconds(value: str | None) -> int | None:
-    return int(value) if value and value.isdigit() else None
+    """Seconds from a Retry-After header (a number or an HTTP date); None for anything else."""
+    if not value:
+        return None
+    if re.fullmatch(r"[0-9]{1,7}", value.strip()):
+        return int(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0, min(86400, math.ceil(when.timestamp() - time.time())))
 
 
 class ReadFailures:
@@ -713,8 +738,17 @@ class KimiHTTP:
         access = tokens.get("access_token") or tokens.get("accessToken") or tokens.get("token")
         refresh = tokens.get("refresh_token") or tokens.get("refreshToken")
         if response.status >= 300 or not isinstance(access, str) or not access:
-            raise TokenRejected()
+            raise self._renewal_refused(response.status, body)
         return access, refresh if isinstance(refresh, str) and refresh else refresh_token
+
+    def _renewal_refused(self, status: int, body: object) -> ProxyError:
+        """Only a definite answer kills a token: an auth error in Kimi's own JSON. A web page (a
+        firewall in front of Kimi) or a body of the wrong shape is Kimi failing: 502, short rest."""
+        if body is not None and (status in (400, 401, 403) or self._is_auth_failure(status, body)):
+            return TokenRejected()
+        error = upstream_error(f"Kimi's token renewal answered HTTP {status} without tokens")
+        error.cool_down = OUTAGE_COOL_DOWN
+        return error
 
     async def _json_call(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
         data = None if body is None else json_body(body)
@@ -861,14 +895,16 @@ def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if ip.version == 6:
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in NAT64:
+        if embedded is None and any(ip in network for network in EMBEDS_IPV4):
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public_address(str(embedded))
     return ip.is_global and not ip.is_multicast
 
 
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 ranges whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use),
+# IPv4-translated and the deprecated IPv4-compatible form
+EMBEDS_IPV4 = tuple(map(ipaddress.ip_network, ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")))
 
 
 class PrivateAddress(OSError):
@@ -1083,8 +1119,8 @@ class LegacyKimi(KimiHTTP):
     async def _create_chat(self, credential: str, plan: "Plan") -> str:
         chat = await self._json_call(credential, "POST", "/api/chat", to_legacy_new_chat(plan))
         chat_id = chat.get("id") if isinstance(chat, dict) else None
-        if not isinstance(chat_id, str) or not chat_id:
-            raise upstream_error("Kimi did not return a chat id")
+        if not isinstance(chat_id, str) or not KIMI_ID.fullmatch(chat_id):
+            raise upstream_error("Kimi did not return a usable chat id")
         return chat_id
 
     async def _delete(self, credential: str, chat_id: str) -> None:
@@ -1310,7 +1346,7 @@ class ConnectKimi(KimiHTTP):
         access = body.get("accessToken") or body.get("access_token") if isinstance(body, dict) else None
         rotated = body.get("refreshToken") or body.get("refresh_token") if isinstance(body, dict) else None
         if response.status >= 300 or not isinstance(access, str) or not access:
-            raise TokenRejected()
+            raise self._renewal_refused(response.status, body)
         return access, rotated if isinstance(rotated, str) and rotated else refresh_token
 
     def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
@@ -1450,6 +1486,8 @@ def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_
     """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError.
     `chat_ids` is the shape of the chat ids the Kimi dialect issues."""
     model = optional(body, "model", str) or "kimi"
+    if len(model) > MAX_MODEL_NAME:
+        raise bad_request(f"'model' is longer than {MAX_MODEL_NAME} characters", "model")
     stream = bool(optional(body, "stream", bool))
     stream_options = optional(body, "stream_options", dict) or {}
     include_usage = stream and bool(optional(stream_options, "include_usage", bool, "stream_options.include_usage"))
@@ -2006,6 +2044,8 @@ def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[
     events = []
     chat = message.get("chat")
     if isinstance(chat, dict) and isinstance(chat.get("id"), str) and state.chat_id is None:
+        if not KIMI_ID.fullmatch(chat["id"]):
+            raise upstream_error("Kimi named its chat with an id that is not one")
         state.chat_id = chat["id"]  # from `set chat` on a new chat, from `chat.lastRequest` on any
         events.append(Event(CHAT, chat["id"]))
     turn = message.get("message")
@@ -2513,7 +2553,7 @@ def is_api_key(value: str, keys: tuple[str, ...]) -> bool:
     """Compared in constant time, against every key, so timing tells nothing about the keys."""
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(value.encode(), key.encode())
+        matched |= hmac.compare_digest(value.encode("utf-8", "surrogateescape"), key.encode())
     return matched
 
 
@@ -2536,7 +2576,15 @@ def request_credentials(request: web.Request) -> list[str]:
     if not credentials:
         raise ProxyError(401, "Missing API key: send your Kimi token as 'Authorization: Bearer <token>'",
                          code="invalid_api_key")
+    if len(credentials) > MAX_TOKENS_PER_REQUEST:
+        raise bad_request(f"The API key holds {len(credentials)} tokens; at most {MAX_TOKENS_PER_REQUEST} are accepted")
+    if not all(TOKEN_TEXT.fullmatch(credential) for credential in credentials):
+        # refused before the token is stored or sent anywhere
+        raise ProxyError(401, "The API key holds characters a Kimi token cannot contain", code="invalid_api_key")
     return credentials
+
+
+TOKEN_TEXT = re.compile(r"[\x21-\x7e]{1,8192}")  # visible ASCII: what JWTs and API keys are made of
 
 
 def require_api_key(request: web.Request) -> None:
@@ -2771,8 +2819,8 @@ async def check_token(request: web.Request) -> web.Response:
     require_api_key(request)  # else, with a pool, an open oracle for anyone's tokens
     body = await read_json_object(request)
     token = body.get("token")
-    if not isinstance(token, str) or not token.strip():
-        raise bad_request("'token' must be a Kimi refresh token", "token")
+    if not isinstance(token, str) or not TOKEN_TEXT.fullmatch(token.strip()):
+        raise bad_request("'token' must be a Kimi refresh token (visible ASCII characters)", "token")
     return json_response({"live": await request.app[KIMI].check_token(token.strip())})
 
 
@@ -2852,7 +2900,7 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
         except web.HTTPException as error:
             response = from_http_exception(request, error)
         except Exception:
-            log.exception("unexpected error in %s %s", request.method, request.path)
+            log.exception("unexpected error in %s %s", loggable(request.method), loggable(request.path))
             response = error_response(ProxyError(500, "Internal error in kimi_proxy", error_type="server_error",
                                                  code="internal_error"))
         status = 499 if request.get(CLIENT_GONE) else response.status
@@ -2861,8 +2909,16 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
         status = 499  # the client went away
         raise
     finally:
-        log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d", request.method, request.path,
-                 request.get(MODEL, "-"), status, (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0))
+        log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d", loggable(request.method),
+                 loggable(request.path), loggable(request.get(MODEL, "-")), status,
+                 (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0))
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """A client's string as it may appear in a log line: control characters escaped (no forged
+    lines), cut to a sane length."""
+    text = text[:limit]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -312,8 +312,8 @@ class FakeKimiBase:
         token = self._bearer(request)
         user_id = self.users.get(token)
         self.refreshes[user_id or token] += 1
-        if token in self.banned:
-            return web.Response(status=400)
+        if token in self.banned:  # HTTP 400 for banned accounts (2024-04); the body is a guess
+            return kimi_error(400, "auth.token.invalid", "账号已被封禁")
         if user_id is None or token in self.spent:
             return self.auth_error()
         rotated = self._refresh_token_for(user_id)
