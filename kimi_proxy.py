@@ -21,7 +21,8 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     UPSTREAM_CONNECT_TIMEOUT   seconds to connect to Kimi (10)
     UPSTREAM_READ_TIMEOUT      seconds without a byte from Kimi before giving up (120)
     KEEPALIVE_INTERVAL         seconds of silence before an SSE keep-alive comment (15)
-    MAX_BODY_MB                largest request body accepted, in MiB (100)
+    MAX_BODY_MB                largest request body accepted, in MiB (20)
+    BODY_READ_TIMEOUT          seconds a client has to send its request body (30)
     SHUTDOWN_GRACE             seconds open answers may run on after SIGTERM/SIGINT (30)
     LOG_LEVEL                  DEBUG, INFO, WARNING or ERROR (INFO)
     KIMI_TOKENS                a server-side pool of Kimi tokens, comma-separated (none)
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import dataclasses
 import email.utils
 import hashlib
@@ -96,7 +98,8 @@ class Config:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 120.0
     keepalive_interval: float = 15.0
-    max_body_mb: float = 100.0
+    max_body_mb: float = 20.0  # a data URI costs about 3 times its size while it is decoded
+    body_read_timeout: float = 30.0
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
     kimi_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # secrets: never in a repr
@@ -135,6 +138,7 @@ class Config:
             upstream_read_timeout=_positive_setting(env, "UPSTREAM_READ_TIMEOUT", cls.upstream_read_timeout),
             keepalive_interval=_positive_setting(env, "KEEPALIVE_INTERVAL", cls.keepalive_interval),
             max_body_mb=_positive_setting(env, "MAX_BODY_MB", cls.max_body_mb),
+            body_read_timeout=_positive_setting(env, "BODY_READ_TIMEOUT", cls.body_read_timeout),
             shutdown_grace=_positive_setting(env, "SHUTDOWN_GRACE", cls.shutdown_grace),
             log_level=log_level,
             kimi_tokens=tuple(kimi_tokens),
@@ -889,6 +893,37 @@ CHUNK = 64 * 1024           # bytes read and written at a time: memory stays fla
 SPOOL_IN_MEMORY = 1024 * 1024  # a source of unknown length is spooled to disk past this
 
 
+MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def to_http_url(url: str | yarl.URL, where: str) -> yarl.URL:
+    """A file URL checked for what a connection needs: http(s), a host name of valid labels or an
+    IP literal, a usable port. Anything else is the client's mistake: 400 naming the part."""
+    try:
+        parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
+        host, port = parsed.raw_host, parsed.port
+    except ValueError:  # (UnicodeError included) a bad port, IPv6 literal or IDNA label
+        host = port = None
+    if parsed_ok := (host and port and parsed.scheme in ("http", "https")):
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            labels = host.removesuffix(".").split(".")
+            parsed_ok = len(host) <= 253 and all(HOST_LABEL.fullmatch(label) and is_idna(label) for label in labels)
+    if not parsed_ok:
+        raise bad_request(f"'{where}' must be an http(s) URL with a valid host and port, or a data: URI", where)
+    return parsed
+
+
+def is_idna(label: str) -> bool:
+    try:
+        label.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def is_public_address(address: str) -> bool:
     """Whether an IP address is on the public internet (not loopback, private, link-local,
     multicast, reserved or unspecified), looking through IPv6 forms that embed an IPv4 one."""
@@ -989,7 +1024,7 @@ class FileFetcher:
             if isinstance(error.os_error, PrivateAddress):
                 raise self._refused(part) from None
             raise bad_request(f"Could not fetch '{part}': its host name does not resolve", part) from None
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, ValueError):  # ValueError: a URL aiohttp cannot use after all
             raise bad_request(f"Could not fetch '{part}': the connection to its server failed", part) from None
 
     @asynccontextmanager
@@ -1000,7 +1035,11 @@ class FileFetcher:
             self._check(url, attachment.part)
             async with self._session.get(url, allow_redirects=False) as response:
                 if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                    url = url.join(yarl.URL(response.headers["Location"]))
+                    try:
+                        url = url.join(yarl.URL(response.headers["Location"]))
+                    except ValueError:
+                        raise bad_request(f"Could not fetch '{attachment.part}': it redirects to a URL that is "
+                                          "not one", attachment.part) from None
                     continue
                 if response.status != 200:
                     raise bad_request(f"Could not fetch '{attachment.part}': its server answered HTTP "
@@ -1011,8 +1050,7 @@ class FileFetcher:
                           attachment.part)
 
     def _check(self, url: yarl.URL, part: str) -> None:
-        if url.scheme not in ("http", "https") or not url.host:
-            raise bad_request(f"'{part}' must be an http(s) URL or a data: URI", part)
+        to_http_url(url, part)
         if self._allow_private:
             return
         try:
@@ -1419,15 +1457,12 @@ class ConnectKimi(KimiHTTP):
         return None
 
 
-SAFE_MIME = re.compile(r"[\w.+-]+/[\w.+-]+")
-
-
 def to_multipart(source: Source) -> tuple[str, int, AsyncIterator[bytes]]:
     """(content type, length, body) of the multipart form Kimi's upload takes: one part named
     `file`, streamed from the source, with its exact length as a browser sends it."""
     boundary = "----KimiProxyBoundary" + secrets.token_hex(12)
     name = source.name.replace('"', "%22")
-    mime = source.mime if SAFE_MIME.fullmatch(source.mime) else "application/octet-stream"
+    mime = source.mime if MEDIA_TYPE.fullmatch(source.mime) else "application/octet-stream"
     head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
             f"Content-Type: {mime}\r\n\r\n").encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
@@ -1569,7 +1604,8 @@ class Attachment:
     data: bytes | None = None
 
 
-DATA_URI = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64,(.*)", re.DOTALL)
+DATA_URI_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64")
+WHITESPACE = re.compile(r"\s+")
 DEFAULT_NAMES = {"image": "image", "file": "file"}
 
 
@@ -1643,27 +1679,32 @@ def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachme
         if mime.startswith("image/"):
             attachment_kind = "image"
         return Attachment(where, attachment_kind, to_file_name(name, None, mime, attachment_kind), mime, data=data)
-    parsed = yarl.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise bad_request(f"'{where}' must be an http(s) URL or a data: URI", where)
+    parsed = to_http_url(url, where)
     return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
                       "application/octet-stream", url=url)
 
 
 def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytes, str]:
-    found = DATA_URI.fullmatch(uri)
+    """(bytes, media type) of a base64 data URI. The data is copied as few times as it can be:
+    a data URI may be most of a large request."""
+    header, _, encoded = uri.partition(",")
+    found = DATA_URI_HEADER.fullmatch(header)
     if found is None:
         raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
-    encoded = re.sub(r"\s+", "", found[3])
+    mime = found[1].strip().lower() or "application/octet-stream"
+    if not MEDIA_TYPE.fullmatch(mime):
+        raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
+    if WHITESPACE.search(encoded):
+        encoded = WHITESPACE.sub("", encoded)
     if len(encoded) * 3 // 4 > max_bytes + 3:
         raise file_too_large(where, max_bytes)
     try:
-        data = base64.b64decode(encoded, validate=True)
+        data = binascii.a2b_base64(encoded, strict_mode=True)
     except ValueError:
         raise bad_request(f"'{where}' is not valid base64", where) from None
     if not data:
         raise bad_request(f"'{where}' is empty", where)
-    return data, found[1].strip().lower() or "application/octet-stream"
+    return data, mime
 
 
 def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
@@ -2660,15 +2701,41 @@ def answer_pieces(request: web.Request, plan: Plan, credentials: list[str]) -> A
 
 
 async def read_json_object(request: web.Request) -> dict:
-    """The request body as a JSON object, whatever its Content-Type says (curl -d sends a form type)."""
-    raw = await request.read()
+    """The request body as a JSON object, whatever its Content-Type says (curl -d sends a form type).
+    The raw bytes are gone once it is parsed."""
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(await read_body(request))
     except orjson.JSONDecodeError:
         raise bad_request("The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object")
     return body
+
+
+async def read_body(request: web.Request) -> bytearray:
+    """The body, read here rather than by aiohttp's request.read(), which keeps its copy for the
+    request's whole life: capped at MAX_BODY_MB, and within BODY_READ_TIMEOUT, so that a body
+    that never comes cannot hold its connection."""
+    config = request.app[CONFIG]
+    limit = int(config.max_body_mb * 2**20)
+    if (request.content_length or 0) > limit:
+        raise body_too_large(config.max_body_mb)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(config.body_read_timeout):
+            async for chunk in request.content.iter_any():
+                if len(body) + len(chunk) > limit:
+                    raise body_too_large(config.max_body_mb)
+                body += chunk
+    except TimeoutError:
+        raise ProxyError(408, f"The request body did not arrive within {config.body_read_timeout:g} s "
+                         "(BODY_READ_TIMEOUT)", code="request_timeout") from None
+    return body
+
+
+def body_too_large(max_body_mb: float) -> ProxyError:
+    return ProxyError(413, f"The request body is larger than the {max_body_mb:g} MiB limit (MAX_BODY_MB)",
+                      code="request_too_large")
 
 
 async def read_plan(request: web.Request) -> Plan:
@@ -2865,18 +2932,17 @@ def json_response(body: object) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
-               413: ("invalid_request_error", "request_too_large")}
+HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
 
 
 def from_http_exception(request: web.Request, error: web.HTTPException) -> web.Response:
     type_, code = HTTP_ERRORS.get(error.status, ("invalid_request_error", None))
     if error.status == 413:
-        message = f"The request body is larger than the {request.app[CONFIG].max_body_mb:g} MiB limit (MAX_BODY_MB)"
-    elif error.status == 404:
-        message = f"No such endpoint: {request.method} {request.path}"
+        return error_response(body_too_large(request.app[CONFIG].max_body_mb))
+    if error.status == 404:
+        message = f"No such endpoint: {loggable(request.method)} {loggable(request.path)}"
     elif error.status == 405:
-        message = f"Method {request.method} is not allowed on {request.path}"
+        message = f"Method {loggable(request.method)} is not allowed on {loggable(request.path)}"
     else:
         message = error.reason
     response = error_response(ProxyError(error.status, message, error_type=type_, code=code))

@@ -1316,7 +1316,8 @@ def test_default_settings():
     assert (legacy.kimi_base_url, legacy.kimi_protocol) == ("https://kimi.moonshot.cn", "legacy")
     assert kp.Config.from_env({"KIMI_PROTOCOL": "legacy", "KIMI_BASE_URL": "http://x:1/"}).kimi_base_url == "http://x:1"
     assert (config.upstream_read_timeout, config.max_body_mb, config.keepalive_interval, config.log_level) == \
-        (120, 100, 15, "INFO")
+        (120, 20, 15, "INFO")
+    assert config.body_read_timeout == 30
 
 
 # ---------------------------------------------------------------------------------------------
