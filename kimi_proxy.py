@@ -23,6 +23,7 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     KEEPALIVE_INTERVAL         seconds of silence before an SSE keep-alive comment (15)
     MAX_BODY_MB                largest request body accepted, in MiB (20)
     BODY_READ_TIMEOUT          seconds a client has to send its request body (30)
+    MAX_OPEN_REQUESTS          requests handled at once; more get 503 at once (4096)
     SHUTDOWN_GRACE             seconds open answers may run on after SIGTERM/SIGINT (30)
     LOG_LEVEL                  DEBUG, INFO, WARNING or ERROR (INFO)
     KIMI_TOKENS                a server-side pool of Kimi tokens, comma-separated (none)
@@ -59,6 +60,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing, asynccontextmanager
@@ -100,6 +102,7 @@ class Config:
     keepalive_interval: float = 15.0
     max_body_mb: float = 20.0  # a data URI costs about 3 times its size while it is decoded
     body_read_timeout: float = 30.0
+    max_open_requests: int = 4096
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
     kimi_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # secrets: never in a repr
@@ -139,6 +142,7 @@ class Config:
             keepalive_interval=_positive_setting(env, "KEEPALIVE_INTERVAL", cls.keepalive_interval),
             max_body_mb=_positive_setting(env, "MAX_BODY_MB", cls.max_body_mb),
             body_read_timeout=_positive_setting(env, "BODY_READ_TIMEOUT", cls.body_read_timeout),
+            max_open_requests=int(_positive_setting(env, "MAX_OPEN_REQUESTS", cls.max_open_requests, whole=True)),
             shutdown_grace=_positive_setting(env, "SHUTDOWN_GRACE", cls.shutdown_grace),
             log_level=log_level,
             kimi_tokens=tuple(kimi_tokens),
@@ -236,6 +240,10 @@ def upstream_error(message: str) -> ProxyError:
 
 def upstream_timeout(message: str) -> ProxyError:
     return ProxyError(504, message, error_type="server_error", code="upstream_timeout")
+
+
+def internal_error() -> ProxyError:
+    return ProxyError(500, "Internal error in kimi_proxy", error_type="server_error", code="internal_error")
 
 
 def conversation_not_found() -> ProxyError:
@@ -2574,6 +2582,7 @@ TOKEN_HEALTH = web.AppKey("token_health", TokenHealth)
 TOKEN_STORE = web.AppKey("token_store", TokenStore)
 OPEN_REQUESTS = web.AppKey("open_requests", OpenRequests)
 STARTED_AT = web.AppKey("started_at", float)
+HANDLING = web.AppKey("handling", list)  # [requests being handled now], a cell the middleware counts in
 # what the request log line reports
 MODEL = web.RequestKey("model", str)
 CHUNKS_SENT = web.RequestKey("chunks_sent", int)
@@ -2845,6 +2854,13 @@ async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator
                 raise
             log.warning("answer failed mid-stream: %s", error.message)
             await stream.send(encoder.error(error))
+        except ConnectionError:
+            raise
+        except Exception:  # a bug: once the stream has begun, it still ends the way clients expect
+            if not stream.started:
+                raise
+            log.exception("unexpected error mid-stream in %s", loggable(request.path))
+            await stream.send(encoder.error(internal_error()))
         await stream.send(encoder.DONE)
         await stream.response.write_eof()
     except ConnectionError:
@@ -2958,8 +2974,14 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
         return preflight(request)  # browsers send no Authorization on a CORS preflight, for any path
     started = time.perf_counter()
     status = 500
+    handling = request.app[HANDLING]
+    handling[0] += 1
     try:
         try:
+            if handling[0] > request.app[CONFIG].max_open_requests:
+                raise ProxyError(503, "kimi_proxy is handling as many requests as it may (MAX_OPEN_REQUESTS); "
+                                 "ask again shortly", error_type="service_unavailable_error",
+                                 code="server_is_overloaded", retry_after=1)
             response = await handler(request)
         except ProxyError as error:
             response = error_response(error)
@@ -2967,14 +2989,14 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
             response = from_http_exception(request, error)
         except Exception:
             log.exception("unexpected error in %s %s", loggable(request.method), loggable(request.path))
-            response = error_response(ProxyError(500, "Internal error in kimi_proxy", error_type="server_error",
-                                                 code="internal_error"))
+            response = error_response(internal_error())
         status = 499 if request.get(CLIENT_GONE) else response.status
         return response
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
     finally:
+        handling[0] -= 1
         log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d", loggable(request.method),
                  loggable(request.path), loggable(request.get(MODEL, "-")), status,
                  (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0))
@@ -2985,6 +3007,39 @@ def loggable(text: str, limit: int = 200) -> str:
     lines), cut to a sane length."""
     text = text[:limit]
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+class ServerLogGuard(logging.Filter):
+    """On aiohttp's and asyncio's own loggers: no client bytes in a log line (aiohttp puts a
+    malformed request's header line, token and all, into its exception message), and one message
+    at most once a second (a flood of bad connections must not fill the disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_seen: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        key = (record.name, record.msg)
+        if now - self._last_seen.get(key, -1.0) < 1.0:
+            return False
+        self._last_seen[key] = now
+        if record.exc_info and record.exc_info[1] is not None:
+            error, frames = record.exc_info[1], traceback.extract_tb(record.exc_info[2])
+            where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+            record.msg = f"{record.getMessage()}: {type(error).__name__}{where} (details withheld: they hold client data)"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+GUARDED_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.internal", "asyncio")
+
+
+def guard_server_logs() -> None:
+    for name in GUARDED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, ServerLogGuard) for existing in logger.filters):
+            logger.addFilter(ServerLogGuard())
 
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -3033,12 +3088,14 @@ async def kimi_client(app: web.Application):
 
 
 def create_app(config: Config) -> web.Application:
+    guard_server_logs()
     app = web.Application(client_max_size=int(config.max_body_mb * 1024 * 1024), middlewares=[errors_and_logging])
     app[CONFIG] = config
     app[TOKEN_STORE] = TokenStore(config.kimi_token_store)  # read now: a bad store stops the start
     app[TOKEN_HEALTH] = TokenHealth(config.kimi_tokens, config.max_streams_per_token, config.queue_timeout)
     app[OPEN_REQUESTS] = OpenRequests()
     app[STARTED_AT] = time.monotonic()
+    app[HANDLING] = [0]
     app.cleanup_ctx.append(kimi_client)
     app.on_shutdown.append(finish_open_requests)
     app.on_response_prepare.append(add_common_headers)
