@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import statistics
@@ -31,7 +33,8 @@ FULL = {"runs": 3, "ttfb_requests": 200, "cpu_requests": 200, "cpu_chunks": 200,
 QUICK = {"runs": 1, "ttfb_requests": 10, "cpu_requests": 8, "cpu_chunks": 20, "cpu_concurrency": 4,
          "open_streams": 20, "stream_seconds": 2, "upload_mb": 2}
 TARGETS = {"added_ttfb_ms_median": 0.5, "cpu_us_per_chunk": 8.0, "idle_rss_mb": 45.0, "streams_rss_mb": 80.0,
-           "streams_failed": 0, "upload_rss_growth_mb": 32.0, "upload_spooled_rss_growth_mb": 32.0, "chats_left": 0}
+           "streams_failed": 0, "upload_rss_growth_mb": 32.0, "upload_spooled_rss_growth_mb": 32.0, "chats_left": 0,
+           "body_rss_ratio": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession) 
     port = free_port()
     env = {**os.environ, "KIMI_PROTOCOL": dialect, "KIMI_BASE_URL": kimi_url, "HOST": "127.0.0.1",
            "PORT": str(port), "LOG_LEVEL": "WARNING", "MAX_STREAMS_PER_TOKEN": "5000",
-           "ALLOW_PRIVATE_FILE_URLS": "1", "MAX_FILE_MB": "200"}
+           "ALLOW_PRIVATE_FILE_URLS": "1", "MAX_FILE_MB": "200", "MAX_BODY_MB": "200"}
     process = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", cwd=HERE, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(400):
@@ -256,6 +259,26 @@ async def measure_upload(http, proxy, pid, token, kimi, megabytes: int, with_len
     return peak - baseline
 
 
+async def measure_body(http, proxy, pid, megabytes: int) -> float:
+    """Peak RSS growth of the proxy, in multiples of the body, while it reads and plans one JSON
+    body of `megabytes` MB that is mostly a data URI (a token Kimi refuses ends it after that)."""
+    image = os.urandom(megabytes * 10**6 * 3 // 4)
+    body = orjson.dumps(chat_body("这是什么", stream=False, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "这是什么"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}]}]))
+    del image
+    baseline = peak = rss_mb(pid)
+    request = asyncio.ensure_future(http.post(proxy + "/v1/chat/completions", data=io.BytesIO(body),
+                                              headers={"Authorization": "Bearer not-a-kimi-token"}))
+    while not request.done():
+        peak = max(peak, rss_mb(pid))
+        await asyncio.sleep(0.002)
+    async with await request as response:
+        if response.status != 401:
+            raise SystemExit(f"the big body was not read and refused: HTTP {response.status}")
+    return (peak - baseline) / (len(body) / 2**20)
+
+
 async def chats_left(http, kimi: str) -> int:
     for _ in range(100):  # deletions run after the answers: give them a moment
         async with http.get(kimi + "/_bench/state") as response:
@@ -292,6 +315,9 @@ async def run(dialect: str, sizes: dict) -> dict:
                     await measure_upload(http, proxy, pid, token, kimi, sizes["upload_mb"], with_length=True))
                 figures.setdefault("upload_spooled_rss_growth_mb", []).append(
                     await measure_upload(http, proxy, pid, token, kimi, sizes["upload_mb"], with_length=False))
+            for _ in range(sizes["runs"]):
+                figures.setdefault("body_rss_ratio", []).append(
+                    await measure_body(http, proxy, pid, sizes["upload_mb"]))
             figures["chats_left"] = [await chats_left(http, kimi)]
         finally:
             for process in (proxy_process, fake):
@@ -312,6 +338,7 @@ def table(dialect: str, sizes: dict, results: dict) -> str:
             ("open streams failed or incomplete", "streams_failed"),
             (f"RSS growth, {sizes['upload_mb']} MB upload with a length (MB)", "upload_rss_growth_mb"),
             (f"RSS growth, {sizes['upload_mb']} MB upload without one, spooled (MB)", "upload_spooled_rss_growth_mb"),
+            (f"RSS growth reading a {sizes['upload_mb']} MB data-URI body (times its size)", "body_rss_ratio"),
             ("Kimi chats left undeleted", "chats_left")]
     lines = [f"kimi_proxy benchmark: {dialect} dialect, fake Kimi, median of {sizes['runs']} runs, "
              f"{os.cpu_count()} cores", f"{'figure':<62}{'value':>12}{'target':>10}"]

@@ -636,13 +636,20 @@ def not_a_web_page(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
     mainland China to www.kimi.com) or answered with an HTML page instead of its API."""
     if 300 <= response.status < 400:
         response.release()
-        raise upstream_error(f"Kimi redirected this API call (HTTP {response.status}) instead of answering: "
-                             "check KIMI_BASE_URL and KIMI_PROTOCOL (kimi.moonshot.cn redirects visitors outside "
-                             "mainland China; use the connect dialect)")
+        raise kimi_outage(f"Kimi redirected this API call (HTTP {response.status}) instead of answering: "
+                          "check KIMI_BASE_URL and KIMI_PROTOCOL (kimi.moonshot.cn redirects visitors outside "
+                          "mainland China; use the connect dialect)")
     if response.status < 300 and response.content_type == "text/html":
         response.release()
-        raise upstream_error("Kimi answered with a web page instead of its API: check KIMI_BASE_URL and KIMI_PROTOCOL")
+        raise kimi_outage("Kimi answered with a web page instead of its API: check KIMI_BASE_URL and KIMI_PROTOCOL")
     return response
+
+
+def kimi_outage(message: str) -> ProxyError:
+    """Kimi failing in a way that says nothing about the token: 502, and the token rests briefly."""
+    error = upstream_error(message)
+    error.cool_down = OUTAGE_COOL_DOWN
+    return error
 
 
 def retry_after_seconds(value: str | None) -> int | None:
@@ -758,9 +765,7 @@ class KimiHTTP:
         firewall in front of Kimi) or a body of the wrong shape is Kimi failing: 502, short rest."""
         if body is not None and (status in (400, 401, 403) or self._is_auth_failure(status, body)):
             return TokenRejected()
-        error = upstream_error(f"Kimi's token renewal answered HTTP {status} without tokens")
-        error.cool_down = OUTAGE_COOL_DOWN
-        return error
+        return kimi_outage(f"Kimi's token renewal answered HTTP {status} without tokens")
 
     async def _json_call(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
         data = None if body is None else json_body(body)
@@ -1609,11 +1614,12 @@ class Attachment:
     name: str
     mime: str
     url: str | None = None
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
 
 
 DATA_URI_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64")
 WHITESPACE = re.compile(r"\s+")
+BASE64_PIECE = 4 * 2**20  # characters decoded at a time (a multiple of 4: padding stays at the end)
 DEFAULT_NAMES = {"image": "image", "file": "file"}
 
 
@@ -1692,24 +1698,32 @@ def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachme
                       "application/octet-stream", url=url)
 
 
-def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytes, str]:
-    """(bytes, media type) of a base64 data URI. The data is copied as few times as it can be:
-    a data URI may be most of a large request."""
-    header, _, encoded = uri.partition(",")
-    found = DATA_URI_HEADER.fullmatch(header)
+def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]:
+    """(bytes, media type) of a base64 data URI. A data URI may be most of a large request, so it
+    is decoded piece by piece into one buffer, never copied whole."""
+    comma = uri.find(",")
+    found = DATA_URI_HEADER.fullmatch(uri, 0, max(comma, 0))
     if found is None:
         raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
     mime = found[1].strip().lower() or "application/octet-stream"
     if not MEDIA_TYPE.fullmatch(mime):
         raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
-    if WHITESPACE.search(encoded):
-        encoded = WHITESPACE.sub("", encoded)
-    if len(encoded) * 3 // 4 > max_bytes + 3:
+    start = comma + 1
+    if WHITESPACE.search(uri, start):  # line-wrapped base64: rare, and worth one copy
+        uri, start = WHITESPACE.sub("", uri[start:]), 0
+    if (len(uri) - start) * 3 // 4 > max_bytes + 3:
         raise file_too_large(where, max_bytes)
+    data = bytearray((len(uri) - start) // 4 * 3 - (len(uri) - len(uri.rstrip("="))))  # filled, never grown
     try:
-        data = binascii.a2b_base64(encoded, strict_mode=True)
+        filled = 0
+        for offset in range(start, len(uri), BASE64_PIECE):
+            piece = binascii.a2b_base64(uri[offset:offset + BASE64_PIECE], strict_mode=True)
+            data[filled:filled + len(piece)] = piece
+            filled += len(piece)
     except ValueError:
         raise bad_request(f"'{where}' is not valid base64", where) from None
+    if filled != len(data):
+        raise bad_request(f"'{where}' is not valid base64", where)
     if not data:
         raise bad_request(f"'{where}' is empty", where)
     return data, mime
@@ -2729,16 +2743,18 @@ async def read_body(request: web.Request) -> bytearray:
     limit = int(config.max_body_mb * 2**20)
     if (request.content_length or 0) > limit:
         raise body_too_large(config.max_body_mb)
-    body = bytearray()
+    body, size = bytearray(request.content_length or 0), 0  # with a declared length: filled, never grown
     try:
         async with asyncio.timeout(config.body_read_timeout):
             async for chunk in request.content.iter_any():
-                if len(body) + len(chunk) > limit:
+                if size + len(chunk) > limit:
                     raise body_too_large(config.max_body_mb)
-                body += chunk
+                body[size:size + len(chunk)] = chunk
+                size += len(chunk)
     except TimeoutError:
         raise ProxyError(408, f"The request body did not arrive within {config.body_read_timeout:g} s "
                          "(BODY_READ_TIMEOUT)", code="request_timeout") from None
+    del body[size:]  # a client may send less than it declared
     return body
 
 

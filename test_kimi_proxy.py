@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import datetime
+import email.utils
 import hashlib
 import io
 import itertools
@@ -129,11 +131,12 @@ class FakeKimiBase:
         self.access[token] = (user_id, now + ttl)
         return token
 
-    def fail(self, method: str, path_pattern: str, status: int, times: int = 1, body: dict | None = None,
-             headers: dict | None = None) -> None:
+    def fail(self, method: str, path_pattern: str, status: int, times: int = 1, body: object = None,
+             headers: dict | None = None, html: bool = False) -> None:
+        """The next `times` matching calls get this answer: Kimi's JSON, or a web page (a firewall)."""
         self.faults.append({"method": method, "path": re.compile(path_pattern), "status": status, "times": times,
                             "body": body or {"error_type": "server.internal", "message": "服务内部错误"},
-                            "headers": headers or {}})
+                            "headers": headers or {}, "html": html})
 
     def revoke_access_tokens(self) -> None:
         self.access.clear()
@@ -262,6 +265,9 @@ class FakeKimiBase:
         for fault in self.faults:
             if fault["times"] > 0 and fault["method"] == request.method and fault["path"].fullmatch(request.path):
                 fault["times"] -= 1
+                if fault["html"]:
+                    return web.Response(text="<html><body>Access denied</body></html>", content_type="text/html",
+                                        status=fault["status"])
                 return web.json_response(fault["body"], status=fault["status"], headers=fault["headers"])
         return await handler(request)
 
@@ -2839,6 +2845,7 @@ class FileServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/redirect", self.redirect)
+        app.router.add_get("/slow_redirect", self.slow_redirect)
         app.router.add_get("/stream/{name}", self.stream)
         app.router.add_get("/{name}", self.file)
         return app
@@ -2863,6 +2870,10 @@ class FileServer:
     async def redirect(self, request: web.Request) -> web.Response:
         self.fetched.append(request.path)
         raise web.HTTPFound(request.query["to"])
+
+    async def slow_redirect(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(0.4)  # long enough for a keep-alive to start the client's stream
+        return web.Response(status=302, headers={"Location": request.query["to"]})
 
 
 @pytest.fixture
@@ -2982,6 +2993,271 @@ async def test_parse_failure_and_slow_parse(start_proxy, http, token, kimi):
     assert kimi.completions == []
     await kimi.wait_deleted(len(kimi.created))
     assert kimi.live_chats == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: what an attacker found (each test failed before its fix)
+# ---------------------------------------------------------------------------------------------
+
+
+async def raw_request(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    """Bytes as no HTTP client would send them, and whatever comes back."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(wait):
+            return await reader.read(65536)
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_a_long_model_name_is_refused(http, proxy, token, kimi):
+    response = await post_chat(http, proxy, token, model="m" * 257)
+    assert response.status == 400 and assert_envelope(await response.json(), param="model")
+    assert (await post_chat(http, proxy, token, model="m" * 256)).status == 200
+    assert len(kimi.completions) == 1
+
+
+async def test_a_bug_mid_stream_still_ends_the_stream(http, proxy, token, kimi, monkeypatch):
+    real = kp.AnswerTranslator.pieces
+
+    def fails_after_the_first_text(self, events):
+        pieces = real(self, events)
+        if any(field == "content" for field, _ in pieces):
+            self.pieces = lambda events: 1 / 0
+        return pieces
+
+    monkeypatch.setattr(kp.AnswerTranslator, "pieces", fails_after_the_first_text)
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:pace"))
+    raw = await response.read()
+    assert response.status == 200 and b"HTTP/1.1" not in raw
+    *chunks, error = sse_payloads(raw)  # ends with an error event and [DONE]
+    assert assert_envelope(error, "internal_error") and content_of(chunks)
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+@pytest.mark.dialects("legacy")
+async def test_a_redirect_to_a_broken_url_after_the_stream_began(start_proxy, http, token, kimi, files):
+    proxy = await start_proxy(ALLOW_PRIVATE_FILE_URLS="1", KEEPALIVE_INTERVAL="0.1")
+    part = {"type": "file", "file_url": {"url": files.url + "/slow_redirect?to=http://[::1"}}
+    response = await post_chat(http, proxy, token, stream=True, messages=with_files(part))
+    *_, error = sse_payloads(await response.read())
+    assert response.status == 200 and "redirects to a URL that is not one" in assert_envelope(error)["message"]
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+@pytest.mark.parametrize("header", [
+    b"Authorization : Bearer SECRET-TOKEN-ONE", b"Authorization: Bearer SECRET\x01TOKEN-TWO",
+    b"Authorization: Bearer a\r\n SECRET-TOKEN-THREE", b"Authorization: Bearer SECRET-TOKEN-FOUR" + b"x" * 9000])
+async def test_malformed_headers_never_reach_a_log(proxy, caplog, header):
+    caplog.set_level(logging.DEBUG)
+    answer = await raw_request(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+    assert status_of(answer) == 400
+    await asyncio.sleep(0.05)
+    assert "SECRET" not in caplog.text
+
+
+def test_server_logs_say_a_repeated_error_once_a_second():
+    guard, records = kp.ServerLogGuard(), []
+    for _ in range(1000):
+        record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource",
+                                   (), None)
+        if guard.filter(record):
+            records.append(record)
+    assert len(records) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "http://example.com:99999/a.pdf", "http://[::1/a.pdf", "http://[zz::1]/a.pdf", "http:///a.pdf",
+    "http://" + "a" * 64 + ".example.com/a.pdf", "http://xn--/a.pdf", "http://a..b/a.pdf", "http://exa mple.com/a.pdf",
+    "http://example.com:0/a.pdf", "ftp://example.com/a.pdf"])
+async def test_bad_file_urls_are_400s(http, proxy, token, kimi, url):
+    response = await post_chat(http, proxy, token, messages=with_files({"type": "file", "file_url": {"url": url}}))
+    assert response.status == 400
+    assert_envelope(await response.json(), param="messages[0].content[1]")
+
+
+@pytest.mark.parametrize("mime", ["image/png\r\nX-Injected: 1", "text/plain\x00", "no-slash", "a/b c"])
+async def test_data_uris_with_a_broken_media_type_are_400s(http, proxy, token, kimi, mime):
+    uri = f"data:{mime};base64,{base64.b64encode(PNG).decode()}"
+    response = await post_chat(http, proxy, token, messages=with_files({"type": "image_url", "image_url": {"url": uri}}))
+    assert response.status == 400
+    assert_envelope(await response.json(), param="messages[0].content[1]")
+
+
+@pytest.mark.parametrize("token_text", ["abc\r\ndef", "abc\x00", "a b", "é", ""])
+async def test_token_check_refuses_what_no_token_holds(http, proxy, kimi, token_text):
+    response = await http.post(proxy + "/token/check", json={"token": token_text})
+    assert response.status == 400 and assert_envelope(await response.json(), param="token")
+    assert kimi.calls == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models", "/healthz", "/token/check"])
+async def test_a_bearer_that_is_not_utf8_is_a_401_everywhere(start_proxy, kimi, path):
+    proxy = await start_proxy(KIMI_TOKENS=kimi.add_user(), API_KEYS=POOL_KEY, ALLOW_PASSTHROUGH="1")
+    method = b"GET" if path in ("/v1/models", "/healthz") else b"POST"
+    answer = await raw_request(proxy, method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                               b"Authorization: Bearer \xff\xfe-token\r\nConnection: close\r\n\r\n{}")
+    assert status_of(answer) == 401
+    assert kimi.calls == []
+
+
+async def test_healthz_survives_any_token(start_proxy, http, kimi):
+    proxy = await start_proxy()
+    for value in (b"\xff\xfe", b"caf\xc3\xa9", b"a,b\x80"):
+        answer = await raw_request(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                                   b"Authorization: Bearer " + value + b"\r\nConnection: close\r\n\r\n{}")
+        assert status_of(answer) == 401
+    response = await http.get(proxy + "/healthz")
+    assert response.status == 200 and (await response.json())["tokens"] == []
+
+
+async def test_a_body_that_never_comes_is_a_408(start_proxy, kimi, token):
+    proxy = await start_proxy(BODY_READ_TIMEOUT="0.3")
+    started = time.monotonic()
+    answer = await raw_request(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                               b"Authorization: Bearer " + token.encode() + b"\r\n\r\n{\"mod")
+    assert status_of(answer) == 408 and b"BODY_READ_TIMEOUT" in answer
+    assert time.monotonic() - started < 3 and kimi.calls == []
+
+
+async def test_requests_beyond_max_open_requests_get_503(start_proxy, http, kimi, token):
+    proxy = await start_proxy(MAX_OPEN_REQUESTS="2", BODY_READ_TIMEOUT="5")
+    host, port = proxy.removeprefix("http://").split(":")
+    held = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+    for _, writer in held:  # two requests whose bodies never come
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\n\r\n")
+        await writer.drain()
+    await asyncio.sleep(0.2)
+    response = await http.get(proxy + "/ping")
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    assert assert_envelope(await response.json(), "server_is_overloaded")
+    for _, writer in held:
+        writer.close()
+    await asyncio.sleep(0.2)
+    assert (await http.get(proxy + "/ping")).status == 200
+
+
+@pytest.mark.parametrize("answer", ["waf_403", "html_200", "json_list_200"])
+async def test_only_a_definite_rejection_kills_a_token(start_proxy, http, kimi, answer):
+    token = kimi.add_user()
+    proxy = await start_proxy(KIMI_TOKENS=token, API_KEYS=POOL_KEY)
+    refresh = kimi.REFRESH_RPC if kimi.PROTOCOL == "connect" else "/api/auth/token/refresh"
+    method = "POST" if kimi.PROTOCOL == "connect" else "GET"
+    status, kind = {"waf_403": (403, "html"), "html_200": (200, "html"), "json_list_200": (200, "list")}[answer]
+    kimi.fail(method, refresh, status, times=1, body=[1, 2] if kind == "list" else None, html=kind == "html")
+    response = await post_chat(http, proxy, POOL_KEY)
+    assert response.status == 502
+    health = await (await http.get(proxy + "/healthz", headers=auth(POOL_KEY))).json()
+    assert health["tokens"][0]["state"] == "cooling"  # resting briefly, not dead
+    await asyncio.sleep(kp.OUTAGE_COOL_DOWN if health["tokens"][0]["cooling_s"] else 0)
+    assert (await post_chat(http, proxy, POOL_KEY)).status == 200
+
+
+async def test_a_dead_token_is_tried_again_after_a_while(start_proxy, http, kimi, monkeypatch):
+    monkeypatch.setattr(kp, "DEAD_TOKEN_RETRY", 0.3)
+    kimi.banned.add(token := kimi.add_user())
+    proxy = await start_proxy(KIMI_TOKENS=token, API_KEYS=POOL_KEY)
+    assert (await post_chat(http, proxy, POOL_KEY)).status == 401
+    kimi.banned.clear()  # Kimi took the account back
+    assert (await post_chat(http, proxy, POOL_KEY)).status == 401  # still dead: not asked again yet
+    await asyncio.sleep(0.35)
+    assert (await post_chat(http, proxy, POOL_KEY)).status == 200
+
+
+async def test_log_lines_cannot_be_forged(http, proxy, token, kimi, caplog):
+    caplog.set_level(logging.INFO)
+    await post_chat(http, proxy, token, model="kimi\nERROR forged line")
+    await http.get(proxy + "/v1/nothing%0aERROR%20forged%20path")
+    lines = [r.getMessage() for r in caplog.records if r.name == "kimi_proxy"]
+    assert lines and not [line for line in lines if "\n" in line]
+    assert any("kimi\\nERROR forged line" in line for line in lines)
+
+
+async def test_a_big_data_uri_goes_through_whole(start_proxy, http, kimi, token):
+    image = secrets.token_bytes(3 * 2**20)
+    proxy = await start_proxy(MAX_BODY_MB="5")
+    body = orjson.dumps({"model": "kimi", "messages": with_files({"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.encodebytes(image).decode()}})})  # line-wrapped base64
+    response = await http.post(proxy + "/v1/chat/completions", data=io.BytesIO(body), headers=auth(token))
+    assert response.status == 200
+    assert_uploaded(kimi, kimi.completions[0], {"image.png": image})
+    response = await http.post(proxy + "/v1/chat/completions", data=io.BytesIO(body + b" " * 2 * 2**20),
+                               headers=auth(token))
+    assert response.status == 413 and "MAX_BODY_MB" in assert_envelope(await response.json())["message"]
+
+
+async def test_one_request_carries_and_tries_a_bounded_number_of_tokens(http, proxy, kimi):
+    response = await post_chat(http, proxy, ",".join(kimi.add_user() for _ in range(33)))
+    assert response.status == 400 and kimi.calls == []
+    dead = [kimi.add_user() for _ in range(20)]
+    kimi.banned.update(dead)
+    response = await post_chat(http, proxy, ",".join(dead))
+    assert response.status == 401
+    assert sum(kimi.refreshes.values()) == kp.MAX_TRIES_PER_REQUEST
+
+
+@pytest.mark.parametrize("value, seconds", [("²", None), ("9" * 400, None), ("7", 7), ("-1", None),
+                                            ("Thu, 01 Jan 1970 00:00:00 GMT", 0)])
+def test_retry_after_is_a_number_or_a_date(value, seconds):
+    assert kp.retry_after_seconds(value) == seconds
+    future = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=90),
+                                         usegmt=True)
+    assert 85 <= kp.retry_after_seconds(future) <= 91
+
+
+@pytest.mark.parametrize("retry_after", ["²", "9" * 400])
+async def test_odd_retry_after_from_kimi_is_still_a_429(http, proxy, kimi, token, retry_after):
+    kimi.fail("POST", kimi.START_PATH, 429, times=1, body={"code": "resource_exhausted", "error_type": "chat.limit",
+                                                          "message": "slow down"}, headers={"Retry-After": retry_after})
+    response = await post_chat(http, proxy, token)
+    assert response.status == 429 and assert_envelope(await response.json())
+
+
+@pytest.mark.dialects("legacy")
+async def test_a_chat_id_that_is_not_one_is_a_502(http, proxy, kimi, token):
+    kimi.fail("POST", "/api/chat", 200, times=1, body={"id": "abc\r\nX-Injected: 1", "name": "x"})
+    response = await post_chat(http, proxy, token, stream=True)
+    assert response.status == 502 and "chat id" in assert_envelope(await response.json())["message"]
+
+
+@pytest.mark.parametrize("error", [{"code": "internal", "details": 5}, {"code": 7, "details": ["x", None]},
+                                   {"code": "resource_exhausted", "debug": 3, "details": [{"debug": []}]}])
+def test_connect_errors_of_any_shape_map_cleanly(error):
+    assert kp.from_connect_error(error).status in (429, 502)
+
+
+@pytest.mark.dialects("connect")
+@pytest.mark.parametrize("catalog", [{"availableModels": {"id": "k3"}}, {"availableModels": [1, "x", None]}, []])
+async def test_a_catalog_of_the_wrong_shape_means_the_built_in_one(sdk, kimi, catalog):
+    kimi.catalog = catalog
+    ids = [m.id async for m in sdk.models.list()]
+    assert ids == kp.Catalog.from_rpc(kp.FALLBACK_CATALOG).model_ids()
+
+
+@pytest.mark.parametrize("address, public", [
+    ("::127.0.0.1", False), ("::ffff:0:127.0.0.1", False), ("::ffff:0:10.0.0.1", False), ("64:ff9b:1::10.0.0.1", False),
+    ("64:ff9b:1::7f00:1", False), ("64:ff9b::8.8.8.8", True), ("::8.8.8.8", True), ("2001:4860:4860::8888", True),
+    ("8.8.8.8", True), ("::1", False), ("::", False)])
+def test_ipv6_forms_that_embed_ipv4_are_classified_by_it(address, public):
+    assert kp.is_public_address(address) is public
+
+
+async def test_a_token_resting_after_a_kimi_failure_says_so(http, proxy, kimi, token):
+    kimi.fail("POST", kimi.START_PATH, 503, times=3)
+    assert (await post_chat(http, proxy, token)).status == 502
+    response = await post_chat(http, proxy, token)
+    message = assert_envelope(await response.json())["message"]
+    assert response.status == 429 and "after a Kimi failure" in message and "rate limit" not in message
 
 
 # ---------------------------------------------------------------------------------------------
