@@ -42,9 +42,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
 import binascii
 import dataclasses
 import email.utils
+import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -535,16 +537,30 @@ class TokenStore:
     """The newest refresh token for each token a user configured or sent: Kimi rotates refresh
     tokens on every renewal and refuses the spent one. Kept in memory, and with KIMI_TOKEN_STORE
     also in that file (mode 0600, replaced atomically, keyed by a hash of the original token) so
-    that the original token still works after a restart."""
+    that the original token still works after a restart, and on any instance that shares the
+    file: a renewal reads the file and writes it back under a file lock, so two instances never
+    spend the same token and each picks up what the other renewed."""
 
     def __init__(self, path: str | None) -> None:
         self._path = path
         self._newest: dict[str, str] = read_token_store(path) if path else {}
 
-    def newest(self, credential: str) -> str:
-        return self._newest.get(token_key(credential), credential)
+    @asynccontextmanager
+    async def renewing(self, credential: str) -> AsyncIterator[str]:
+        """The newest refresh token for `credential`; with a store file, locked until the block
+        (the renewal and its save) is over."""
+        if self._path is None:
+            yield self._newest.get(token_key(credential), credential)
+            return
+        with await lock_file(self._path + ".lock"):
+            try:
+                self._newest = read_token_store(self._path)
+            except ConfigError as error:  # (written atomically, so only a person can break it)
+                log.error("%s; renewing with the tokens in memory", error)
+            yield self._newest.get(token_key(credential), credential)
 
     def save(self, credential: str, refresh_token: str) -> None:
+        """Called inside `renewing`, so that the file is written under its lock."""
         key = token_key(credential)
         if self._newest.get(key) == refresh_token:
             return
@@ -555,6 +571,27 @@ class TokenStore:
             write_token_store(self._path, self._newest)
         except OSError as error:  # the token still lives in memory: this process keeps working
             log.error("could not write KIMI_TOKEN_STORE %s: %s", self._path, error.strerror or error)
+
+
+async def lock_file(path: str, timeout: float = 60.0):
+    """An open file holding an exclusive flock on `path` (closing it unlocks). Tried without
+    blocking, so that waiting for another instance can be cancelled like any await."""
+    file = open(path, "a")  # the caller closes it
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return file
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)
+    except TimeoutError:
+        file.close()
+        raise ProxyError(503, "The token store stayed locked by another instance (KIMI_TOKEN_STORE)",
+                         error_type="service_unavailable_error", code="token_store_busy", retry_after=5) from None
+    except BaseException:
+        file.close()
+        raise
 
 
 def token_key(token: str) -> str:
@@ -1363,8 +1400,9 @@ class ConnectKimi(KimiHTTP):
                 raise self._rejected(credential)
             until = now_loop + (exp - now_wall if isinstance(exp, (int, float)) else ACCESS_TOKEN_DEFAULT_LIFETIME)
             return self._new_grant(credential, str(claims.get("sub", "")), until)
-        access_token, rotated = await self._renew(self._refresh_tokens.newest(credential))
-        self._refresh_tokens.save(credential, rotated)
+        async with self._refresh_tokens.renewing(credential) as refresh_token:
+            access_token, rotated = await self._renew(refresh_token)
+            self._refresh_tokens.save(credential, rotated)
         log.debug("renewed a Kimi access token")
         return self._new_grant(access_token, str(jwt_claims(access_token).get("sub", "")),
                                renewal_time(access_token, now_wall, now_loop))
@@ -2986,6 +3024,8 @@ def from_http_exception(request: web.Request, error: web.HTTPException) -> web.R
 @web.middleware
 async def errors_and_logging(request: web.Request, handler) -> web.StreamResponse:
     """Every failure becomes the OpenAI error envelope; every request gets one log line."""
+    request[REQUEST_ID] = request_id_of(request)
+    REQUEST_ID_VAR.set(request[REQUEST_ID])  # (each request runs in its own task, with its own context)
     if request.method == "OPTIONS":
         return preflight(request)  # browsers send no Authorization on a CORS preflight, for any path
     started = time.perf_counter()
@@ -3013,9 +3053,28 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
         raise
     finally:
         handling[0] -= 1
-        log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d", loggable(request.method),
+        log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d request_id=%s", loggable(request.method),
                  loggable(request.path), loggable(request.get(MODEL, "-")), status,
-                 (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0))
+                 (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0), request[REQUEST_ID])
+
+
+REQUEST_ID_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-ID (from nginx: `proxy_set_header X-Request-ID $request_id`) when it
+    is short and safe to log, else a new one."""
+    given = request.headers.get(X_REQUEST_ID, "")
+    return given if SAFE_REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+
+
+class RequestIdOnRecords(logging.Filter):
+    """On the log handler: every record says which request it belongs to (`-` outside one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID_VAR.get()
+        return True
 
 
 def loggable(text: str, limit: int = 200) -> str:
@@ -3062,7 +3121,7 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
     """CORS and a request id on every response, streams and errors included."""
     response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*"
     response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Request-ID, Retry-After, X-Conversation-Id"
-    response.headers[X_REQUEST_ID] = request.setdefault(REQUEST_ID, secrets.token_hex(8))
+    response.headers[X_REQUEST_ID] = request.get(REQUEST_ID) or request_id_of(request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3158,7 +3217,10 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(config)
     except ConfigError as error:
         sys.exit(f"kimi_proxy: {error}")
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdOnRecords())
     log.info("kimi_proxy on http://%s:%d, Kimi at %s (%s dialect)", config.host, config.port,
              config.kimi_base_url, config.kimi_protocol)
     web.run_app(app, host=config.host, port=config.port, print=None, **runner_options(config))

@@ -2027,14 +2027,69 @@ async def test_main_serves_with_flags_over_env(kimi, token, http):
                                                   "--port", str(port), env=env, stderr=subprocess.PIPE)
     try:
         await wait_until_serving(http, f"http://127.0.0.1:{port}")
-        response = await post_chat(http, f"http://127.0.0.1:{port}", token, stream=True)
+        response = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={
+            **auth(token), "X-Request-ID": "nginx-7f3a9c"}, json={"stream": True, "messages": user("hi")})
         assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
+        assert response.headers["X-Request-ID"] == "nginx-7f3a9c"
+        await kimi.wait_deleted(1)
+        kimi.faults.append({"method": "POST", "path": re.compile(".*"), "status": 500, "times": 3, "html": False,
+                            "body": {"code": "internal"}, "headers": {}})
+        await post_chat(http, f"http://127.0.0.1:{port}", token)  # logs a warning inside the request
     finally:
         server.terminate()
         _, stderr = await server.communicate()
     assert server.returncode == 0
-    assert "status=200" in stderr.decode() and token not in stderr.decode()
+    logged = stderr.decode()
+    assert "status=200" in logged and token not in logged
+    assert [line for line in logged.splitlines() if "status=200" in line and "[nginx-7f3a9c]" in line
+            and "request_id=nginx-7f3a9c" in line]
+    warning = next(line for line in logged.splitlines() if "WARNING" in line and "HTTP 500" in line)
+    assert re.search(r"\[[0-9a-f]{16}\]", warning)  # that request's own id, made up for it
     assert kimi.deleted == kimi.created
+
+
+@pytest.mark.parametrize("given, kept", [("abc-123", True), ("a" * 64, True), ("a" * 65, False), ("a b", False),
+                                         ("x\tforged", False), ("é", False), ("", False)])
+async def test_request_ids_from_nginx_are_kept_when_safe(http, proxy, given, kept):
+    response = await http.get(proxy + "/ping", headers={"X-Request-ID": given} if given else {})
+    returned = response.headers["X-Request-ID"]
+    assert (returned == given) is kept and re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", returned)
+
+
+@pytest.mark.dialects("connect")
+async def test_two_instances_share_one_token_store(kimi, http, tmp_path):
+    """Behind nginx, one token's requests may reach either instance: whichever renews, the other
+    picks up the rotated token from the shared store, and two renewals never spend the same one."""
+    kimi.access_ttl = 1  # every request or two renews
+    token = kimi.add_user()
+    store = tmp_path / "tokens.json"
+    servers, urls = [], []
+    for _ in range(2):
+        port = free_port()
+        env = {**os.environ, "KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": "connect", "HOST": "127.0.0.1",
+               "PORT": str(port), "KIMI_TOKEN_STORE": str(store), "LOG_LEVEL": "WARNING"}
+        servers.append(await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", env=env,
+                                                            stderr=subprocess.DEVNULL))
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            await wait_until_serving(http, url)
+        statuses = []
+        for turn in range(6):
+            if turn % 2:  # both at once: their renewals race for the same refresh token
+                replies = await asyncio.gather(*(post_chat(http, url, token) for url in urls))
+            else:
+                replies = [await post_chat(http, urls[turn // 2 % 2], token)]
+            statuses += [reply.status for reply in replies]
+            await asyncio.sleep(0.9)
+    finally:
+        for server in servers:
+            server.terminate()
+            await server.wait()
+    assert statuses == [200] * 9
+    assert kimi.refreshes[kimi.user_of(token)] >= 4 and token in kimi.spent
+    saved = orjson.loads(store.read_bytes())["tokens"][hashlib.sha256(token.encode()).hexdigest()]
+    assert saved not in kimi.spent and kimi.user_of(saved) == kimi.user_of(token)  # the newest one
 
 
 def test_bad_setting_stops_startup_with_one_line():
@@ -2521,7 +2576,7 @@ async def test_rotated_tokens_survive_a_restart_with_a_token_store(start_proxy, 
     forgetful = await start_proxy()  # no store: the spent token is all it has
     response = await post_chat(http, forgetful, token)
     assert response.status == 401
-    assert [name for name in os.listdir(tmp_path)] == ["tokens.json"]  # no temporary files left behind
+    assert sorted(os.listdir(tmp_path)) == ["tokens.json", "tokens.json.lock"]  # no temporary files left behind
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"tokens": {"a": 3}}', None])
