@@ -1029,7 +1029,9 @@ def logs_hold_no_secrets(request, caplog):
     caplog.set_level(logging.DEBUG)
     yield
     # (caplog.text would hold only this teardown's records: read every phase of the test)
-    logged = "\n".join(record.getMessage() for when in ("setup", "call", "teardown")
+    # every logger's records, aiohttp's and asyncio's too, with any traceback they carry
+    formatter = logging.Formatter()
+    logged = "\n".join(formatter.format(record) for when in ("setup", "call", "teardown")
                         for record in caplog.get_records(when))
     secrets_seen = [secret for secret in (*fake.users, *fake.access, *fake.proxy_secrets)
                     if len(secret) >= 8 and secret in logged]
@@ -2864,6 +2866,37 @@ async def assert_client_safe(http, proxy, kimi, method: str, path: str, data: by
 @given(body=CHAT_BODIES, path=st.sampled_from(["/v1/chat/completions", "/chat/completions"]))
 async def test_any_chat_request_is_answered_or_refused_cleanly(http, proxy, token, kimi, body, path):
     await assert_client_safe(http, proxy, kimi, "POST", path, orjson.dumps(body), auth(token))
+
+
+# hosts that fail before any lookup (so the fuzzer never makes the proxy ask DNS) or private literals
+HOSTS = st.sampled_from(["[::1", "[zz::1]", "a..b", "xn--", "a" * 64 + ".cn", "127.0.0.1", "[::ffff:127.0.0.1]",
+                         "[::127.0.0.1]", "10.0.0.1", "[64:ff9b:1::a00:1]", "", "exa mple.cn"]) \
+    | st.text(max_size=12).map(lambda text: text + "..x")
+FILE_URLS = st.builds("{}://{}{}/{}".format, st.sampled_from(["http", "https", "HTTP", "ftp", "file", ""]), HOSTS,
+                      st.sampled_from(["", ":0", ":80", ":99999", ":-1", ":x", ":"]), st.text(max_size=8))
+MEDIA_TYPES = st.sampled_from(["image/png", "application/pdf", "", "a/b c", "x"]) | st.text(max_size=12)
+ATTACHMENTS = st.one_of(
+    st.builds(lambda url: {"type": "image_url", "image_url": {"url": url}}, FILE_URLS),
+    st.builds(lambda url: {"type": "file", "file_url": {"url": url}}, FILE_URLS),
+    st.builds(lambda mime, data: {"type": "file", "file": {"file_data": f"data:{mime};base64,{data}"}},
+              MEDIA_TYPES, st.sampled_from(["aGk=", "", "!!", "aGk", "aG k="])))
+
+
+@FUZZ
+@given(parts=st.lists(ATTACHMENTS, min_size=1, max_size=2), stream=st.booleans())
+async def test_any_attachment_is_answered_or_refused_cleanly(http, proxy, token, kimi, parts, stream):
+    body = {"model": "kimi", "stream": stream, "messages": with_files(*parts)}
+    await assert_client_safe(http, proxy, kimi, "POST", "/v1/chat/completions", orjson.dumps(body), auth(token))
+
+
+@FUZZ
+@given(value=st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b),
+       endpoint=st.sampled_from(ENDPOINTS))
+async def test_any_authorization_bytes_are_answered_cleanly(proxy, kimi, value, endpoint):
+    method, path = endpoint
+    answer = await raw_request(proxy, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n".encode()
+                               + b"Authorization: Bearer " + value + b"\r\nConnection: close\r\n\r\n{}")
+    assert status_of(answer) < 500, answer[:300]
 
 
 @FUZZ
