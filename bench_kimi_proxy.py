@@ -6,6 +6,7 @@ load with an aiohttp client, and prints one table (or JSON with --json). Each fi
 
     python bench_kimi_proxy.py                 # the full run (a few minutes)
     python bench_kimi_proxy.py --quick --json  # tiny sizes, to prove it works
+    python bench_kimi_proxy.py --soak 100000   # memory over a long mixed workload with faults
 """
 
 from __future__ import annotations
@@ -99,21 +100,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def start_fake(dialect: str) -> tuple[asyncio.subprocess.Process, str, str, str]:
+async def start_fake(dialect: str, quiet: bool = False) -> tuple[asyncio.subprocess.Process, str, str, str]:
     process = await asyncio.create_subprocess_exec(sys.executable, __file__, "--serve-fake", dialect, cwd=HERE,
-                                                   stdout=asyncio.subprocess.PIPE)
+                                                   stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.DEVNULL if quiet else None)
     ready = (await process.stdout.readline()).decode().split()
     if not ready or ready[0] != "READY":
         raise SystemExit("the fake Kimi did not start")
     return process, ready[1], ready[2], ready[3]
 
 
-async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession) -> tuple[asyncio.subprocess.Process, str]:
+async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession,
+                      quiet: bool = False) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
     env = {**os.environ, "KIMI_PROTOCOL": dialect, "KIMI_BASE_URL": kimi_url, "HOST": "127.0.0.1",
            "PORT": str(port), "LOG_LEVEL": "WARNING", "MAX_STREAMS_PER_TOKEN": "5000",
            "ALLOW_PRIVATE_FILE_URLS": "1", "MAX_FILE_MB": "200", "MAX_BODY_MB": "200"}
-    process = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", cwd=HERE, env=env)
+    process = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", cwd=HERE, env=env,
+                                                   stderr=asyncio.subprocess.DEVNULL if quiet else None)
     url = f"http://127.0.0.1:{port}"
     for _ in range(400):
         try:
@@ -348,15 +352,83 @@ def table(dialect: str, sizes: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
+# The soak's mix: (what the request does, how often), with faults from both sides
+SOAK_MIX = [("stream", 6), ("json", 4), ("chunks", 2), ("error", 1), ("error_first", 1), ("drop", 1),
+            ("disconnect", 1), ("bad_body", 1), ("no_key", 1), ("unknown_path", 1)]
+
+
+async def soak_request(http, proxy: str, token: str, kind: str) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    url = proxy + "/v1/chat/completions"
+    if kind in ("stream", "json", "chunks", "error", "error_first", "drop"):
+        prompt = {"stream": "写一首短诗", "json": "写一首短诗", "chunks": "scenario:chunks_20"}.get(kind, f"scenario:{kind}")
+        async with http.post(url, json=chat_body(prompt, stream=kind != "json"), headers=headers) as response:
+            await response.read()
+    elif kind == "disconnect":  # the client leaves after the first bytes of the answer
+        async with http.post(url, json=chat_body("scenario:pace"), headers=headers) as response:
+            await response.content.readany()
+            response.close()
+    elif kind == "bad_body":
+        async with http.post(url, data=b'{"messages": [', headers=headers) as response:
+            await response.read()
+    elif kind == "no_key":
+        async with http.post(url, json=chat_body("hi")) as response:
+            await response.read()
+    else:
+        async with http.get(proxy + "/v1/nothing/here", headers=headers) as response:
+            await response.read()
+
+
+async def measure_soak(http, proxy, pid, token, requests: int, concurrency: int = 64) -> dict:
+    """RSS after each tenth of `requests` requests of SOAK_MIX, 64 at once."""
+    kinds = [kind for kind, weight in SOAK_MIX for _ in range(weight)]
+    done, samples, failures = 0, [], 0
+    tenth = max(1, requests // 10)
+
+    async def worker(number: int) -> None:
+        nonlocal done, failures
+        for index in range(number, requests, concurrency):
+            try:
+                await soak_request(http, proxy, token, kinds[index % len(kinds)])
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                failures += 1
+            done += 1
+            if done % tenth == 0:
+                samples.append(round(rss_mb(pid), 1))
+
+    await asyncio.gather(*(worker(number) for number in range(concurrency)))
+    return {"rss_mb_each_tenth": samples, "client_errors": failures,
+            "growth_from_10_percent": round(100 * (samples[-1] - samples[0]) / samples[0], 1)}
+
+
+async def soak(dialect: str, requests: int) -> dict:
+    fake, kimi, token, _ = await start_fake(dialect, quiet=True)  # (the faults make both sides log a lot)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        proxy_process, proxy = await start_proxy(dialect, kimi, http, quiet=True)
+        try:
+            result = await measure_soak(http, proxy, proxy_process.pid, token, requests)
+            result["chats_left"] = await chats_left(http, kimi)
+        finally:
+            for process in (proxy_process, fake):
+                process.terminate()
+                await process.wait()
+    return {"dialect": dialect, "requests": requests, **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dialect", choices=("connect", "legacy"), default="connect")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark works")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--soak", type=int, metavar="N", help="only the soak: N requests of a mixed workload")
     parser.add_argument("--serve-fake", metavar="DIALECT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake:
         asyncio.run(serve_fake(args.serve_fake))
+        return
+    if args.soak:
+        print(json.dumps(asyncio.run(soak(args.dialect, args.soak))))
         return
     sizes = QUICK if args.quick else FULL
     results = asyncio.run(run(args.dialect, sizes))

@@ -1331,8 +1331,9 @@ class ConnectKimi(KimiHTTP):
                 self.tokens.forget(credential)
                 continue
             finally:
-                # (the consumer stops reading at DONE, so this cannot wait until after the loop)
-                if state.chat_id and state.message_id:
+                # only kept chats have a next turn; (the consumer stops reading at DONE, so this
+                # cannot wait until after the loop)
+                if plan.keep and state.chat_id and state.message_id:
                     self._parents[state.chat_id] = state.message_id
             return
 
