@@ -952,18 +952,22 @@ def to_http_url(url: str | yarl.URL, where: str) -> yarl.URL:
     IP literal, a usable port. Anything else is the client's mistake: 400 naming the part."""
     try:
         parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
-        host, port = parsed.raw_host, parsed.port
+        usable = parsed.scheme in ("http", "https") and bool(parsed.port) and is_host(parsed.raw_host or "")
     except ValueError:  # (UnicodeError included) a bad port, IPv6 literal or IDNA label
-        host = port = None
-    if parsed_ok := (host and port and parsed.scheme in ("http", "https")):
-        try:
-            ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            labels = host.removesuffix(".").split(".")
-            parsed_ok = len(host) <= 253 and all(HOST_LABEL.fullmatch(label) and is_idna(label) for label in labels)
-    if not parsed_ok:
+        usable = False
+    if not usable:
         raise bad_request(f"'{where}' must be an http(s) URL with a valid host and port, or a data: URI", where)
     return parsed
+
+
+def is_host(host: str) -> bool:
+    """An IP literal, or a name whose labels DNS and IDNA accept."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return 0 < len(host) <= 253 and all(HOST_LABEL.fullmatch(label) and is_idna(label) for label in labels)
 
 
 def is_idna(label: str) -> bool:
