@@ -312,6 +312,9 @@ VISIBLE = frozenset((TEXT, REASONING, SOURCE))  # events that put something in f
 DONE_EVENT = Event(DONE)
 LENGTH_EVENT = Event(LENGTH)
 
+# the model names of the original proxy; every dialect offers them
+LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
+                "kimi-silent", "kimi-search-silent"]
 K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ agent id that selects the K1 reasoning model
 CHAT_ID = re.compile(r"[0-9a-z]{20}")
 KIMI_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # any id Kimi hands out that is safe in a path or a header
@@ -1168,11 +1171,9 @@ class LegacyKimi(KimiHTTP):
     wraps_links = True
     chat_ids = CHAT_ID
     chat_id_shape = "20 characters of 0-9a-z"
-    MODELS = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
-              "kimi-silent", "kimi-search-silent"]
 
     async def model_ids(self, credential: str | None = None) -> list[str]:
-        return self.MODELS
+        return LEGACY_NAMES
 
     async def check_token(self, credential: str) -> bool:
         try:
@@ -2289,8 +2290,6 @@ FALLBACK_CATALOG = {
               ("k3-agent-swarm", "k3-agent-ultra", "SCENARIO_OK_COMPUTER_SWARM", "TYPE_ULTRA")))],
     "defaultScenario": {"scenario": "SCENARIO_CHAT", "model": "k2d6-chat"},
 }
-LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
-                "kimi-silent", "kimi-search-silent"]
 MODEL_SUFFIXES = ("-search", "-silent", "-thinking")
 
 
@@ -2934,8 +2933,8 @@ async def model_ids(request: web.Request) -> list[str]:
     With a pool, only its clients see them."""
     if request.app[CONFIG].kimi_tokens:
         credentials = request_credentials(request)
-    else:
-        credentials = split_list(bearer_value(request))
+    else:  # a token that cannot be one is not sent to Kimi: the catalog is then asked for anonymously
+        credentials = [value for value in split_list(bearer_value(request)) if TOKEN_TEXT.fullmatch(value)]
     return await request.app[KIMI].model_ids(credentials[0] if credentials else None)
 
 

@@ -1019,6 +1019,12 @@ async def kimi(dialect):
 
 
 @pytest.fixture(autouse=True)
+def no_retry_backoff(monkeypatch):
+    """Calls to Kimi are retried at once in tests (the backoff is a courtesy to the real Kimi)."""
+    monkeypatch.setattr(kp, "RETRY_BACKOFF", (0.0, 0.0))
+
+
+@pytest.fixture(autouse=True)
 def logs_hold_no_secrets(request, caplog):
     """Every test that talks to a fake Kimi runs with DEBUG logging, and afterwards its logs must
     hold no token, key or message content."""
@@ -1252,6 +1258,78 @@ def test_lenient_fields_are_accepted():
                        "top_k": 40, "conversation_id": None, "stream_options_extra": {}})
     assert (plan.model, plan.stream, plan.keep) == ("kimi", False, False)
     assert kp.to_plan({"messages": user("hi"), "stream_options": {"include_usage": True}}).include_usage is False
+
+
+def fixed_ids(monkeypatch) -> None:
+    monkeypatch.setattr(kp, "new_completion_id", lambda: "chatcmpl-1")
+    monkeypatch.setattr(kp.time, "time", lambda: 1700000000.5)
+
+
+HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"kimi","system_fingerprint":null'
+
+
+def choice(delta: bytes, finish: bytes = b"null", tail: bytes = b',"usage":null}\n\n') -> bytes:
+    return HEAD + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":' + finish + b"}]" + tail
+
+
+def test_sse_output_byte_for_byte(monkeypatch):
+    fixed_ids(monkeypatch)
+    plan = kp.to_plan({"model": "kimi", "stream": True, "stream_options": {"include_usage": True}, "messages": user("q")})
+    encoder = kp.ChunkEncoder(plan)
+    out = b"".join([encoder.encode("reasoning_content", "想"), encoder.encode("content", '你好 "x"\n'),
+                    encoder.encode("finish_reason", "stop"),
+                    encoder.encode("usage", {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}),
+                    encoder.error(kp.upstream_error("Kimi stopped")), encoder.DONE])
+    assert out == (choice(b'{"role":"assistant","content":""}') + choice('{"reasoning_content":"想"}'.encode())
+                   + choice('{"content":"你好 \\"x\\"\\n"}'.encode()) + choice(b"{}", b'"stop"')
+                   + HEAD + b',"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}\n\n'
+                   + b'data: {"error":{"message":"Kimi stopped","type":"server_error","param":null,'
+                     b'"code":"upstream_error"}}\n\n'
+                   + b"data: [DONE]\n\n")
+
+
+def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
+    fixed_ids(monkeypatch)
+    encoder = kp.ChunkEncoder(kp.to_plan({"model": "kimi", "stream": True, "messages": user("q")}))
+    encoder.set_conversation("19fdf14e-bd52-88b5-8000-092152992fca")
+    out = encoder.encode("content", "a") + encoder.encode("finish_reason", "length") + encoder.encode("usage", {})
+    head = HEAD + b',"conversation_id":"19fdf14e-bd52-88b5-8000-092152992fca"'
+    assert out == b"".join(head + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'
+                           + finish + b"}]}\n\n" for delta, finish in (
+                               (b'{"role":"assistant","content":""}', b"null"), (b'{"content":"a"}', b"null"),
+                               (b"{}", b'"length"')))
+
+
+@pytest.mark.parametrize("events, pieces", [
+    ([kp.Event(kp.CHAT, "c1"), kp.Event(kp.REASONING, "想"), kp.Event(kp.TEXT, "答"), kp.DONE_EVENT],
+     [("conversation_id", "c1"), ("reasoning_content", "想"), ("content", "答"), ("finish_reason", "stop"),
+      ("usage", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})]),
+    ([kp.Event(kp.SOURCE, "T", "https://u"), kp.Event(kp.TEXT, "a"), kp.LENGTH_EVENT, kp.DONE_EVENT, kp.Event(kp.TEXT, "x")],
+     [("content", "【检索 1】 [T](https://u)\n"), ("content", "\na"), ("finish_reason", "length"),
+      ("usage", {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9})]),
+    ([kp.Event(kp.TEXT, "a"), kp.Event(kp.ERROR, "累了"), kp.Event(kp.TEXT, "never")], [("content", "a")]),
+])
+def test_events_become_pieces(events, pieces):
+    plan = kp.to_plan({"model": "kimi", "messages": user("q"), "conversation_id": "new"})
+    translator = kp.AnswerTranslator(plan)
+    assert translator.pieces(events) == pieces
+    assert translator.finished == any(event.kind == kp.DONE for event in events[:4]) \
+        and (translator.failure is not None) == any(event.kind == kp.ERROR for event in events)
+
+
+async def test_pieces_fold_into_one_completion(monkeypatch):
+    fixed_ids(monkeypatch)
+    plan = kp.to_plan({"model": "kimi-thinking", "messages": user("q")})
+
+    async def batches():
+        yield [("conversation_id", "c1"), ("reasoning_content", "想"), ("content", "你")]
+        yield [("content", "好"), ("finish_reason", "stop"), ("usage", {"prompt_tokens": 1})]
+
+    assert await kp.fold_pieces(batches(), plan) == {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "kimi-thinking",
+        "system_fingerprint": None, "conversation_id": "c1", "usage": {"prompt_tokens": 1},
+        "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "你好", "refusal": None, "reasoning_content": "想"}}]}
 
 
 @pytest.mark.parametrize("chunks", [
