@@ -251,16 +251,23 @@ async def measure_upload(http, proxy, pid, token, kimi, megabytes: int, with_len
     body = chat_body("总结", stream=False)
     body["messages"][0]["content"] = [{"type": "text", "text": "总结"},
                                       {"type": "file", "file_url": {"url": url}}]
+    growth, status = await peak_rss_growth(pid, http.post(proxy + "/v1/chat/completions", json=body,
+                                                          headers={"Authorization": f"Bearer {token}"}))
+    if status != 200:
+        raise SystemExit(f"the upload failed: HTTP {status}")
+    return growth
+
+
+async def peak_rss_growth(pid: int, request) -> tuple[float, int]:
+    """(peak RSS growth of the proxy in MB while `request` runs, its HTTP status)."""
     baseline = peak = rss_mb(pid)
-    request = asyncio.ensure_future(http.post(proxy + "/v1/chat/completions", json=body,
-                                              headers={"Authorization": f"Bearer {token}"}))
-    while not request.done():
+    running = asyncio.ensure_future(request)
+    while not running.done():
         peak = max(peak, rss_mb(pid))
-        await asyncio.sleep(0.01)
-    async with await request as response:
-        if response.status != 200:
-            raise SystemExit(f"the upload failed: HTTP {response.status} {await response.text()}")
-    return peak - baseline
+        await asyncio.sleep(0.002)
+    async with await running as response:
+        await response.read()
+        return peak - baseline, response.status
 
 
 async def measure_body(http, proxy, pid, megabytes: int) -> float:
@@ -271,16 +278,11 @@ async def measure_body(http, proxy, pid, megabytes: int) -> float:
         {"type": "text", "text": "这是什么"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}}]}]))
     del image
-    baseline = peak = rss_mb(pid)
-    request = asyncio.ensure_future(http.post(proxy + "/v1/chat/completions", data=io.BytesIO(body),
-                                              headers={"Authorization": "Bearer not-a-kimi-token"}))
-    while not request.done():
-        peak = max(peak, rss_mb(pid))
-        await asyncio.sleep(0.002)
-    async with await request as response:
-        if response.status != 401:
-            raise SystemExit(f"the big body was not read and refused: HTTP {response.status}")
-    return (peak - baseline) / (len(body) / 2**20)
+    growth, status = await peak_rss_growth(pid, http.post(proxy + "/v1/chat/completions", data=io.BytesIO(body),
+                                                          headers={"Authorization": "Bearer not-a-kimi-token"}))
+    if status != 401:
+        raise SystemExit(f"the big body was not read and refused: HTTP {status}")
+    return growth / (len(body) / 2**20)
 
 
 async def chats_left(http, kimi: str) -> int:
