@@ -32,7 +32,7 @@ PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 FULL = {"runs": 3, "ttfb_requests": 200, "cpu_requests": 200, "cpu_chunks": 200, "cpu_concurrency": 32,
         "open_streams": 1000, "stream_seconds": 10, "upload_mb": 100}
 QUICK = {"runs": 1, "ttfb_requests": 10, "cpu_requests": 8, "cpu_chunks": 20, "cpu_concurrency": 4,
-         "open_streams": 20, "stream_seconds": 2, "upload_mb": 2}
+         "open_streams": 20, "stream_seconds": 1, "upload_mb": 2}
 TARGETS = {"added_ttfb_ms_median": 0.5, "cpu_us_per_chunk": 8.0, "idle_rss_mb": 45.0, "streams_rss_mb": 80.0,
            "streams_failed": 0, "upload_rss_growth_mb": 32.0, "upload_spooled_rss_growth_mb": 32.0, "chats_left": 0,
            "body_rss_ratio": 3.0}

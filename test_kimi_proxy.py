@@ -1003,11 +1003,15 @@ async def start_app(app: web.Application, **options) -> tuple[web.AppRunner, str
 # ---------------------------------------------------------------------------------------------
 
 
+BOTH_DIALECTS = pytest.mark.dialects(*FAKES)
+
+
 def pytest_generate_tests(metafunc):
-    """Tests that talk to a fake Kimi run against both dialects, unless marked for one."""
+    """Tests that talk to a fake Kimi run against the default (connect) dialect; those that
+    exercise what the dialects do differently are marked to run against both."""
     if "dialect" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("dialects")
-        metafunc.parametrize("dialect", marker.args if marker else list(FAKES))
+        metafunc.parametrize("dialect", marker.args if marker else ["connect"])
 
 
 @pytest.fixture
@@ -1411,6 +1415,7 @@ def test_default_settings():
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_sdk_chat_completion(sdk, kimi, token):
     reply = await sdk.chat.completions.create(model="kimi", messages=user("用一句话介绍长城"))
     assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
@@ -1487,6 +1492,7 @@ async def test_chat_path_without_v1(http, proxy, token):
     assert response.status == 200
 
 
+@BOTH_DIALECTS
 async def test_search_adds_citations_unless_silent(sdk, kimi):
     reply = await sdk.chat.completions.create(model="kimi-search", messages=user("今天杭州天气怎么样"))
     citations = "".join(f"【检索 {n}】 [{title}]({url})\n" for n, (title, url) in enumerate(SOURCES, 1))
@@ -1498,11 +1504,13 @@ async def test_search_adds_citations_unless_silent(sdk, kimi):
     assert [c["search"] for c in kimi.completions] == [True, True]
 
 
+@BOTH_DIALECTS
 async def test_use_search_field_turns_search_on(sdk, kimi):
     await sdk.chat.completions.create(model="kimi", messages=user("q"), extra_body={"use_search": True})
     assert kimi.completions[0]["search"] is True
 
 
+@BOTH_DIALECTS
 async def test_k1_thinking_becomes_reasoning_content(sdk, kimi, http, proxy, token):
     reply = await sdk.chat.completions.create(model="kimi-k1", messages=user("9.11和9.9哪个大"))
     message = reply.choices[0].message
@@ -1538,6 +1546,7 @@ async def test_research_checks_the_quota(sdk, kimi, token):
     assert len(kimi.created) == 1  # no chat was opened for the refused request
 
 
+@BOTH_DIALECTS
 async def test_multi_turn_history_is_folded_for_kimi(sdk, kimi):
     messages = [{"role": "system", "content": "你是一个翻译助手"}, {"role": "user", "content": "把 hello 翻译成中文"},
                 {"role": "assistant", "content": "你好"}, {"role": "user", "content": "再翻译 https://example.com/a"}]
@@ -1549,6 +1558,7 @@ async def test_multi_turn_history_is_folded_for_kimi(sdk, kimi):
         f'system:你是一个翻译助手\nuser:把 hello 翻译成中文\nassistant:你好\nsystem:关注用户最新的消息\nuser:再翻译 {link}')
 
 
+@BOTH_DIALECTS
 async def test_array_content_reaches_kimi_like_the_string(sdk, kimi):
     await sdk.chat.completions.create(model="kimi", messages=[{"role": "user", "content": [
         {"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}])
@@ -1561,6 +1571,7 @@ async def test_array_content_reaches_kimi_like_the_string(sdk, kimi):
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_stream_framing_and_chunks(http, proxy, token, kimi):
     response, raw, chunks = await stream_chunks(http, proxy, token)
     assert response.status == 200
@@ -1607,6 +1618,7 @@ async def test_sdk_streaming_iterates(sdk):
     assert text.endswith(ANSWER[-1]) and text.startswith("【检索 1】")
 
 
+@BOTH_DIALECTS
 async def test_split_lines_and_characters_come_out_whole(http, proxy, token, sdk):
     _, _, chunks = await stream_chunks(http, proxy, token, messages=user("scenario:split"))
     assert content_of(chunks) == "".join(ANSWER)
@@ -1682,6 +1694,7 @@ async def test_sdk_sees_typed_errors(sdk, proxy, kimi):
     await wrong_key.close()
 
 
+@BOTH_DIALECTS
 async def test_missing_and_rejected_tokens_are_401(http, proxy, kimi):
     response = await http.post(proxy + "/v1/chat/completions", json={"messages": user("hi")})
     assert response.status == 401
@@ -1708,6 +1721,7 @@ async def test_unknown_path_wrong_method_and_big_body(http, start_proxy, token):
     assert_envelope(await response.json(), "request_too_large")
 
 
+@BOTH_DIALECTS
 @pytest.mark.parametrize("stream", [False, True])
 async def test_kimi_error_before_any_text_is_502(http, proxy, token, kimi, stream):
     response = await post_chat(http, proxy, token, stream=stream, messages=user("scenario:error_first"))
@@ -1716,6 +1730,7 @@ async def test_kimi_error_before_any_text_is_502(http, proxy, token, kimi, strea
     await kimi.wait_deleted(1)
 
 
+@BOTH_DIALECTS
 async def test_kimi_error_mid_answer(http, proxy, token, kimi, sdk):
     response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:error"))
     raw = await response.read()
@@ -1734,6 +1749,7 @@ async def test_kimi_error_mid_answer(http, proxy, token, kimi, sdk):
     await kimi.wait_deleted(3)
 
 
+@BOTH_DIALECTS
 @pytest.mark.parametrize("scenario", ["drop", "no_all_done"])
 async def test_stream_cut_after_text_ends_with_error_event(http, proxy, token, kimi, scenario):
     response = await post_chat(http, proxy, token, stream=True, messages=user(f"scenario:{scenario}"))
@@ -1744,6 +1760,7 @@ async def test_stream_cut_after_text_ends_with_error_event(http, proxy, token, k
     await kimi.wait_deleted(1)
 
 
+@BOTH_DIALECTS
 async def test_stream_cut_before_text_is_502(http, proxy, token, kimi):
     response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:drop_first"))
     assert response.status == 502
@@ -1751,6 +1768,7 @@ async def test_stream_cut_before_text_is_502(http, proxy, token, kimi):
     await kimi.wait_deleted(1)
 
 
+@BOTH_DIALECTS
 async def test_read_timeouts(http, start_proxy, token, kimi):
     proxy = await start_proxy(UPSTREAM_READ_TIMEOUT="0.3")
     response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:stall"))
@@ -1799,6 +1817,7 @@ async def test_unreachable_kimi_is_502(http, start_proxy, kimi, token):
     assert_envelope(await response.json(), "upstream_error")
 
 
+@BOTH_DIALECTS
 async def test_rate_limit_is_429_with_retry_after(http, proxy, kimi, token):
     kimi.rate_limited.add(kimi.user_of(token))
     response = await post_chat(http, proxy, token, stream=True)
@@ -1813,6 +1832,7 @@ async def test_rate_limit_is_429_with_retry_after(http, proxy, kimi, token):
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_a_rejected_token_hands_over_to_the_next(http, proxy, kimi):
     good = kimi.add_user()
     kimi.banned.add(bad := kimi.add_user())
@@ -1826,6 +1846,7 @@ async def test_a_rejected_token_hands_over_to_the_next(http, proxy, kimi):
     assert response.status == 401
 
 
+@BOTH_DIALECTS
 async def test_a_rate_limited_token_hands_over_to_the_next(http, proxy, kimi):
     good, limited = kimi.add_user(), kimi.add_user()
     kimi.rate_limited.add(kimi.user_of(limited))
@@ -1844,6 +1865,7 @@ async def test_tokens_are_spread_over_requests(http, proxy, kimi):
     assert Counter(c["user"] for c in kimi.completions) == {kimi.user_of(t): 2 for t in tokens}
 
 
+@BOTH_DIALECTS
 async def test_access_token_is_cached_and_refreshed_once_when_cold(http, proxy, kimi, token):
     replies = await asyncio.gather(*(post_chat(http, proxy, token) for _ in range(10)))
     assert [r.status for r in replies] == [200] * 10
@@ -1852,14 +1874,19 @@ async def test_access_token_is_cached_and_refreshed_once_when_cold(http, proxy, 
     assert kimi.refreshes[kimi.user_of(token)] == 1
 
 
+@BOTH_DIALECTS
 async def test_access_token_is_renewed_before_it_expires(http, proxy, kimi, token):
     kimi.access_ttl = 1
     assert (await post_chat(http, proxy, token)).status == 200
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(1.05)
     assert (await post_chat(http, proxy, token)).status == 200
     assert kimi.refreshes[kimi.user_of(token)] == 2
+    if kimi.PROTOCOL == "connect":  # by the RefreshToken RPC, which rotates the refresh token
+        assert kimi.rpc_refreshes == 2 and ("GET", "/api/auth/token/refresh") not in kimi.calls
+        assert token in kimi.spent  # only the newest refresh token works now
 
 
+@BOTH_DIALECTS
 async def test_an_access_token_kimi_rejects_is_refreshed_and_the_call_retried(http, proxy, kimi, token):
     assert (await post_chat(http, proxy, token)).status == 200
     kimi.revoke_access_tokens()
@@ -1868,6 +1895,7 @@ async def test_an_access_token_kimi_rejects_is_refreshed_and_the_call_retried(ht
     assert kimi.calls.count(("POST", kimi.START_PATH)) == 3  # the rejected call was made once more
 
 
+@BOTH_DIALECTS
 async def test_token_check(http, proxy, kimi, token):
     async def check(body):
         response = await http.post(proxy + "/token/check", json=body)
@@ -1884,6 +1912,7 @@ async def test_token_check(http, proxy, kimi, token):
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_kept_conversation_round_trip(http, proxy, kimi):
     first, second = kimi.add_user(), kimi.add_user()
     response, _, chunks = await stream_chunks(http, proxy, f"{first},{second}", conversation_id="new")
@@ -1917,6 +1946,7 @@ async def test_unknown_conversation_uses_the_first_token(http, proxy, kimi):
     assert kimi.completions[-1]["user"] == kimi.user_of(second) and len(kimi.completions) == 1
 
 
+@BOTH_DIALECTS
 async def test_kept_chat_of_a_failed_attempt_is_deleted(http, proxy, kimi, token):
     response = await post_chat(http, proxy, token, conversation_id="new", messages=user("scenario:error_first"))
     assert response.status == 502
@@ -1928,6 +1958,7 @@ async def test_kept_chat_of_a_failed_attempt_is_deleted(http, proxy, kimi, token
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_models(sdk, http, proxy):
     models = [m async for m in sdk.models.list()]
     ids = [m.id for m in models]
@@ -1980,6 +2011,7 @@ async def test_ping_and_index(http, proxy):
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_client_disconnect_closes_kimi_stream_and_deletes_chat(http, proxy, token, kimi):
     response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
     async for line in response.content:
@@ -2041,10 +2073,10 @@ async def test_more_open_answers_than_a_connection_pool_holds(start_proxy, http,
     proxy = await start_proxy(UPSTREAM_CONNECT_TIMEOUT="0.5", MAX_STREAMS_PER_TOKEN="200")
 
     async def one() -> str:
-        response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:trickle_2"))
+        response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:trickle_1"))
         return content_of(sse_payloads(await response.read()))
 
-    assert await asyncio.gather(*(one() for _ in range(150))) == ["片段0 片段1 "] * 150
+    assert await asyncio.gather(*(one() for _ in range(150))) == ["片段0 "] * 150
     assert kimi.max_open_streams == 150
     await kimi.wait_deleted(150)
 
@@ -2054,6 +2086,7 @@ async def test_more_open_answers_than_a_connection_pool_holds(start_proxy, http,
 # ---------------------------------------------------------------------------------------------
 
 
+@BOTH_DIALECTS
 async def test_logs_hold_no_tokens_or_contents(http, start_proxy, kimi, caplog):
     caplog.set_level(logging.DEBUG)
     proxy = await start_proxy(LOG_LEVEL="DEBUG", UPSTREAM_READ_TIMEOUT="0.3")
@@ -2155,18 +2188,18 @@ async def test_two_instances_share_one_token_store(kimi, http, tmp_path):
         for url in urls:
             await wait_until_serving(http, url)
         statuses = []
-        for turn in range(6):
+        for turn in range(4):
+            await asyncio.sleep(0.9 if turn else 0)
             if turn % 2:  # both at once: their renewals race for the same refresh token
                 replies = await asyncio.gather(*(post_chat(http, url, token) for url in urls))
             else:
                 replies = [await post_chat(http, urls[turn // 2 % 2], token)]
             statuses += [reply.status for reply in replies]
-            await asyncio.sleep(0.9)
     finally:
         for server in servers:
             server.terminate()
             await server.wait()
-    assert statuses == [200] * 9
+    assert statuses == [200] * 6
     assert kimi.refreshes[kimi.user_of(token)] >= 4 and token in kimi.spent
     saved = orjson.loads(store.read_bytes())["tokens"][hashlib.sha256(token.encode()).hexdigest()]
     assert saved not in kimi.spent and kimi.user_of(saved) == kimi.user_of(token)  # the newest one
@@ -2422,16 +2455,6 @@ async def test_connect_in_stream_unauthenticated_renews_once(sdk, kimi, token):
 
 
 @pytest.mark.dialects("connect")
-async def test_connect_rotated_refresh_tokens_are_kept(http, proxy, kimi, token):
-    kimi.access_ttl = 1
-    for _ in range(3):
-        assert (await post_chat(http, proxy, token)).status == 200
-        await asyncio.sleep(1.05)
-    assert kimi.refreshes[kimi.user_of(token)] == 3
-    assert token in kimi.spent  # the token the client sent is spent: only the rotated ones work now
-
-
-@pytest.mark.dialects("connect")
 async def test_connect_accepts_an_access_token(http, proxy, kimi):
     user_id = xid()
     access = kimi.issue_access_token(user_id, ttl=3600)
@@ -2608,18 +2631,6 @@ def test_auth_url_follows_the_site():
     assert kp.Config.from_env({"KIMI_AUTH_URL": "https://auth.example/"}).kimi_auth_url == "https://auth.example"
     with pytest.raises(kp.ConfigError, match="KIMI_AUTH_URL"):
         kp.Config.from_env({"KIMI_AUTH_URL": "auth.kimi.com"})
-
-
-@pytest.mark.dialects("connect")
-async def test_tokens_are_renewed_by_the_refresh_token_rpc(http, proxy, kimi, token):
-    kimi.rest_refresh = False
-    kimi.access_ttl = 1  # renewed before each request
-    for _ in range(3):
-        assert (await post_chat(http, proxy, token)).status == 200
-        await asyncio.sleep(1.05)
-    assert kimi.rpc_refreshes == 3 and kimi.refreshes[kimi.user_of(token)] == 3
-    assert ("GET", "/api/auth/token/refresh") not in kimi.calls
-    assert token in kimi.spent  # rotated: only the newest refresh token works now
 
 
 @pytest.mark.dialects("connect")
@@ -2872,7 +2883,7 @@ async def test_body_far_over_the_limit_gets_413(start_proxy, http, token, kimi):
 async def test_sigterm_ends_open_streams_and_deletes_their_chats(kimi, http):
     tokens = [kimi.add_user() for _ in range(5)]
     port = free_port()
-    env = {**os.environ, "KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "SHUTDOWN_GRACE": "1"}
+    env = {**os.environ, "KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "SHUTDOWN_GRACE": "0.5"}
     server = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", "--host", "127.0.0.1",
                                                   "--port", str(port), env=env, stderr=subprocess.PIPE)
     proxy = f"http://127.0.0.1:{port}"
@@ -2886,7 +2897,7 @@ async def test_sigterm_ends_open_streams_and_deletes_their_chats(kimi, http):
         server.send_signal(signal.SIGTERM)
         bodies = await asyncio.gather(*(stream.read() for stream in streams))
         _, stderr = await server.communicate()
-        assert server.returncode == 0 and time.monotonic() - started < 1 + 5
+        assert server.returncode == 0 and time.monotonic() - started < 0.5 + 5
     finally:
         if server.returncode is None:
             server.kill()
@@ -3057,6 +3068,7 @@ def assert_uploaded(kimi, completion: dict, expected: dict[str, bytes]) -> None:
     assert attached == expected
 
 
+@BOTH_DIALECTS
 async def test_documents_and_images_as_data_uris(sdk, kimi):
     reply = await sdk.chat.completions.create(model="kimi", messages=with_files(
         {"type": "image_url", "image_url": {"url": data_uri("image/png", PNG), "detail": "high"}},
@@ -3069,6 +3081,7 @@ async def test_documents_and_images_as_data_uris(sdk, kimi):
     await kimi.wait_deleted(1)
 
 
+@BOTH_DIALECTS
 async def test_documents_and_images_by_url(start_proxy, http, kimi, token, files):
     proxy = await start_proxy(ALLOW_PRIVATE_FILE_URLS="1")
     response, _, chunks = await stream_chunks(http, proxy, token, messages=with_files(
@@ -3143,6 +3156,7 @@ async def test_file_size_caps(start_proxy, http, token, kimi, files):
     assert kimi.live_chats == []
 
 
+@BOTH_DIALECTS
 async def test_parse_failure_and_slow_parse(start_proxy, http, token, kimi):
     proxy = await start_proxy(FILE_PARSE_TIMEOUT="0.8")
     failing = {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "parse_fail.pdf"}}
@@ -3313,8 +3327,10 @@ async def test_requests_beyond_max_open_requests_get_503(start_proxy, http, kimi
     assert (await http.get(proxy + "/ping")).status == 200
 
 
+@BOTH_DIALECTS
 @pytest.mark.parametrize("answer", ["waf_403", "html_200", "json_list_200"])
-async def test_only_a_definite_rejection_kills_a_token(start_proxy, http, kimi, answer):
+async def test_only_a_definite_rejection_kills_a_token(start_proxy, http, kimi, answer, monkeypatch):
+    monkeypatch.setattr(kp, "OUTAGE_COOL_DOWN", 0.5)
     token = kimi.add_user()
     proxy = await start_proxy(KIMI_TOKENS=token, API_KEYS=POOL_KEY)
     refresh = kimi.REFRESH_RPC if kimi.PROTOCOL == "connect" else "/api/auth/token/refresh"
@@ -3325,7 +3341,7 @@ async def test_only_a_definite_rejection_kills_a_token(start_proxy, http, kimi, 
     assert response.status == 502
     health = await (await http.get(proxy + "/healthz", headers=auth(POOL_KEY))).json()
     assert health["tokens"][0]["state"] == "cooling"  # resting briefly, not dead
-    await asyncio.sleep(kp.OUTAGE_COOL_DOWN if health["tokens"][0]["cooling_s"] else 0)
+    await asyncio.sleep(kp.OUTAGE_COOL_DOWN)
     assert (await post_chat(http, proxy, POOL_KEY)).status == 200
 
 
@@ -3381,6 +3397,7 @@ def test_retry_after_is_a_number_or_a_date(value, seconds):
     assert 85 <= kp.retry_after_seconds(future) <= 91
 
 
+@BOTH_DIALECTS
 @pytest.mark.parametrize("retry_after", ["²", "9" * 400])
 async def test_odd_retry_after_from_kimi_is_still_a_429(http, proxy, kimi, token, retry_after):
     kimi.fail("POST", kimi.START_PATH, 429, times=1, body={"code": "resource_exhausted", "error_type": "chat.limit",
