@@ -202,7 +202,7 @@ def _flag_setting(env: Mapping[str, str], name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# App keys and errors
+# Errors
 # ---------------------------------------------------------------------------------------------
 
 
@@ -278,6 +278,26 @@ class QuotaExhausted(RateLimited):
         self.cool_down = None
 
 
+def kimi_outage(message: str) -> ProxyError:
+    """Kimi failing in a way that says nothing about the token: 502, and the token rests briefly."""
+    error = upstream_error(message)
+    error.cool_down = OUTAGE_COOL_DOWN
+    return error
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    """Seconds from a Retry-After header (a number or an HTTP date); None for anything else."""
+    if not value:
+        return None
+    if re.fullmatch(r"[0-9]{1,7}", value.strip()):
+        return int(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0, min(86400, math.ceil(when.timestamp() - time.time())))
 
 
 def error_response(error: ProxyError) -> web.Response:
@@ -289,8 +309,9 @@ def error_response(error: ProxyError) -> web.Response:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kimi client: the only place that knows Kimi's paths, headers, tokens and retries
+# Kimi over HTTP, shared by the dialects: events, the session, retries, access tokens, the token pool
 # ---------------------------------------------------------------------------------------------
+
 
 # Dialect-neutral events that every Kimi dialect yields for one answer.
 TEXT = "text"            # answer text delta
@@ -311,14 +332,10 @@ class Event(NamedTuple):
 VISIBLE = frozenset((TEXT, REASONING, SOURCE))  # events that put something in front of the client
 DONE_EVENT = Event(DONE)
 LENGTH_EVENT = Event(LENGTH)
-
 # the model names of the original proxy; every dialect offers them
 LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
                 "kimi-silent", "kimi-search-silent"]
-K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ agent id that selects the K1 reasoning model
-CHAT_ID = re.compile(r"[0-9a-z]{20}")
 KIMI_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # any id Kimi hands out that is safe in a path or a header
-MAX_CONTINUATIONS = 3
 RETRY_BACKOFF = (0.25, 0.75)  # seconds before the 2nd and 3rd try of a call that hit a 5xx or a dead connection
 ACCESS_TOKEN_DEFAULT_LIFETIME = 300.0
 
@@ -685,28 +702,6 @@ def not_a_web_page(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
     return response
 
 
-def kimi_outage(message: str) -> ProxyError:
-    """Kimi failing in a way that says nothing about the token: 502, and the token rests briefly."""
-    error = upstream_error(message)
-    error.cool_down = OUTAGE_COOL_DOWN
-    return error
-
-
-def retry_after_seconds(value: str | None) -> int | None:
-    """Seconds from a Retry-After header (a number or an HTTP date); None for anything else."""
-    if not value:
-        return None
-    if re.fullmatch(r"[0-9]{1,7}", value.strip()):
-        return int(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0, min(86400, math.ceil(when.timestamp() - time.time())))
-
-
 class ReadFailures:
     """Around the loop that reads an answer stream: its transport failures become ProxyErrors.
     One object serves every stream (a wrapping generator would cost each open stream its frame)."""
@@ -936,7 +931,10 @@ class KimiHTTP:
         return status
 
 
-# -- files: fetching what clients point at, safely -------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Files: data URIs, and fetching what clients point at, safely
+# ---------------------------------------------------------------------------------------------
+
 
 DOWNLOAD_READ_GAP = 30.0    # seconds without a byte from a file's server
 DOWNLOAD_DEADLINE = 600.0   # seconds for a whole download
@@ -944,10 +942,97 @@ UPLOAD_DEADLINE = 600.0     # seconds for a whole upload to Kimi's storage
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024           # bytes read and written at a time: memory stays flat for any size
 SPOOL_IN_MEMORY = 1024 * 1024  # a source of unknown length is spooled to disk past this
-
-
 MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file or image of the last message: a data URI already decoded, or an http(s) URL."""
+
+    part: str                # where the client put it, e.g. messages[2].content[1]
+    kind: str                # "image" or "file"
+    name: str
+    mime: str
+    url: str | None = None
+    data: bytes | bytearray | None = None
+
+
+DATA_URI_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64")
+WHITESPACE = re.compile(r"\s+")
+BASE64_PIECE = 4 * 2**20  # characters decoded at a time (a multiple of 4: padding stays at the end)
+DEFAULT_NAMES = {"image": "image", "file": "file"}
+
+
+def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
+    """An attachment from any of the part shapes clients send. Raises 400 (or 413) naming the part."""
+    filename = None
+    if kind in ("image_url", "input_image"):
+        source = part.get("image_url")
+        url = source.get("url") if isinstance(source, dict) else source
+    elif "file_url" in part:
+        source = part["file_url"]
+        url = source.get("url") if isinstance(source, dict) else source
+    else:
+        source = part.get("file", part)  # input_file puts the fields on the part itself
+        source = source if isinstance(source, dict) else {}
+        if "file_id" in source and "file_data" not in source:
+            raise bad_request(f"'{where}': a file_id needs a Files API this server does not have; "
+                              "send file_data or a file_url", where)
+        url, filename = source.get("file_data") or source.get("file_url"), source.get("filename")
+    attachment_kind = "image" if kind in ("image_url", "input_image") else "file"
+    if not isinstance(url, str) or not url.strip():
+        raise bad_request(f"'{where}' has no URL or data", where)
+    url = url.strip()
+    name = filename if isinstance(filename, str) and filename.strip() else None
+    if url.startswith("data:"):
+        data, mime = from_data_uri(url, where, max_bytes)
+        if mime.startswith("image/"):
+            attachment_kind = "image"
+        return Attachment(where, attachment_kind, to_file_name(name, None, mime, attachment_kind), mime, data=data)
+    parsed = to_http_url(url, where)
+    return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
+                      "application/octet-stream", url=url)
+
+
+def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]:
+    """(bytes, media type) of a base64 data URI. A data URI may be most of a large request, so it
+    is decoded piece by piece into one buffer, never copied whole."""
+    comma = uri.find(",")
+    found = DATA_URI_HEADER.fullmatch(uri, 0, max(comma, 0))
+    if found is None:
+        raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
+    mime = found[1].strip().lower() or "application/octet-stream"
+    if not MEDIA_TYPE.fullmatch(mime):
+        raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
+    start = comma + 1
+    if WHITESPACE.search(uri, start):  # line-wrapped base64: rare, and worth one copy
+        uri, start = WHITESPACE.sub("", uri[start:]), 0
+    if (len(uri) - start) * 3 // 4 > max_bytes + 3:
+        raise file_too_large(where, max_bytes)
+    data = bytearray((len(uri) - start) // 4 * 3 - (len(uri) - len(uri.rstrip("="))))  # filled, never grown
+    try:
+        filled = 0
+        for offset in range(start, len(uri), BASE64_PIECE):
+            piece = binascii.a2b_base64(uri[offset:offset + BASE64_PIECE], strict_mode=True)
+            data[filled:filled + len(piece)] = piece
+            filled += len(piece)
+    except ValueError:
+        raise bad_request(f"'{where}' is not valid base64", where) from None
+    if filled != len(data):
+        raise bad_request(f"'{where}' is not valid base64", where)
+    if not data:
+        raise bad_request(f"'{where}' is empty", where)
+    return data, mime
+
+
+def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
+    """A plain file name: the client's, else the URL's last path segment, else one from the type."""
+    name = given or (path or "").rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip(". ") if name else ""
+    if name:
+        return name[:200]
+    return DEFAULT_NAMES[kind] + (mimetypes.guess_extension(mime) or "")
 
 
 def to_http_url(url: str | yarl.URL, where: str) -> yarl.URL:
@@ -1149,20 +1234,14 @@ class KimiFile(NamedTuple):
     detail: dict    # Kimi's file object, as registered
 
 
-# -- the legacy dialect ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# The legacy dialect (kimi.moonshot.cn): REST + server-sent events
+# ---------------------------------------------------------------------------------------------
 
 
-def from_legacy_failure(status: int, body: object, retry_after: str | None) -> ProxyError:
-    """Map a non-2xx legacy answer (other than token rejection) to what the client sees."""
-    error_type = body.get("error_type") if isinstance(body, dict) else None
-    message = body.get("message") if isinstance(body, dict) else None
-    if status == 429 or (isinstance(message, str) and "次数超过" in message):
-        return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}",
-                           retry_after_seconds(retry_after))
-    if status == 404:
-        return conversation_not_found()
-    detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
-    return upstream_error(f"Kimi refused the request: {detail}")
+K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ agent id that selects the K1 reasoning model
+CHAT_ID = re.compile(r"[0-9a-z]{20}")
+MAX_CONTINUATIONS = 3
 
 
 class LegacyKimi(KimiHTTP):
@@ -1266,7 +1345,147 @@ class LegacyKimi(KimiHTTP):
             raise QuotaExhausted("The research quota of this Kimi account is used up")
 
 
-# -- the Connect-RPC dialect ------------------------------------------------------------------------
+def from_legacy_failure(status: int, body: object, retry_after: str | None) -> ProxyError:
+    """Map a non-2xx legacy answer (other than token rejection) to what the client sees."""
+    error_type = body.get("error_type") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    if status == 429 or (isinstance(message, str) and "次数超过" in message):
+        return RateLimited(f"Kimi is rate limiting this account: {message or 'too many requests'}",
+                           retry_after_seconds(retry_after))
+    if status == 404:
+        return conversation_not_found()
+    detail = f"{message} ({error_type})" if isinstance(message, str) and error_type else f"HTTP {status}"
+    return upstream_error(f"Kimi refused the request: {detail}")
+
+
+def to_kimiplus_id(plan: Plan) -> str:
+    """The legacy dialect picks agents, and the K1 reasoning model, by a Kimi+ id."""
+    return plan.agent_id or (K1_AGENT_ID if plan.reasoning else "kimi")
+
+
+def to_legacy_new_chat(plan: Plan) -> dict:
+    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(plan), "name": "未命名会话"}
+
+
+def to_legacy_completion(plan: Plan, files: list = ()) -> dict:
+    # the web app ends every message with a newline, and describes each file as its upload widget does
+    return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt + "\n"}],
+            "refs": [file.id for file in files], "refs_file": [to_legacy_ref_file(file) for file in files],
+            "use_math": plan.math, "use_research": plan.research, "use_search": plan.search,
+            "extend": {"sidebar": True}}
+
+
+def to_legacy_ref_file(file: "KimiFile") -> dict:
+    return {"detail": file.detail, "done": True, "file": {}, "file_info": file.detail, "id": file.id,
+            "name": file.name, "parse_status": "success", "size": file.size, "upload_progress": 100,
+            "upload_status": "success"}
+
+
+def to_legacy_continuation(plan: Plan, segment_id: str) -> dict:
+    return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": " "}],
+            "kimiplus_id": to_kimiplus_id(plan), "extend": {"sidebar": True}}
+
+
+def from_parse_event(payload: bytes) -> str | None:
+    """The status in one parse_process event. Sources disagree on its shape, so take either."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    info = event.get("file_info", event) if isinstance(event, dict) else None
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None
+
+
+class SSEDecoder:
+    """Server-sent events from network reads: yields each event's data as bytes.
+
+    Lines are split on the raw bytes and decoded (by orjson) only once whole, so a multi-byte
+    character split across two reads comes out intact."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self._tail + chunk).split(b"\n")
+        self._tail = lines.pop()
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        return events
+
+
+@dataclasses.dataclass(slots=True)
+class SegmentState:
+    """What one legacy answer stream said about itself besides the answer."""
+
+    id: str | None = None      # the `req` event id: what a continuation refers to
+    truncated: bool = False    # a `length` event came
+    finished: bool = False     # `all_done` came
+    failed: bool = False       # an `error` event came
+
+
+def from_legacy_payloads(payloads: list[bytes], segment: SegmentState) -> list[Event]:
+    """The events of one network read; nothing after the end or an error counts."""
+    events = []
+    for payload in payloads:
+        event = from_legacy_payload(payload, segment)
+        if event is not None:
+            events.append(event)
+            if event.kind == ERROR:
+                segment.failed = True
+                break
+        if segment.finished:
+            break
+    return events
+
+
+def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
+    """One legacy SSE data payload -> a neutral event (None for the many events we ignore)."""
+    try:
+        kimi = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(kimi, dict):
+        return None
+    name = kimi.get("event")
+    if name == "cmpl":
+        text = kimi.get("text")
+        return Event(TEXT, text) if isinstance(text, str) and text else None
+    if name == "k1":
+        text = kimi.get("text")
+        return Event(REASONING, text) if isinstance(text, str) and text else None
+    if name == "search_plus":
+        found = kimi.get("msg")
+        if isinstance(found, dict) and found.get("type") == "get_res" and isinstance(found.get("url"), str):
+            title = found.get("title")
+            return Event(SOURCE, title if isinstance(title, str) and title else found["url"], found["url"])
+    elif name == "req":
+        if isinstance(kimi.get("id"), str):
+            segment.id = kimi["id"]
+    elif name == "length":
+        segment.truncated = True
+    elif name == "all_done":
+        segment.finished = True
+    elif name == "error":
+        error = kimi.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return Event(ERROR, message if isinstance(message, str) and message else "Kimi stopped the answer")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The Connect-RPC dialect (www.kimi.com): framed JSON over HTTP
+# ---------------------------------------------------------------------------------------------
+
 
 CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
 MODELS_RPC = "/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels"
@@ -1533,418 +1752,6 @@ async def between(head: bytes, chunks: AsyncIterator[bytes], tail: bytes) -> Asy
         yield chunk
     yield tail
 
-
-DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
-
-
-# ---------------------------------------------------------------------------------------------
-# Translation, pure: OpenAI request -> plan -> Kimi request; Kimi events -> OpenAI pieces
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Plan:
-    """A validated chat request, in the terms Kimi needs."""
-
-    model: str
-    prompt: str
-    agent_id: str | None = None  # a Kimi+ agent named by the model
-    search: bool = False
-    research: bool = False
-    reasoning: bool = False
-    reasoning_effort: str | None = None  # OpenAI's: none, minimal, low, medium or high
-    math: bool = False
-    silent: bool = False
-    stream: bool = False
-    include_usage: bool = False
-    chat_id: str | None = None  # an existing Kimi chat to continue
-    keep: bool = False          # the client manages the conversation: report its id, never delete it
-    attachments: tuple = ()     # files and images of the last message
-
-
-ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-              "tool": "tool", "function": "tool"}
-TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
-ATTACHMENT_PARTS = {"image_url", "input_image", "file", "input_file"}
-URL = re.compile(r"https?://[^\s<>\"'，。！？；）】」]+")
-NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
-LATEST_MESSAGE_HINT = "关注用户最新的消息"
-LATEST_FILE_HINT = "关注用户最新发送文件和消息"
-
-
-def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20,
-            chat_ids: re.Pattern = CHAT_ID, chat_id_shape: str = "20 characters of 0-9a-z") -> Plan:
-    """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError.
-    `chat_ids` is the shape of the chat ids the Kimi dialect issues."""
-    model = optional(body, "model", str) or "kimi"
-    if len(model) > MAX_MODEL_NAME:
-        raise bad_request(f"'model' is longer than {MAX_MODEL_NAME} characters", "model")
-    stream = bool(optional(body, "stream", bool))
-    stream_options = optional(body, "stream_options", dict) or {}
-    include_usage = stream and bool(optional(stream_options, "include_usage", bool, "stream_options.include_usage"))
-    n = optional(body, "n", int)
-    if n is not None and n != 1:
-        raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
-    tool_choice = body.get("tool_choice")
-    if tool_choice == "required" or isinstance(tool_choice, dict):
-        raise bad_request("Tool calling is not supported, so tool_choice can only be 'auto' or 'none'", "tool_choice")
-    for field in NUMBER_FIELDS:
-        value = optional(body, field, (int, float))
-        if isinstance(value, bool):
-            raise bad_request(f"'{field}' must be a number", field)
-    for field in INTEGER_FIELDS:
-        optional(body, field, int)
-    use_search = bool(optional(body, "use_search", bool))
-    reasoning_effort = optional(body, "reasoning_effort", str)
-    if reasoning_effort is not None and reasoning_effort not in OPENAI_EFFORTS:
-        raise bad_request(f"'reasoning_effort' must be one of {', '.join(OPENAI_EFFORTS)}", "reasoning_effort")
-    chat_id, keep = to_conversation(body.get("conversation_id"), chat_ids, chat_id_shape)
-    messages = to_messages(body.get("messages"), max_messages, max_file_bytes)
-    prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
-    flags = model_flags(model)
-    if reasoning_effort not in (None, "none"):
-        flags["reasoning"] = True
-    return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
-                keep=keep, attachments=messages[-1].attachments, reasoning_effort=reasoning_effort,
-                **{**flags, "search": flags["search"] or use_search})
-
-
-def optional(body: dict, field: str, kind, param: str | None = None):
-    """The value of an optional field (None when absent or null), checked for its JSON type."""
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = {str: "a string", bool: "a boolean", int: "an integer", dict: "an object"}
-        raise bad_request(f"'{param or field}' must be {names.get(kind, 'a number')}", param or field)
-    return value
-
-
-def to_conversation(value: object, chat_ids: re.Pattern, shape: str) -> tuple[str | None, bool]:
-    """(chat to continue, keep the chat) from the request's conversation_id."""
-    if value is None:
-        return None, False
-    if value == "new":
-        return None, True
-    if isinstance(value, str) and chat_ids.fullmatch(value):
-        return value, True
-    raise bad_request(f"'conversation_id' must be \"new\" or a Kimi chat id ({shape})", "conversation_id")
-
-
-def model_flags(model: str) -> dict:
-    """Kimi options from a model name: combinable substrings, or a Kimi+ agent id."""
-    if CHAT_ID.fullmatch(model):
-        return {"agent_id": model, "search": False, "research": False, "reasoning": False,
-                "math": False, "silent": False}
-    name = model.lower()
-    return {"agent_id": None, "search": "search" in name, "research": "research" in name,
-            "reasoning": "k1" in name or "thinking" in name, "math": "math" in name, "silent": "silent" in name}
-
-
-class Message(NamedTuple):
-    role: str
-    text: str
-    has_attachment: bool
-    attachments: tuple = ()  # read in the last message only
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Attachment:
-    """A file or image of the last message: a data URI already decoded, or an http(s) URL."""
-
-    part: str                # where the client put it, e.g. messages[2].content[1]
-    kind: str                # "image" or "file"
-    name: str
-    mime: str
-    url: str | None = None
-    data: bytes | bytearray | None = None
-
-
-DATA_URI_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64")
-WHITESPACE = re.compile(r"\s+")
-BASE64_PIECE = 4 * 2**20  # characters decoded at a time (a multiple of 4: padding stays at the end)
-DEFAULT_NAMES = {"image": "image", "file": "file"}
-
-
-def to_messages(messages: object, max_messages: int, max_file_bytes: int) -> list[Message]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array of messages", "messages")
-    if len(messages) > max_messages:
-        raise bad_request(f"'messages' holds {len(messages)} messages; at most {max_messages} are accepted (MAX_MESSAGES)",
-                          "messages")
-    return [to_message(message, index, index == len(messages) - 1, max_file_bytes)
-            for index, message in enumerate(messages)]
-
-
-def to_message(message: object, index: int, is_last: bool, max_file_bytes: int) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad_request(f"'{where}' must be an object", where)
-    role = message.get("role")
-    role = ROLE_NAMES.get(role) if isinstance(role, str) else None
-    if role is None:
-        raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
-    content = message.get("content")
-    if content is None and role == "assistant":
-        return Message(role, "", False)  # a tool-call turn replayed by the client
-    if isinstance(content, str):
-        return Message(role, content, False)
-    if not isinstance(content, list):
-        raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
-    texts, attachments, has_attachment = [], [], False
-    for part_index, part in enumerate(content):
-        part_where = f"{where}.content[{part_index}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        kind = kind if isinstance(kind, str) else None
-        if kind in TEXT_PARTS:
-            text = part.get(TEXT_PARTS[kind])
-            if not isinstance(text, str):
-                raise bad_request(f"'{part_where}.{TEXT_PARTS[kind]}' must be a string", part_where)
-            texts.append(text)
-        elif kind in ATTACHMENT_PARTS:
-            has_attachment = True
-            if is_last:
-                attachments.append(to_attachment(part, kind, part_where, max_file_bytes))
-        else:
-            raise bad_request(f"'{part_where}.type' must be one of text, image_url, file", f"{part_where}.type")
-    return Message(role, "\n".join(texts), has_attachment, tuple(attachments))
-
-
-def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
-    """An attachment from any of the part shapes clients send. Raises 400 (or 413) naming the part."""
-    filename = None
-    if kind in ("image_url", "input_image"):
-        source = part.get("image_url")
-        url = source.get("url") if isinstance(source, dict) else source
-    elif "file_url" in part:
-        source = part["file_url"]
-        url = source.get("url") if isinstance(source, dict) else source
-    else:
-        source = part.get("file", part)  # input_file puts the fields on the part itself
-        source = source if isinstance(source, dict) else {}
-        if "file_id" in source and "file_data" not in source:
-            raise bad_request(f"'{where}': a file_id needs a Files API this server does not have; "
-                              "send file_data or a file_url", where)
-        url, filename = source.get("file_data") or source.get("file_url"), source.get("filename")
-    attachment_kind = "image" if kind in ("image_url", "input_image") else "file"
-    if not isinstance(url, str) or not url.strip():
-        raise bad_request(f"'{where}' has no URL or data", where)
-    url = url.strip()
-    name = filename if isinstance(filename, str) and filename.strip() else None
-    if url.startswith("data:"):
-        data, mime = from_data_uri(url, where, max_bytes)
-        if mime.startswith("image/"):
-            attachment_kind = "image"
-        return Attachment(where, attachment_kind, to_file_name(name, None, mime, attachment_kind), mime, data=data)
-    parsed = to_http_url(url, where)
-    return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
-                      "application/octet-stream", url=url)
-
-
-def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]:
-    """(bytes, media type) of a base64 data URI. A data URI may be most of a large request, so it
-    is decoded piece by piece into one buffer, never copied whole."""
-    comma = uri.find(",")
-    found = DATA_URI_HEADER.fullmatch(uri, 0, max(comma, 0))
-    if found is None:
-        raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
-    mime = found[1].strip().lower() or "application/octet-stream"
-    if not MEDIA_TYPE.fullmatch(mime):
-        raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
-    start = comma + 1
-    if WHITESPACE.search(uri, start):  # line-wrapped base64: rare, and worth one copy
-        uri, start = WHITESPACE.sub("", uri[start:]), 0
-    if (len(uri) - start) * 3 // 4 > max_bytes + 3:
-        raise file_too_large(where, max_bytes)
-    data = bytearray((len(uri) - start) // 4 * 3 - (len(uri) - len(uri.rstrip("="))))  # filled, never grown
-    try:
-        filled = 0
-        for offset in range(start, len(uri), BASE64_PIECE):
-            piece = binascii.a2b_base64(uri[offset:offset + BASE64_PIECE], strict_mode=True)
-            data[filled:filled + len(piece)] = piece
-            filled += len(piece)
-    except ValueError:
-        raise bad_request(f"'{where}' is not valid base64", where) from None
-    if filled != len(data):
-        raise bad_request(f"'{where}' is not valid base64", where)
-    if not data:
-        raise bad_request(f"'{where}' is empty", where)
-    return data, mime
-
-
-def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
-    """A plain file name: the client's, else the URL's last path segment, else one from the type."""
-    name = given or (path or "").rstrip("/").rsplit("/", 1)[-1]
-    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip(". ") if name else ""
-    if name:
-        return name[:200]
-    return DEFAULT_NAMES[kind] + (mimetypes.guess_extension(mime) or "")
-
-
-def wrap_urls(text: str) -> str:
-    """Kimi's web app marks links in user text this way; without the mark Kimi does not open them."""
-    return URL.sub(_wrap_url, text)
-
-
-def _wrap_url(match: re.Match) -> str:
-    link = match[0].rstrip(".,;:!?")  # sentence punctuation after a link is not part of it
-    return f'<url id="" type="url" status="" title="" wc="">{link}</url>{match[0][len(link):]}'
-
-
-
-def to_kimi_text(message: Message, wrap_links: bool) -> str:
-    return wrap_urls(message.text) if wrap_links and message.role == "user" else message.text
-
-
-def to_folded_prompt(messages: list[Message], wrap_links: bool) -> str:
-    """Kimi takes one message per turn: fold the history into it with role prefixes."""
-    last = messages[-1]
-    if not last.text.strip() and not last.attachments:
-        raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
-    if len(messages) == 1:
-        return to_kimi_text(last, wrap_links)
-    hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
-    earlier = "".join(f"{m.role}:{to_kimi_text(m, wrap_links)}\n" for m in messages[:-1] if m.text)
-    return f"{earlier}system:{hint}\n{last.role}:{to_kimi_text(last, wrap_links)}"
-
-
-def to_continuation_prompt(messages: list[Message], wrap_links: bool) -> str:
-    """A kept Kimi chat already holds the history: send only the newest user message."""
-    last = messages[-1]
-    where = f"messages[{len(messages) - 1}]"
-    if last.role != "user":
-        raise bad_request(f"To continue a conversation the last message must be a user message ({where})", "messages")
-    if not last.text.strip() and not last.attachments:
-        raise bad_request(f"'{where}.content' has no text", f"{where}.content")
-    return to_kimi_text(last, wrap_links)
-
-
-def to_kimiplus_id(plan: Plan) -> str:
-    """The legacy dialect picks agents, and the K1 reasoning model, by a Kimi+ id."""
-    return plan.agent_id or (K1_AGENT_ID if plan.reasoning else "kimi")
-
-
-def to_legacy_new_chat(plan: Plan) -> dict:
-    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(plan), "name": "未命名会话"}
-
-
-def to_legacy_completion(plan: Plan, files: list = ()) -> dict:
-    # the web app ends every message with a newline, and describes each file as its upload widget does
-    return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt + "\n"}],
-            "refs": [file.id for file in files], "refs_file": [to_legacy_ref_file(file) for file in files],
-            "use_math": plan.math, "use_research": plan.research, "use_search": plan.search,
-            "extend": {"sidebar": True}}
-
-
-def to_legacy_ref_file(file: "KimiFile") -> dict:
-    return {"detail": file.detail, "done": True, "file": {}, "file_info": file.detail, "id": file.id,
-            "name": file.name, "parse_status": "success", "size": file.size, "upload_progress": 100,
-            "upload_status": "success"}
-
-
-def from_parse_event(payload: bytes) -> str | None:
-    """The status in one parse_process event. Sources disagree on its shape, so take either."""
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    info = event.get("file_info", event) if isinstance(event, dict) else None
-    status = info.get("status") if isinstance(info, dict) else None
-    return status if isinstance(status, str) else None
-
-
-def to_legacy_continuation(plan: Plan, segment_id: str) -> dict:
-    return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": " "}],
-            "kimiplus_id": to_kimiplus_id(plan), "extend": {"sidebar": True}}
-
-
-class SSEDecoder:
-    """Server-sent events from network reads: yields each event's data as bytes.
-
-    Lines are split on the raw bytes and decoded (by orjson) only once whole, so a multi-byte
-    character split across two reads comes out intact."""
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self._data: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        lines = (self._tail + chunk).split(b"\n")
-        self._tail = lines.pop()
-        events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append(b"\n".join(self._data))
-                    self._data = []
-            elif line.startswith(b"data:"):
-                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
-        return events
-
-
-@dataclasses.dataclass(slots=True)
-class SegmentState:
-    """What one legacy answer stream said about itself besides the answer."""
-
-    id: str | None = None      # the `req` event id: what a continuation refers to
-    truncated: bool = False    # a `length` event came
-    finished: bool = False     # `all_done` came
-    failed: bool = False       # an `error` event came
-
-
-def from_legacy_payloads(payloads: list[bytes], segment: SegmentState) -> list[Event]:
-    """The events of one network read; nothing after the end or an error counts."""
-    events = []
-    for payload in payloads:
-        event = from_legacy_payload(payload, segment)
-        if event is not None:
-            events.append(event)
-            if event.kind == ERROR:
-                segment.failed = True
-                break
-        if segment.finished:
-            break
-    return events
-
-
-def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
-    """One legacy SSE data payload -> a neutral event (None for the many events we ignore)."""
-    try:
-        kimi = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(kimi, dict):
-        return None
-    name = kimi.get("event")
-    if name == "cmpl":
-        text = kimi.get("text")
-        return Event(TEXT, text) if isinstance(text, str) and text else None
-    if name == "k1":
-        text = kimi.get("text")
-        return Event(REASONING, text) if isinstance(text, str) and text else None
-    if name == "search_plus":
-        found = kimi.get("msg")
-        if isinstance(found, dict) and found.get("type") == "get_res" and isinstance(found.get("url"), str):
-            title = found.get("title")
-            return Event(SOURCE, title if isinstance(title, str) and title else found["url"], found["url"])
-    elif name == "req":
-        if isinstance(kimi.get("id"), str):
-            segment.id = kimi["id"]
-    elif name == "length":
-        segment.truncated = True
-    elif name == "all_done":
-        segment.finished = True
-    elif name == "error":
-        error = kimi.get("error")
-        message = error.get("message") if isinstance(error, dict) else None
-        return Event(ERROR, message if isinstance(message, str) and message else "Kimi stopped the answer")
-    return None
-
-
-# -- Connect-RPC translation -------------------------------------------------------------------------
 
 END_STREAM = 0x02   # the last envelope of a server stream: {} or {"error": ...}
 COMPRESSED = 0x01   # never seen from Kimi (we ask for no compression)
@@ -2253,6 +2060,9 @@ def from_connect_ending(state: ConnectState) -> list[Event]:
     return [Event(TEXT, rest), DONE_EVENT] if rest else [DONE_EVENT]
 
 
+# -- the connect model catalog --------------------------------------------------------------------
+
+
 NO_REASONING = "REASONING_EFFORT_NONE"
 # Kimi's efforts and OpenAI's reasoning_effort values on one scale, to find the nearest offered one
 EFFORT_RANKS = {NO_REASONING: 0, "REASONING_EFFORT_MINIMAL": 1, "REASONING_EFFORT_LOW": 2,
@@ -2290,6 +2100,8 @@ FALLBACK_CATALOG = {
               ("k3-agent-swarm", "k3-agent-ultra", "SCENARIO_OK_COMPUTER_SWARM", "TYPE_ULTRA")))],
     "defaultScenario": {"scenario": "SCENARIO_CHAT", "model": "k2d6-chat"},
 }
+
+
 MODEL_SUFFIXES = ("-search", "-silent", "-thinking")
 
 
@@ -2407,6 +2219,202 @@ def to_connect_chat(plan: "Plan", catalog: Catalog, parent_id: str | None, files
     if model.agent_mode:
         chat["agent_mode"] = model.agent_mode
     return chat
+
+
+DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation, pure: OpenAI request -> plan; Kimi events -> OpenAI pieces -> SSE or one JSON
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated chat request, in the terms Kimi needs."""
+
+    model: str
+    prompt: str
+    agent_id: str | None = None  # a Kimi+ agent named by the model
+    search: bool = False
+    research: bool = False
+    reasoning: bool = False
+    reasoning_effort: str | None = None  # OpenAI's: none, minimal, low, medium or high
+    math: bool = False
+    silent: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    chat_id: str | None = None  # an existing Kimi chat to continue
+    keep: bool = False          # the client manages the conversation: report its id, never delete it
+    attachments: tuple = ()     # files and images of the last message
+
+
+ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+              "tool": "tool", "function": "tool"}
+TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
+ATTACHMENT_PARTS = {"image_url", "input_image", "file", "input_file"}
+URL = re.compile(r"https?://[^\s<>\"'，。！？；）】」]+")
+NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
+LATEST_MESSAGE_HINT = "关注用户最新的消息"
+LATEST_FILE_HINT = "关注用户最新发送文件和消息"
+
+
+def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20,
+            chat_ids: re.Pattern = CHAT_ID, chat_id_shape: str = "20 characters of 0-9a-z") -> Plan:
+    """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError.
+    `chat_ids` is the shape of the chat ids the Kimi dialect issues."""
+    model = optional(body, "model", str) or "kimi"
+    if len(model) > MAX_MODEL_NAME:
+        raise bad_request(f"'model' is longer than {MAX_MODEL_NAME} characters", "model")
+    stream = bool(optional(body, "stream", bool))
+    stream_options = optional(body, "stream_options", dict) or {}
+    include_usage = stream and bool(optional(stream_options, "include_usage", bool, "stream_options.include_usage"))
+    n = optional(body, "n", int)
+    if n is not None and n != 1:
+        raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
+    tool_choice = body.get("tool_choice")
+    if tool_choice == "required" or isinstance(tool_choice, dict):
+        raise bad_request("Tool calling is not supported, so tool_choice can only be 'auto' or 'none'", "tool_choice")
+    for field in NUMBER_FIELDS:
+        value = optional(body, field, (int, float))
+        if isinstance(value, bool):
+            raise bad_request(f"'{field}' must be a number", field)
+    for field in INTEGER_FIELDS:
+        optional(body, field, int)
+    use_search = bool(optional(body, "use_search", bool))
+    reasoning_effort = optional(body, "reasoning_effort", str)
+    if reasoning_effort is not None and reasoning_effort not in OPENAI_EFFORTS:
+        raise bad_request(f"'reasoning_effort' must be one of {', '.join(OPENAI_EFFORTS)}", "reasoning_effort")
+    chat_id, keep = to_conversation(body.get("conversation_id"), chat_ids, chat_id_shape)
+    messages = to_messages(body.get("messages"), max_messages, max_file_bytes)
+    prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
+    flags = model_flags(model)
+    if reasoning_effort not in (None, "none"):
+        flags["reasoning"] = True
+    return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
+                keep=keep, attachments=messages[-1].attachments, reasoning_effort=reasoning_effort,
+                **{**flags, "search": flags["search"] or use_search})
+
+
+def optional(body: dict, field: str, kind, param: str | None = None):
+    """The value of an optional field (None when absent or null), checked for its JSON type."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = {str: "a string", bool: "a boolean", int: "an integer", dict: "an object"}
+        raise bad_request(f"'{param or field}' must be {names.get(kind, 'a number')}", param or field)
+    return value
+
+
+def to_conversation(value: object, chat_ids: re.Pattern, shape: str) -> tuple[str | None, bool]:
+    """(chat to continue, keep the chat) from the request's conversation_id."""
+    if value is None:
+        return None, False
+    if value == "new":
+        return None, True
+    if isinstance(value, str) and chat_ids.fullmatch(value):
+        return value, True
+    raise bad_request(f"'conversation_id' must be \"new\" or a Kimi chat id ({shape})", "conversation_id")
+
+
+def model_flags(model: str) -> dict:
+    """Kimi options from a model name: combinable substrings, or a Kimi+ agent id."""
+    if CHAT_ID.fullmatch(model):
+        return {"agent_id": model, "search": False, "research": False, "reasoning": False,
+                "math": False, "silent": False}
+    name = model.lower()
+    return {"agent_id": None, "search": "search" in name, "research": "research" in name,
+            "reasoning": "k1" in name or "thinking" in name, "math": "math" in name, "silent": "silent" in name}
+
+
+class Message(NamedTuple):
+    role: str
+    text: str
+    has_attachment: bool
+    attachments: tuple = ()  # read in the last message only
+
+
+def to_messages(messages: object, max_messages: int, max_file_bytes: int) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array of messages", "messages")
+    if len(messages) > max_messages:
+        raise bad_request(f"'messages' holds {len(messages)} messages; at most {max_messages} are accepted (MAX_MESSAGES)",
+                          "messages")
+    return [to_message(message, index, index == len(messages) - 1, max_file_bytes)
+            for index, message in enumerate(messages)]
+
+
+def to_message(message: object, index: int, is_last: bool, max_file_bytes: int) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"'{where}' must be an object", where)
+    role = message.get("role")
+    role = ROLE_NAMES.get(role) if isinstance(role, str) else None
+    if role is None:
+        raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        return Message(role, "", False)  # a tool-call turn replayed by the client
+    if isinstance(content, str):
+        return Message(role, content, False)
+    if not isinstance(content, list):
+        raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
+    texts, attachments, has_attachment = [], [], False
+    for part_index, part in enumerate(content):
+        part_where = f"{where}.content[{part_index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None
+        if kind in TEXT_PARTS:
+            text = part.get(TEXT_PARTS[kind])
+            if not isinstance(text, str):
+                raise bad_request(f"'{part_where}.{TEXT_PARTS[kind]}' must be a string", part_where)
+            texts.append(text)
+        elif kind in ATTACHMENT_PARTS:
+            has_attachment = True
+            if is_last:
+                attachments.append(to_attachment(part, kind, part_where, max_file_bytes))
+        else:
+            raise bad_request(f"'{part_where}.type' must be one of text, image_url, file", f"{part_where}.type")
+    return Message(role, "\n".join(texts), has_attachment, tuple(attachments))
+
+
+def to_folded_prompt(messages: list[Message], wrap_links: bool) -> str:
+    """Kimi takes one message per turn: fold the history into it with role prefixes."""
+    last = messages[-1]
+    if not last.text.strip() and not last.attachments:
+        raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
+    if len(messages) == 1:
+        return to_kimi_text(last, wrap_links)
+    hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
+    earlier = "".join(f"{m.role}:{to_kimi_text(m, wrap_links)}\n" for m in messages[:-1] if m.text)
+    return f"{earlier}system:{hint}\n{last.role}:{to_kimi_text(last, wrap_links)}"
+
+
+def to_continuation_prompt(messages: list[Message], wrap_links: bool) -> str:
+    """A kept Kimi chat already holds the history: send only the newest user message."""
+    last = messages[-1]
+    where = f"messages[{len(messages) - 1}]"
+    if last.role != "user":
+        raise bad_request(f"To continue a conversation the last message must be a user message ({where})", "messages")
+    if not last.text.strip() and not last.attachments:
+        raise bad_request(f"'{where}.content' has no text", f"{where}.content")
+    return to_kimi_text(last, wrap_links)
+
+
+def to_kimi_text(message: Message, wrap_links: bool) -> str:
+    return wrap_urls(message.text) if wrap_links and message.role == "user" else message.text
+
+
+def wrap_urls(text: str) -> str:
+    """Kimi's web app marks links in user text this way; without the mark Kimi does not open them."""
+    return URL.sub(_wrap_url, text)
+
+
+def _wrap_url(match: re.Match) -> str:
+    link = match[0].rstrip(".,;:!?")  # sentence punctuation after a link is not part of it
+    return f'<url id="" type="url" status="" title="" wc="">{link}</url>{match[0][len(link):]}'
 
 
 def estimate_tokens(text_bytes: int) -> int:
@@ -2566,6 +2574,7 @@ class ChunkEncoder:
 # Handlers
 # ---------------------------------------------------------------------------------------------
 
+
 class OpenRequests:
     """The chat requests being answered: counted for /healthz, awaited at shutdown, and cut (with
     an error the client can read) once the shutdown grace is over."""
@@ -2644,7 +2653,6 @@ MODEL = web.RequestKey("model", str)
 CHUNKS_SENT = web.RequestKey("chunks_sent", int)
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 REQUEST_ID = web.RequestKey("request_id", str)
-
 # our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
 # last response (and its headers) until the next one is answered
 X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering"))
@@ -3131,6 +3139,7 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
 # ---------------------------------------------------------------------------------------------
 # App factory
 # ---------------------------------------------------------------------------------------------
+
 
 CLEANUP_GRACE = 10.0  # seconds the shutdown waits for pending chat deletions
 CUT_GRACE = 5.0       # seconds cut answers get to send their error and close
