@@ -66,7 +66,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import aiohttp
 import aiohttp.abc
@@ -338,22 +338,6 @@ LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinkin
 KIMI_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # any id Kimi hands out that is safe in a path or a header
 RETRY_BACKOFF = (0.25, 0.75)  # seconds before the 2nd and 3rd try of a call that hit a 5xx or a dead connection
 ACCESS_TOKEN_DEFAULT_LIFETIME = 300.0
-
-
-class KimiDialect(Protocol):
-    """What the handlers need from a Kimi dialect. Errors are raised as ProxyError."""
-
-    wraps_links: bool  # whether user links are sent in the web app's <url> markup
-    chat_ids: re.Pattern  # the shape of the chat ids this dialect issues
-    chat_id_shape: str    # that shape in words, for error messages
-
-    async def model_ids(self, credential: str | None = None) -> list[str]: ...
-    async def check_token(self, credential: str) -> bool: ...
-    def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
-        """Ask the plan's question. Yields the events of each network read together (so they
-        can reach the client in one write), CHAT with the chat id as soon as a chat exists."""
-    async def delete_chat(self, credential: str, chat_id: str) -> None: ...
-    def close(self) -> None: ...
 
 
 class Janitor:
@@ -702,26 +686,16 @@ def not_a_web_page(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
     return response
 
 
-class ReadFailures:
-    """Around the loop that reads an answer stream: its transport failures become ProxyErrors.
-    One object serves every stream (a wrapping generator would cost each open stream its frame)."""
-
-    def __init__(self, read_timeout: float) -> None:
-        self._read_timeout = read_timeout
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
-        if isinstance(error, asyncio.TimeoutError):
-            raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
-        if isinstance(error, aiohttp.ClientError):
-            raise upstream_error("The connection to Kimi broke off mid-answer") from None
-
-
 class KimiHTTP:
-    """What both dialects share: the session, retries of failed calls, and access tokens that
-    are renewed before expiry and once more when Kimi rejects them."""
+    """What both dialects share: the session, retries of failed calls, access tokens that are
+    renewed before expiry and once more when Kimi rejects them, and the REST file upload.
+
+    A dialect is a subclass that defines what the handlers call: `wraps_links` (whether user
+    links go in the web app's <url> markup), `chat_ids` and `chat_id_shape` (the chat ids it
+    issues), `model_ids`, `check_token` and `converse` (ask a question: yields the events of each
+    network read together, CHAT with the chat id as soon as a chat exists); and the hooks this
+    class calls: `_grant` (a credential -> a Grant), `_delete` (a chat), `_is_auth_failure` and
+    `_failure` (what a non-2xx answer means)."""
 
     wraps_links = False
 
@@ -731,21 +705,10 @@ class KimiHTTP:
         self._fetcher = fetcher
         self._base = config.kimi_base_url
         self._headers = browser_headers(config.kimi_base_url)
-        self._read_failures = ReadFailures(config.upstream_read_timeout)
+        self._read_timeout = config.upstream_read_timeout
         self._parse_timeout = config.file_parse_timeout
         self._refresh_tokens = store
         self.tokens = AccessTokens(self._grant)
-
-    # -- what a dialect defines ------------------------------------------------------------------
-
-    async def _grant(self, credential: str) -> Grant:
-        raise NotImplementedError
-
-    def _is_auth_failure(self, status: int, body: object) -> bool:
-        raise NotImplementedError
-
-    def _failure(self, status: int, body: object, retry_after: str | None) -> ProxyError:
-        raise NotImplementedError
 
     def _rejected(self, credential: str) -> TokenRejected:
         return TokenRejected()
@@ -763,8 +726,6 @@ class KimiHTTP:
     def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
         return {**self._headers, hdrs.AUTHORIZATION: f"Bearer {access_token}", X_TRAFFIC_ID: user_id}
 
-    # -- shared ------------------------------------------------------------------------------------
-
     async def delete_chat(self, credential: str, chat_id: str) -> None:
         try:
             await self._delete(credential, chat_id)
@@ -772,9 +733,6 @@ class KimiHTTP:
             log.warning("could not delete Kimi chat %s: %s", chat_id, error.message)
         else:
             log.debug("deleted Kimi chat %s", chat_id)
-
-    async def _delete(self, credential: str, chat_id: str) -> None:
-        raise NotImplementedError
 
     def close(self) -> None:
         self.tokens.close()
@@ -822,6 +780,20 @@ class KimiHTTP:
                 raise self._refusal(response, failure)
             self.tokens.drop(credential, grant)
         raise self._rejected(credential)
+
+    async def _stream(self, credential: str, path: str, data: bytes, headers: dict) -> AsyncIterator[bytes]:
+        """A streamed Kimi answer's bytes as they arrive; its transport failures become
+        ProxyErrors, and the response is closed when reading ends, however it ends."""
+        async with await self._call(credential, "POST", path, data, headers) as response:
+            if response.content_type == "application/json":  # an error body with status 200 instead of a stream
+                raise self._failure(response.status, await read_kimi_json(response), None)
+            try:
+                async for data in response.content.iter_any():
+                    yield data
+            except asyncio.TimeoutError:
+                raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
+            except aiohttp.ClientError:
+                raise upstream_error("The connection to Kimi broke off mid-answer") from None
 
     async def _send(self, method: str, path: str, headers: dict, data: bytes | None = None) -> aiohttp.ClientResponse:
         """One HTTP call to `path` on Kimi (or a full URL), tried again (twice at most) on a dead
@@ -918,16 +890,14 @@ class KimiHTTP:
 
     async def _parse_progress(self, credential: str, file_id: str) -> str | None:
         """The last status the parse_process stream reports (it ends when parsing ends, or earlier)."""
-        status = None
-        response = await self._call(credential, "POST", "/api/file/parse_process", json_body({"ids": [file_id]}))
-        async with response:
-            decoder = SSEDecoder()
-            with self._read_failures:
-                async for data in response.content.iter_any():
-                    for payload in decoder.feed(data):
-                        status = from_parse_event(payload) or status
-                        if status in ("parsed", "failed"):
-                            return status
+        status, decoder = None, SSEDecoder()
+        async with aclosing(self._stream(credential, "/api/file/parse_process", json_body({"ids": [file_id]}),
+                                         {})) as reads:
+            async for data in reads:
+                for payload in decoder.feed(data):
+                    status = from_parse_event(payload) or status
+                    if status in ("parsed", "failed"):
+                        return status
         return status
 
 
@@ -1301,20 +1271,15 @@ class LegacyKimi(KimiHTTP):
 
     async def _stream_segment(self, credential: str, chat_id: str, body: dict,
                               segment: "SegmentState") -> AsyncIterator[list[Event]]:
-        response = await self._call(credential, "POST", f"/api/chat/{chat_id}/completion/stream",
-                                    json_body(body), {hdrs.REFERER: f"{self._base}/chat/{chat_id}"})
-        async with response:
-            if "json" in response.headers.get("Content-Type", ""):
-                # an error body with status 200 instead of a stream
-                raise self._failure(response.status, await read_kimi_json(response), None)
-            decoder = SSEDecoder()
-            with self._read_failures:
-                async for data in response.content.iter_any():
-                    batch = from_legacy_payloads(decoder.feed(data), segment)
-                    if batch:
-                        yield batch
-                    if segment.finished or segment.failed:
-                        return
+        decoder = SSEDecoder()
+        async with aclosing(self._stream(credential, f"/api/chat/{chat_id}/completion/stream", json_body(body),
+                                         {hdrs.REFERER: f"{self._base}/chat/{chat_id}"})) as reads:
+            async for data in reads:
+                batch = from_legacy_payloads(decoder.feed(data), segment)
+                if batch:
+                    yield batch
+                if segment.finished or segment.failed:
+                    return
             if not segment.truncated:
                 raise upstream_error("Kimi ended the answer stream before finishing the answer")
 
@@ -1562,20 +1527,18 @@ class ConnectKimi(KimiHTTP):
             return
 
     async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
-        response = await self._call(credential, "POST", CHAT_RPC, request,
-                                    {hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})
-        async with response:
-            decoder = FrameDecoder()
-            with self._read_failures:
-                async for data in response.content.iter_any():
-                    batch, failure = from_connect_frames(decoder.feed(data), state)
-                    if batch:
-                        yield batch
-                    if failure is not None:
-                        raise failure
-                    if state.ended:
-                        break
-            yield from_connect_ending(state)
+        decoder = FrameDecoder()
+        async with aclosing(self._stream(credential, CHAT_RPC, request, {
+                hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})) as reads:
+            async for data in reads:
+                batch, failure = from_connect_frames(decoder.feed(data), state)
+                if batch:
+                    yield batch
+                if failure is not None:
+                    raise failure
+                if state.ended:
+                    break
+        yield from_connect_ending(state)
 
     async def _rpc(self, credential: str, path: str, body: dict) -> object:
         async with await self._call(credential, "POST", path, json_body(body), {CONNECT_PROTOCOL_VERSION: "1"}) as answer:
@@ -2639,7 +2602,7 @@ class OpenRequest:
 
 
 CONFIG = web.AppKey("config", Config)
-KIMI = web.AppKey("kimi", KimiDialect)
+KIMI = web.AppKey("kimi", "KimiHTTP")
 JANITOR = web.AppKey("janitor", Janitor)
 CHAT_OWNERS = web.AppKey("chat_owners", BoundedMap)  # kept chat id -> the credential that created it
 TOKEN_TURN = web.AppKey("token_turn", itertools.count)
