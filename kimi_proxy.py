@@ -2485,48 +2485,40 @@ async def fold_pieces(batches: AsyncIterator[list[Piece]], plan: Plan) -> dict:
     return completion
 
 
-DELTA_OPENINGS = {"content": b'{"content":', "reasoning_content": b'{"reasoning_content":'}
-
-
 class ChunkEncoder:
-    """Streaming pieces -> SSE bytes. Every chunk shares one pre-encoded head (id, created,
-    model and conversation id), built once per response rather than once per chunk."""
+    """Streaming pieces -> SSE bytes: one chat.completion.chunk per piece, the role first."""
 
     DONE = b"data: [DONE]\n\n"
 
     def __init__(self, plan: Plan) -> None:
-        self._model = plan.model
+        self._head = {"id": new_completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
+                      "model": plan.model, "system_fingerprint": None}
         self._include_usage = plan.include_usage
-        self._id = new_completion_id()
-        self._created = int(time.time())
         self._role_sent = False
-        self._tail = b',"usage":null}\n\n' if plan.include_usage else b"}\n\n"
-        self.set_conversation(None)
 
-    def set_conversation(self, conversation_id: str | None) -> None:
-        head = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                "model": self._model, "system_fingerprint": None}
-        if conversation_id is not None:
-            head["conversation_id"] = conversation_id
-        self._head = b"data: " + orjson.dumps(head)[:-1]  # the chunk object, still open
+    def set_conversation(self, conversation_id: str) -> None:
+        self._head["conversation_id"] = conversation_id
 
     def encode(self, field: str, value: object) -> bytes:
         if field == "usage":
-            if not self._include_usage:
-                return b""
-            return self._head + b',"choices":[],"usage":' + orjson.dumps(value) + b"}\n\n"
-        if field == "finish_reason":
-            chunk = self._choice(b"{}", orjson.dumps(value))
-        else:
-            chunk = self._choice(DELTA_OPENINGS[field] + orjson.dumps(value) + b"}", b"null")
+            return self._sse({**self._head, "choices": [], "usage": value}) if self._include_usage else b""
+        delta = {} if field == "finish_reason" else {field: value}
+        chunk = self._chunk(delta, value if field == "finish_reason" else None)
         if self._role_sent:
             return chunk
         self._role_sent = True
-        return self._choice(b'{"role":"assistant","content":""}', b"null") + chunk
+        return self._chunk({"role": "assistant", "content": ""}, None) + chunk
 
-    def _choice(self, delta: bytes, finish_reason: bytes) -> bytes:
-        return (self._head + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'
-                + finish_reason + b"}]" + self._tail)
+    def _chunk(self, delta: dict, finish_reason: str | None) -> bytes:
+        chunk = {**self._head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish_reason}]}
+        if self._include_usage:
+            chunk["usage"] = None
+        return self._sse(chunk)
+
+    @staticmethod
+    def _sse(chunk: dict) -> bytes:
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     @staticmethod
     def error(error: ProxyError) -> bytes:
@@ -2539,8 +2531,8 @@ class ChunkEncoder:
 
 
 class OpenRequests:
-    """The chat requests being answered: counted for /healthz, awaited at shutdown, and cut (with
-    an error the client can read) once the shutdown grace is over."""
+    """The chat requests being answered: counted for /healthz, awaited at shutdown, and ended
+    (with an error the client can read) once the shutdown grace is over."""
 
     def __init__(self) -> None:
         self._deadlines: set[asyncio.Timeout] = set()
@@ -2551,17 +2543,25 @@ class OpenRequests:
     def count(self) -> int:
         return len(self._deadlines)
 
-    def track(self) -> "OpenRequest":
-        return OpenRequest(self)
-
-    def opened(self, deadline: asyncio.Timeout) -> None:
-        self._deadlines.add(deadline)
-        self._idle.clear()
-
-    def closed(self, deadline: asyncio.Timeout) -> None:
-        self._deadlines.discard(deadline)
-        if not self._deadlines:
-            self._idle.set()
+    @asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """Answer one request under a deadline that shutdown can bring forward."""
+        deadline = asyncio.timeout(None)
+        try:
+            async with deadline:
+                self._deadlines.add(deadline)
+                self._idle.clear()
+                try:
+                    yield
+                finally:
+                    self._deadlines.discard(deadline)
+                    if not self._deadlines:
+                        self._idle.set()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise ProxyError(503, "kimi_proxy is shutting down; ask again", error_type="service_unavailable_error",
+                             code="shutting_down") from None
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -2571,34 +2571,10 @@ class OpenRequests:
             return False
         return True
 
-    def cut(self) -> None:
+    def end_all_now(self) -> None:
         now = asyncio.get_running_loop().time()
         for deadline in self._deadlines:
             deadline.reschedule(now)
-
-
-class OpenRequest:
-    """`async with` one request of OpenRequests: answered under a deadline that shutdown can cut.
-    (A class, not a generator-based context manager: a thousand open streams each hold one.)"""
-
-    def __init__(self, requests: OpenRequests) -> None:
-        self._requests = requests
-        self._deadline = asyncio.timeout(None)
-
-    async def __aenter__(self) -> None:
-        await self._deadline.__aenter__()
-        self._requests.opened(self._deadline)
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: object) -> None:
-        self._requests.closed(self._deadline)
-        try:
-            await self._deadline.__aexit__(kind, error, traceback)
-        except TimeoutError:
-            if not self._deadline.expired():
-                raise
-            raise ProxyError(503, "kimi_proxy is shutting down; ask again", error_type="service_unavailable_error",
-                             code="shutting_down") from None
 
 
 CONFIG = web.AppKey("config", Config)
@@ -2811,8 +2787,6 @@ class SSEStream:
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()
         self._start_lock = asyncio.Lock()
-        self._timer: asyncio.TimerHandle | None = None
-        self._pinging: asyncio.Future | None = None
         self.response = web.StreamResponse(headers={
             hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
             hdrs.CACHE_CONTROL: "no-cache",
@@ -2831,32 +2805,24 @@ class SSEStream:
         self._last_write = self._loop.time()
         await self.response.write(data)
 
-    async def __aenter__(self) -> "SSEStream":
-        """Inside `async with`, SSE comments keep a silent answer alive. A timer, not a task per
-        stream: a task is made only in the rare moment a keep-alive is due."""
-        self._timer = self._loop.call_later(self._interval, self._keep_alive_due)
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: object) -> None:
-        self._timer.cancel()
-        if self._pinging is not None:
-            self._pinging.cancel()
-            await asyncio.gather(self._pinging, return_exceptions=True)
-
-    def _keep_alive_due(self) -> None:
-        silent = self._loop.time() - self._last_write
-        if silent < self._interval:
-            self._timer = self._loop.call_later(self._interval - silent, self._keep_alive_due)
-        else:
-            self._pinging = asyncio.ensure_future(self._ping())
-
-    async def _ping(self) -> None:
+    @asynccontextmanager
+    async def kept_alive(self) -> AsyncIterator[None]:
+        """Inside it, SSE comments keep a silent answer alive."""
+        pinger = asyncio.ensure_future(self._keep_alive())
         try:
-            await self.send(self.KEEPALIVE)
+            yield
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+
+    async def _keep_alive(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._last_write + self._interval - self._loop.time())
+                if self._loop.time() - self._last_write >= self._interval:
+                    await self.send(self.KEEPALIVE)
         except ConnectionError:
-            return  # the client left; the main loop finds out on its own write or by cancellation
-        self._timer = self._loop.call_later(self._interval, self._keep_alive_due)
+            pass  # the client left; the answer finds out on its own write or by cancellation
 
 
 async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator[list[Piece]]) -> web.StreamResponse:
@@ -2865,7 +2831,7 @@ async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator
     chunks = 0
     try:
         try:
-            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream:
+            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream.kept_alive():
                 async for pieces in batches:
                     encoded = []
                     for field, value in pieces:
@@ -3114,7 +3080,7 @@ async def finish_open_requests(app: web.Application) -> None:
     open_requests = app[OPEN_REQUESTS]
     if not await open_requests.wait_idle(app[CONFIG].shutdown_grace):
         log.warning("ending %d open answers at shutdown", open_requests.count)
-        open_requests.cut()
+        open_requests.end_all_now()
         await open_requests.wait_idle(CUT_GRACE)
 
 
