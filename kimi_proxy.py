@@ -434,12 +434,12 @@ class AccessTokens:
         if not done.cancelled() and done.exception() is None:
             self._grants[credential] = done.result()
 
-    def drop(self, credential: str, grant: Grant) -> None:
+    def discard_if_current(self, credential: str, grant: Grant) -> None:
         """Forget `grant` (unless a newer one has replaced it already)."""
         if self._grants.get(credential) is grant:
             del self._grants[credential]
 
-    def forget(self, credential: str) -> None:
+    def discard(self, credential: str) -> None:
         self._grants.pop(credential, None)
 
     def close(self) -> None:
@@ -518,7 +518,7 @@ class TokenHealth:
         self._released.set()
         self._released = asyncio.Event()
 
-    def note(self, token: str, error: ProxyError) -> None:
+    def learn_from(self, token: str, error: ProxyError) -> None:
         """What an error says about the token that met it."""
         now = asyncio.get_running_loop().time()
         if isinstance(error, TokenRejected):
@@ -778,7 +778,7 @@ class KimiHTTP:
             if not self._is_auth_failure(response.status, failure):
                 log.warning("Kimi answered %s %s with HTTP %d", method, path, response.status)
                 raise self._refusal(response, failure)
-            self.tokens.drop(credential, grant)
+            self.tokens.discard_if_current(credential, grant)
         raise self._rejected(credential)
 
     async def _stream(self, credential: str, path: str, data: bytes, headers: dict) -> AsyncIterator[bytes]:
@@ -820,14 +820,14 @@ class KimiHTTP:
 
     # -- files ---------------------------------------------------------------------------------------
 
-    async def upload_all(self, credential: str, plan: "Plan", chat_id: str | None) -> list[KimiFile]:
-        """Upload the plan's attachments concurrently; the first failure cancels the rest."""
-        if not plan.attachments:
+    async def upload_all(self, credential: str, question: "Question", chat_id: str | None) -> list[KimiFile]:
+        """Upload the question's attachments concurrently; the first failure cancels the rest."""
+        if not question.attachments:
             return []
         try:
             async with asyncio.TaskGroup() as group:
                 uploads = [group.create_task(self._upload(credential, attachment, chat_id))
-                           for attachment in plan.attachments]
+                           for attachment in question.attachments]
         except ExceptionGroup as failures:
             first = failures.exceptions[0]
             raise first if isinstance(first, ProxyError) else failures from None
@@ -1231,14 +1231,14 @@ class LegacyKimi(KimiHTTP):
             return False
         return True
 
-    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
+    async def converse(self, credential: str, question: "Question") -> AsyncIterator[list[Event]]:
         """Open (or reuse) a chat and stream the answer; a length-cut answer is continued up to
         3 times in the same chat."""
-        if plan.research:
+        if question.research:
             await self._check_research_quota(credential)
-        chat_id = plan.chat_id or await self._create_chat(credential, plan)
+        chat_id = question.chat_id or await self._create_chat(credential, question)
         yield [Event(CHAT, chat_id)]
-        body = to_legacy_completion(plan, await self.upload_all(credential, plan, chat_id))
+        body = to_legacy_completion(question, await self.upload_all(credential, question, chat_id))
         for continuation in range(MAX_CONTINUATIONS + 1):
             segment = SegmentState()
             async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as batches:
@@ -1249,7 +1249,7 @@ class LegacyKimi(KimiHTTP):
                 return
             if segment.id is None or continuation == MAX_CONTINUATIONS:
                 break
-            body = to_legacy_continuation(plan, segment.id)
+            body = to_legacy_continuation(question, segment.id)
         yield [LENGTH_EVENT, DONE_EVENT]
 
     def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
@@ -1258,8 +1258,8 @@ class LegacyKimi(KimiHTTP):
         return {"type": "file", "name": source.name, "object_name": signed.get("object_name", ""), "file_id": "",
                 "chat_id": chat_id}
 
-    async def _create_chat(self, credential: str, plan: "Plan") -> str:
-        chat = await self._json_call(credential, "POST", "/api/chat", to_legacy_new_chat(plan))
+    async def _create_chat(self, credential: str, question: "Question") -> str:
+        chat = await self._json_call(credential, "POST", "/api/chat", to_legacy_new_chat(question))
         chat_id = chat.get("id") if isinstance(chat, dict) else None
         if not isinstance(chat_id, str) or not KIMI_ID.fullmatch(chat_id):
             raise upstream_error("Kimi did not return a usable chat id")
@@ -1323,20 +1323,20 @@ def from_legacy_failure(status: int, body: object, retry_after: str | None) -> P
     return upstream_error(f"Kimi refused the request: {detail}")
 
 
-def to_kimiplus_id(plan: Plan) -> str:
+def to_kimiplus_id(question: Question) -> str:
     """The legacy dialect picks agents, and the K1 reasoning model, by a Kimi+ id."""
-    return plan.agent_id or (K1_AGENT_ID if plan.reasoning else "kimi")
+    return question.agent_id or (K1_AGENT_ID if question.reasoning else "kimi")
 
 
-def to_legacy_new_chat(plan: Plan) -> dict:
-    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(plan), "name": "未命名会话"}
+def to_legacy_new_chat(question: Question) -> dict:
+    return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(question), "name": "未命名会话"}
 
 
-def to_legacy_completion(plan: Plan, files: list = ()) -> dict:
+def to_legacy_completion(question: Question, files: list = ()) -> dict:
     # the web app ends every message with a newline, and describes each file as its upload widget does
-    return {"kimiplus_id": to_kimiplus_id(plan), "messages": [{"role": "user", "content": plan.prompt + "\n"}],
+    return {"kimiplus_id": to_kimiplus_id(question), "messages": [{"role": "user", "content": question.prompt + "\n"}],
             "refs": [file.id for file in files], "refs_file": [to_legacy_ref_file(file) for file in files],
-            "use_math": plan.math, "use_research": plan.research, "use_search": plan.search,
+            "use_math": question.math, "use_research": question.research, "use_search": question.search,
             "extend": {"sidebar": True}}
 
 
@@ -1346,9 +1346,9 @@ def to_legacy_ref_file(file: "KimiFile") -> dict:
             "upload_status": "success"}
 
 
-def to_legacy_continuation(plan: Plan, segment_id: str) -> dict:
+def to_legacy_continuation(question: Question, segment_id: str) -> dict:
     return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": " "}],
-            "kimiplus_id": to_kimiplus_id(plan), "extend": {"sidebar": True}}
+            "kimiplus_id": to_kimiplus_id(question), "extend": {"sidebar": True}}
 
 
 def from_parse_event(payload: bytes) -> str | None:
@@ -1500,15 +1500,16 @@ class ConnectKimi(KimiHTTP):
             return False
         return isinstance(answer, dict) and bool(answer.get("subscription"))
 
-    async def converse(self, credential: str, plan: "Plan") -> AsyncIterator[list[Event]]:
+    async def converse(self, credential: str, question: "Question") -> AsyncIterator[list[Event]]:
         await self.tokens.get(credential)  # a token Kimi refuses fails here, not in the catalog call
         catalog = await self._current_catalog(credential)
-        files = await self.upload_all(credential, plan, None)
-        request = frame_message(orjson.dumps(to_connect_chat(plan, catalog, self._parents.get(plan.chat_id), files)))
-        if plan.chat_id:
-            yield [Event(CHAT, plan.chat_id)]  # a continued chat's stream need not name it
+        files = await self.upload_all(credential, question, None)
+        chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files)
+        request = frame_message(orjson.dumps(chat))
+        if question.chat_id:
+            yield [Event(CHAT, question.chat_id)]  # a continued chat's stream need not name it
         for attempt in range(2):
-            state = ConnectState(silent=plan.silent, chat_id=plan.chat_id)
+            state = ConnectState(silent=question.silent, chat_id=question.chat_id)
             try:
                 async with aclosing(self._stream_chat(credential, request, state)) as batches:
                     async for batch in batches:
@@ -1517,12 +1518,12 @@ class ConnectKimi(KimiHTTP):
                 # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
                 if state.answered or attempt == 1 or is_access_token(credential):
                     raise self._rejected(credential) from None
-                self.tokens.forget(credential)
+                self.tokens.discard(credential)
                 continue
             finally:
                 # only kept chats have a next turn; (the consumer stops reading at DONE, so this
                 # cannot wait until after the loop)
-                if plan.keep and state.chat_id and state.message_id:
+                if question.keep and state.chat_id and state.message_id:
                     self._parents[state.chat_id] = state.message_id
             return
 
@@ -1675,7 +1676,7 @@ class ConnectKimi(KimiHTTP):
             except aiohttp.ClientError:
                 raise upstream_error(f"Uploading '{attachment.part}' to Kimi failed") from None
         if self._is_auth_failure(response.status, answer):
-            self.tokens.drop(credential, grant)
+            self.tokens.discard_if_current(credential, grant)
             raise self._rejected(credential)
         if response.status >= 300:
             raise self._refusal(response, answer)
@@ -1927,7 +1928,7 @@ def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[
         events.append(Event(CHAT, chat["id"]))
     turn = message.get("message")
     if isinstance(turn, dict):
-        note_message(turn, message.get("mask"), state)
+        identify_message(turn, message.get("mask"), state)
         refs = turn.get("refs")
         if isinstance(refs, dict):
             events += from_search_results(refs.get("searchChunks"), state)
@@ -1943,7 +1944,7 @@ def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", 2: "user", 3: "assistant", 1: "system"}
 
 
-def note_message(turn: dict, mask: object, state: ConnectState) -> None:
+def identify_message(turn: dict, mask: object, state: ConnectState) -> None:
     """Which message is the user's and which the answer's, even when Kimi leaves out the role
     (protobuf JSON drops enum fields left at their default): the answer is the child of the user
     message, or the message whose final status arrives. A new chat's system message has the
@@ -2158,25 +2159,25 @@ def to_reasoning_effort(model: CatalogModel, thinking: bool, asked: str | None) 
     return min(reasoning, key=lambda effort: (abs(EFFORT_RANKS[effort] - rank), -EFFORT_RANKS[effort]))
 
 
-def to_connect_chat(plan: "Plan", catalog: Catalog, parent_id: str | None, files: list = ()) -> dict:
+def to_connect_chat(question: "Question", catalog: Catalog, parent_id: str | None, files: list = ()) -> dict:
     """The Chat RPC request, shaped like the web app's: the folded prompt as one text block,
     then the file blocks, on a new or a kept chat."""
-    model = catalog.resolve(plan.model)
-    effort = to_reasoning_effort(model, plan.reasoning, plan.reasoning_effort)
-    options = {"thinking": effort != NO_REASONING if effort else plan.reasoning, "model": model.id}
+    model = catalog.resolve(question.model)
+    effort = to_reasoning_effort(model, question.reasoning, question.reasoning_effort)
+    options = {"thinking": effort != NO_REASONING if effort else question.reasoning, "model": model.id}
     if effort:
         options["reasoning_effort"] = effort
-    blocks = [{"message_id": "", "text": {"content": plan.prompt or " "}}]
+    blocks = [{"message_id": "", "text": {"content": question.prompt or " "}}]
     blocks += [{"file": {"id": file.id, "status": "PROCESS_STATUS_SUCCESS"}} for file in files]
     message = {"role": "user", "blocks": blocks, "scenario": model.scenario}
-    if plan.chat_id and parent_id:
+    if question.chat_id and parent_id:
         message["parent_id"] = parent_id
     chat = {"scenario": model.scenario,
-            "tools": [{"type": "TOOL_TYPE_SEARCH", "search": {}}] if plan.search else [],
+            "tools": [{"type": "TOOL_TYPE_SEARCH", "search": {}}] if question.search else [],
             "message": message, "options": options}
-    if plan.chat_id:
-        chat["chat_id"] = plan.chat_id
-    kimiplus_id = plan.agent_id or model.kimiplus_id
+    if question.chat_id:
+        chat["chat_id"] = question.chat_id
+    kimiplus_id = question.agent_id or model.kimiplus_id
     if kimiplus_id:
         chat["kimiplus_id"] = kimiplus_id
     if model.agent_mode:
@@ -2188,12 +2189,12 @@ DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
 
 
 # ---------------------------------------------------------------------------------------------
-# Translation, pure: OpenAI request -> plan; Kimi events -> OpenAI pieces -> SSE or one JSON
+# Translation, pure: OpenAI request -> question; Kimi events -> OpenAI answer fields -> SSE or one JSON
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Plan:
+class Question:
     """A validated chat request, in the terms Kimi needs."""
 
     model: str
@@ -2223,30 +2224,30 @@ LATEST_MESSAGE_HINT = "关注用户最新的消息"
 LATEST_FILE_HINT = "关注用户最新发送文件和消息"
 
 
-def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20,
-            chat_ids: re.Pattern = CHAT_ID, chat_id_shape: str = "20 characters of 0-9a-z") -> Plan:
+def to_question(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20,
+            chat_ids: re.Pattern = CHAT_ID, chat_id_shape: str = "20 characters of 0-9a-z") -> Question:
     """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError.
     `chat_ids` is the shape of the chat ids the Kimi dialect issues."""
-    model = optional(body, "model", str) or "kimi"
+    model = typed_field(body, "model", str) or "kimi"
     if len(model) > MAX_MODEL_NAME:
         raise bad_request(f"'model' is longer than {MAX_MODEL_NAME} characters", "model")
-    stream = bool(optional(body, "stream", bool))
-    stream_options = optional(body, "stream_options", dict) or {}
-    include_usage = stream and bool(optional(stream_options, "include_usage", bool, "stream_options.include_usage"))
-    n = optional(body, "n", int)
+    stream = bool(typed_field(body, "stream", bool))
+    stream_options = typed_field(body, "stream_options", dict) or {}
+    include_usage = stream and bool(typed_field(stream_options, "include_usage", bool, "stream_options.include_usage"))
+    n = typed_field(body, "n", int)
     if n is not None and n != 1:
         raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
     tool_choice = body.get("tool_choice")
     if tool_choice == "required" or isinstance(tool_choice, dict):
         raise bad_request("Tool calling is not supported, so tool_choice can only be 'auto' or 'none'", "tool_choice")
     for field in NUMBER_FIELDS:
-        value = optional(body, field, (int, float))
+        value = typed_field(body, field, (int, float))
         if isinstance(value, bool):
             raise bad_request(f"'{field}' must be a number", field)
     for field in INTEGER_FIELDS:
-        optional(body, field, int)
-    use_search = bool(optional(body, "use_search", bool))
-    reasoning_effort = optional(body, "reasoning_effort", str)
+        typed_field(body, field, int)
+    use_search = bool(typed_field(body, "use_search", bool))
+    reasoning_effort = typed_field(body, "reasoning_effort", str)
     if reasoning_effort is not None and reasoning_effort not in OPENAI_EFFORTS:
         raise bad_request(f"'reasoning_effort' must be one of {', '.join(OPENAI_EFFORTS)}", "reasoning_effort")
     chat_id, keep = to_conversation(body.get("conversation_id"), chat_ids, chat_id_shape)
@@ -2255,12 +2256,12 @@ def to_plan(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_
     flags = model_flags(model)
     if reasoning_effort not in (None, "none"):
         flags["reasoning"] = True
-    return Plan(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
+    return Question(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
                 keep=keep, attachments=messages[-1].attachments, reasoning_effort=reasoning_effort,
                 **{**flags, "search": flags["search"] or use_search})
 
 
-def optional(body: dict, field: str, kind, param: str | None = None):
+def typed_field(body: dict, field: str, kind, param: str | None = None):
     """The value of an optional field (None when absent or null), checked for its JSON type."""
     value = body.get(field)
     if value is None:
@@ -2386,71 +2387,71 @@ def estimate_tokens(text_bytes: int) -> int:
     return (text_bytes + 3) // 4
 
 
-Piece = tuple[str, object]
+AnswerField = tuple[str, object]  # ("content", "..."), ("finish_reason", "stop"), ...: one part of an OpenAI answer
 
 
 class AnswerTranslator:
-    """Neutral events -> the pieces of an OpenAI answer, shared by streaming and JSON:
+    """Neutral events -> the fields of an OpenAI answer, shared by streaming and JSON:
     ("conversation_id", id), ("content" | "reasoning_content", text), ("finish_reason", reason),
     ("usage", dict). Pure; it numbers the sources and counts what usage is estimated from."""
 
-    def __init__(self, plan: Plan) -> None:
-        self._plan = plan
+    def __init__(self, question: Question) -> None:
+        self._question = question
         self._sources = 0
         self._after_source = self._truncated = False
         self._received = 0               # UTF-8 bytes of answer, thinking and source lines
         self.finished = False
         self.failure: ProxyError | None = None  # Kimi aborted: nothing after it counts
 
-    def pieces(self, events: list[Event]) -> list[Piece]:
-        pieces: list[Piece] = []
+    def fields_of(self, events: list[Event]) -> list[AnswerField]:
+        fields: list[AnswerField] = []
         for event in events:
             kind = event.kind
             if kind == TEXT:
                 text = "\n" + event.text if self._after_source else event.text
                 self._after_source = False
                 self._received += len(text.encode())
-                pieces.append(("content", text))
+                fields.append(("content", text))
             elif kind == REASONING:
                 self._received += len(event.text.encode())
-                pieces.append(("reasoning_content", event.text))
+                fields.append(("reasoning_content", event.text))
             elif kind == SOURCE:
-                if not self._plan.silent:
+                if not self._question.silent:
                     self._sources += 1
                     self._after_source = True
                     line = f"【检索 {self._sources}】 [{event.text}]({event.url})\n"
                     self._received += len(line.encode())
-                    pieces.append(("content", line))
+                    fields.append(("content", line))
             elif kind == LENGTH:
                 self._truncated = True
             elif kind == CHAT:
-                if self._plan.keep:
-                    pieces.append(("conversation_id", event.text))
+                if self._question.keep:
+                    fields.append(("conversation_id", event.text))
             elif kind == ERROR:
                 self.failure = upstream_error(f"Kimi stopped the answer: {event.text}")
                 break
             elif kind == DONE:
                 self.finished = True
-                pieces += [("finish_reason", "length" if self._truncated else "stop"), ("usage", self._usage())]
+                fields += [("finish_reason", "length" if self._truncated else "stop"), ("usage", self._usage())]
                 break
-        return pieces
+        return fields
 
     def _usage(self) -> dict:
-        prompt_tokens = estimate_tokens(len(self._plan.prompt.encode()))
+        prompt_tokens = estimate_tokens(len(self._question.prompt.encode()))
         completion_tokens = estimate_tokens(self._received)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def to_pieces(batches: AsyncIterator[list[Event]], plan: Plan) -> AsyncIterator[list[Piece]]:
-    """The answer's pieces, a list for each list of events; a Kimi error is raised after the
-    pieces that came before it."""
-    translator = AnswerTranslator(plan)
+async def to_answer_fields(batches: AsyncIterator[list[Event]], question: Question) -> AsyncIterator[list[AnswerField]]:
+    """The answer's fields, a list for each list of events; a Kimi error is raised after the
+    fields that came before it."""
+    translator = AnswerTranslator(question)
     async with aclosing(batches):  # ending here ends the attempt too, so its chat goes at once
         async for batch in batches:
-            pieces = translator.pieces(batch)
-            if pieces:
-                yield pieces
+            fields = translator.fields_of(batch)
+            if fields:
+                yield fields
             if translator.failure is not None:
                 raise translator.failure
             if translator.finished:
@@ -2462,12 +2463,12 @@ def new_completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-async def fold_pieces(batches: AsyncIterator[list[Piece]], plan: Plan) -> dict:
-    """The non-streaming answer: the same pieces the stream sends, folded into one object."""
+async def fold_answer(batches: AsyncIterator[list[AnswerField]], question: Question) -> dict:
+    """The non-streaming answer: the same fields the stream sends, folded into one object."""
     parts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
     extra: dict[str, object] = {}
-    async for pieces in batches:
-        for field, value in pieces:
+    async for fields in batches:
+        for field, value in fields:
             if field in parts:
                 parts[field].append(value)
             else:
@@ -2476,7 +2477,7 @@ async def fold_pieces(batches: AsyncIterator[list[Piece]], plan: Plan) -> dict:
     if parts["reasoning_content"]:
         message["reasoning_content"] = "".join(parts["reasoning_content"])
     completion = {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
-                  "model": plan.model, "system_fingerprint": None,
+                  "model": question.model, "system_fingerprint": None,
                   "choices": [{"index": 0, "message": message, "logprobs": None,
                                "finish_reason": extra["finish_reason"]}],
                   "usage": extra["usage"]}
@@ -2486,14 +2487,14 @@ async def fold_pieces(batches: AsyncIterator[list[Piece]], plan: Plan) -> dict:
 
 
 class ChunkEncoder:
-    """Streaming pieces -> SSE bytes: one chat.completion.chunk per piece, the role first."""
+    """Answer fields -> SSE bytes: one chat.completion.chunk per field, the role first."""
 
     DONE = b"data: [DONE]\n\n"
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, question: Question) -> None:
         self._head = {"id": new_completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
-                      "model": plan.model, "system_fingerprint": None}
-        self._include_usage = plan.include_usage
+                      "model": question.model, "system_fingerprint": None}
+        self._include_usage = question.include_usage
         self._role_sent = False
 
     def set_conversation(self, conversation_id: str) -> None:
@@ -2647,22 +2648,22 @@ def require_api_key(request: web.Request) -> None:
         raise invalid_api_key()
 
 
-def credentials_in_turn(app: web.Application, credentials: list[str], plan: Plan) -> list[str]:
+def credentials_in_turn(app: web.Application, credentials: list[str], question: Question) -> list[str]:
     """The order in which this request tries the client's tokens."""
-    if plan.chat_id is not None:
-        owner = app[CHAT_OWNERS].get(plan.chat_id)
+    if question.chat_id is not None:
+        owner = app[CHAT_OWNERS].get(question.chat_id)
         # only a token the caller itself sent: someone else's chat id must not borrow its creator's account
         return [owner if owner in credentials else credentials[0]]
     start = next(app[TOKEN_TURN]) % len(credentials)
     return credentials[start:] + credentials[:start]
 
 
-async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) -> AsyncIterator[list[Event]]:
+async def kimi_events(app: web.Application, question: Question, credentials: list[str]) -> AsyncIterator[list[Event]]:
     """The answer's neutral events, from the healthiest token Kimi accepts. A token that Kimi
     rejects or rate-limits hands over to the next one, as long as nothing has been yielded. Every
     chat an attempt created is deleted when it ends, unless the client keeps it."""
     kimi, janitor, health = app[KIMI], app[JANITOR], app[TOKEN_HEALTH]
-    candidates = credentials_in_turn(app, credentials, plan)
+    candidates = credentials_in_turn(app, credentials, question)
     tried: list[str] = []
     refusals: list[ProxyError] = []
     while True:
@@ -2674,20 +2675,20 @@ async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) 
         created: list[str] = []
         answered = False
         try:
-            async with aclosing(kimi.converse(credential, plan)) as batches:
+            async with aclosing(kimi.converse(credential, question)) as batches:
                 async for batch in batches:
                     for event in batch:
                         if event.kind == CHAT:
-                            if plan.chat_id is None and event.text not in created:
+                            if question.chat_id is None and event.text not in created:
                                 created.append(event.text)
-                                if plan.keep:
+                                if question.keep:
                                     app[CHAT_OWNERS][event.text] = credential
                         elif event.kind in VISIBLE:
                             answered = True
                     yield batch
             return
         except ProxyError as error:
-            health.note(credential, error)
+            health.learn_from(credential, error)
             if answered or not isinstance(error, (TokenRejected, RateLimited)):
                 raise
             log.info("Kimi refused token %s (%s); trying another", fingerprint(credential), error.code)
@@ -2695,7 +2696,7 @@ async def kimi_events(app: web.Application, plan: Plan, credentials: list[str]) 
         finally:
             health.release(credential)
             # a kept chat stays only once the client has seen its id; failed attempts go too
-            if not (plan.keep and answered):
+            if not (question.keep and answered):
                 for chat_id in created:
                     janitor.spawn(kimi.delete_chat(credential, chat_id))
 
@@ -2708,8 +2709,8 @@ def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
     return refusals[-1] if refusals else TokenRejected("Kimi has rejected every token of this request")
 
 
-def answer_pieces(request: web.Request, plan: Plan, credentials: list[str]) -> AsyncIterator[list[Piece]]:
-    return to_pieces(kimi_events(request.app, plan, credentials), plan)
+def answer_fields(request: web.Request, question: Question, credentials: list[str]) -> AsyncIterator[list[AnswerField]]:
+    return to_answer_fields(kimi_events(request.app, question, credentials), question)
 
 
 async def read_json_object(request: web.Request) -> dict:
@@ -2752,23 +2753,23 @@ def body_too_large(max_body_mb: float) -> ProxyError:
                       code="request_too_large")
 
 
-async def read_plan(request: web.Request) -> Plan:
-    """The request as a Plan; the parsed body goes once planned, not held while the answer streams."""
+async def read_question(request: web.Request) -> Question:
+    """The request as a Question; the parsed body goes once planned, not held while the answer streams."""
     config = request.app[CONFIG]
     kimi = request.app[KIMI]
-    return to_plan(await read_json_object(request), kimi.wraps_links, config.max_messages,
+    return to_question(await read_json_object(request), kimi.wraps_links, config.max_messages,
                    int(config.max_file_mb * 2**20), kimi.chat_ids, kimi.chat_id_shape)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     credentials = request_credentials(request)
-    plan = await read_plan(request)
-    request[MODEL] = plan.model
-    pieces = answer_pieces(request, plan, credentials)
-    if plan.stream:
-        return await stream_answer(request, plan, pieces)
-    async with request.app[OPEN_REQUESTS].track(), aclosing(pieces):
-        completion = await fold_pieces(pieces, plan)
+    question = await read_question(request)
+    request[MODEL] = question.model
+    fields = answer_fields(request, question, credentials)
+    if question.stream:
+        return await stream_answer(request, question, fields)
+    async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
+        completion = await fold_answer(fields, question)
     response = web.Response(body=orjson.dumps(completion), content_type="application/json")
     if "conversation_id" in completion:
         response.headers[X_CONVERSATION_ID] = completion["conversation_id"]
@@ -2825,16 +2826,17 @@ class SSEStream:
             pass  # the client left; the answer finds out on its own write or by cancellation
 
 
-async def stream_answer(request: web.Request, plan: Plan, batches: AsyncIterator[list[Piece]]) -> web.StreamResponse:
+async def stream_answer(request: web.Request, question: Question,
+                        batches: AsyncIterator[list[AnswerField]]) -> web.StreamResponse:
     stream = SSEStream(request, request.app[CONFIG].keepalive_interval)
-    encoder = ChunkEncoder(plan)
+    encoder = ChunkEncoder(question)
     chunks = 0
     try:
         try:
             async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream.kept_alive():
-                async for pieces in batches:
+                async for fields in batches:
                     encoded = []
-                    for field, value in pieces:
+                    for field, value in fields:
                         if field == "conversation_id":
                             encoder.set_conversation(value)
                             if not stream.started:

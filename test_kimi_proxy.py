@@ -1172,12 +1172,12 @@ def test_model_flags(model, expected):
     ("crm40ee9e5jvhsn7pt00", "crm40ee9e5jvhsn7pt00"),
 ])
 def test_legacy_kimiplus_id(model, kimiplus_id):
-    assert kp.to_kimiplus_id(kp.to_plan({"model": model, "messages": user("hi")})) == kimiplus_id
+    assert kp.to_kimiplus_id(kp.to_question({"model": model, "messages": user("hi")})) == kimiplus_id
 
 
 def test_use_search_adds_search_and_keeps_other_flags():
-    plan = kp.to_plan({"model": "kimi-k1-silent", "use_search": True, "messages": user("hi")})
-    assert (plan.search, plan.reasoning, plan.silent) == (True, True, True)
+    question = kp.to_question({"model": "kimi-k1-silent", "use_search": True, "messages": user("hi")})
+    assert (question.search, question.reasoning, question.silent) == (True, True, True)
 
 
 @pytest.mark.parametrize("messages, prompt", [
@@ -1204,15 +1204,15 @@ def test_use_search_adds_search_and_keeps_other_flags():
 def test_folding_history_into_one_kimi_message(messages, prompt):
     body = {"model": "kimi", "messages": messages}
     untouched = copy.deepcopy(body)
-    assert kp.to_plan(body, wrap_links=True).prompt + "\n" == prompt
-    assert kp.to_plan(body).prompt == re.sub(r'<url id="" type="url" status="" title="" wc="">(.*?)</url>', r"\1", prompt[:-1])
+    assert kp.to_question(body, wrap_links=True).prompt + "\n" == prompt
+    assert kp.to_question(body).prompt == re.sub(r'<url id="" type="url" status="" title="" wc="">(.*?)</url>', r"\1", prompt[:-1])
     assert body == untouched  # the caller's data is never mutated
 
 
 def test_continuing_a_chat_sends_only_the_newest_user_message():
-    plan = kp.to_plan({"conversation_id": "cr7p4ik2lq1s5t0u9v3g",
+    question = kp.to_question({"conversation_id": "cr7p4ik2lq1s5t0u9v3g",
                        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "第二个问题"}]})
-    assert (plan.prompt, plan.chat_id, plan.keep) == ("第二个问题", "cr7p4ik2lq1s5t0u9v3g", True)
+    assert (question.prompt, question.chat_id, question.keep) == ("第二个问题", "cr7p4ik2lq1s5t0u9v3g", True)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -1252,16 +1252,16 @@ def test_continuing_a_chat_sends_only_the_newest_user_message():
 ])
 def test_bad_requests_name_the_field(body, param):
     with pytest.raises(kp.ProxyError) as caught:
-        kp.to_plan(body)
+        kp.to_question(body)
     assert (caught.value.status, caught.value.param) == (400, param)
 
 
 def test_lenient_fields_are_accepted():
-    plan = kp.to_plan({"messages": user("hi"), "model": None, "n": 1, "stream": None, "stream_options": None,
+    question = kp.to_question({"messages": user("hi"), "model": None, "n": 1, "stream": None, "stream_options": None,
                        "temperature": 0.2, "top_p": 1, "max_tokens": 5, "tool_choice": "auto", "tools": [{}],
                        "top_k": 40, "conversation_id": None, "stream_options_extra": {}})
-    assert (plan.model, plan.stream, plan.keep) == ("kimi", False, False)
-    assert kp.to_plan({"messages": user("hi"), "stream_options": {"include_usage": True}}).include_usage is False
+    assert (question.model, question.stream, question.keep) == ("kimi", False, False)
+    assert kp.to_question({"messages": user("hi"), "stream_options": {"include_usage": True}}).include_usage is False
 
 
 def fixed_ids(monkeypatch) -> None:
@@ -1278,8 +1278,8 @@ def choice(delta: bytes, finish: bytes = b"null", tail: bytes = b',"usage":null}
 
 def test_sse_output_byte_for_byte(monkeypatch):
     fixed_ids(monkeypatch)
-    plan = kp.to_plan({"model": "kimi", "stream": True, "stream_options": {"include_usage": True}, "messages": user("q")})
-    encoder = kp.ChunkEncoder(plan)
+    question = kp.to_question({"model": "kimi", "stream": True, "stream_options": {"include_usage": True}, "messages": user("q")})
+    encoder = kp.ChunkEncoder(question)
     out = b"".join([encoder.encode("reasoning_content", "想"), encoder.encode("content", '你好 "x"\n'),
                     encoder.encode("finish_reason", "stop"),
                     encoder.encode("usage", {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}),
@@ -1294,7 +1294,7 @@ def test_sse_output_byte_for_byte(monkeypatch):
 
 def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
     fixed_ids(monkeypatch)
-    encoder = kp.ChunkEncoder(kp.to_plan({"model": "kimi", "stream": True, "messages": user("q")}))
+    encoder = kp.ChunkEncoder(kp.to_question({"model": "kimi", "stream": True, "messages": user("q")}))
     encoder.set_conversation("19fdf14e-bd52-88b5-8000-092152992fca")
     out = encoder.encode("content", "a") + encoder.encode("finish_reason", "length") + encoder.encode("usage", {})
     head = HEAD + b',"conversation_id":"19fdf14e-bd52-88b5-8000-092152992fca"'
@@ -1304,7 +1304,7 @@ def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
                                (b"{}", b'"length"')))
 
 
-@pytest.mark.parametrize("events, pieces", [
+@pytest.mark.parametrize("events, fields", [
     ([kp.Event(kp.CHAT, "c1"), kp.Event(kp.REASONING, "想"), kp.Event(kp.TEXT, "答"), kp.DONE_EVENT],
      [("conversation_id", "c1"), ("reasoning_content", "想"), ("content", "答"), ("finish_reason", "stop"),
       ("usage", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})]),
@@ -1313,23 +1313,23 @@ def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
       ("usage", {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9})]),
     ([kp.Event(kp.TEXT, "a"), kp.Event(kp.ERROR, "累了"), kp.Event(kp.TEXT, "never")], [("content", "a")]),
 ])
-def test_events_become_pieces(events, pieces):
-    plan = kp.to_plan({"model": "kimi", "messages": user("q"), "conversation_id": "new"})
-    translator = kp.AnswerTranslator(plan)
-    assert translator.pieces(events) == pieces
+def test_events_become_answer_fields(events, fields):
+    question = kp.to_question({"model": "kimi", "messages": user("q"), "conversation_id": "new"})
+    translator = kp.AnswerTranslator(question)
+    assert translator.fields_of(events) == fields
     assert translator.finished == any(event.kind == kp.DONE for event in events[:4]) \
         and (translator.failure is not None) == any(event.kind == kp.ERROR for event in events)
 
 
-async def test_pieces_fold_into_one_completion(monkeypatch):
+async def test_answer_fields_fold_into_one_completion(monkeypatch):
     fixed_ids(monkeypatch)
-    plan = kp.to_plan({"model": "kimi-thinking", "messages": user("q")})
+    question = kp.to_question({"model": "kimi-thinking", "messages": user("q")})
 
     async def batches():
         yield [("conversation_id", "c1"), ("reasoning_content", "想"), ("content", "你")]
         yield [("content", "好"), ("finish_reason", "stop"), ("usage", {"prompt_tokens": 1})]
 
-    assert await kp.fold_pieces(batches(), plan) == {
+    assert await kp.fold_answer(batches(), question) == {
         "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "kimi-thinking",
         "system_fingerprint": None, "conversation_id": "c1", "usage": {"prompt_tokens": 1},
         "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
@@ -2333,7 +2333,7 @@ def test_catalog_ids_and_resolution():
     assert kp.Catalog.from_rpc(kp.FALLBACK_CATALOG).model_ids() == catalog.model_ids()
 
     def resolved(model: str, **body) -> dict:
-        return kp.to_connect_chat(kp.to_plan({"model": model, "messages": user("q"), **body}), catalog, None)
+        return kp.to_connect_chat(kp.to_question({"model": model, "messages": user("q"), **body}), catalog, None)
 
     assert resolved("kimi")["options"] == {"thinking": False, "model": "k2d6-chat", "reasoning_effort": "REASONING_EFFORT_NONE"}
     assert resolved("kimi")["tools"] == []
@@ -2366,8 +2366,8 @@ def test_catalog_ids_and_resolution():
     ("kimi-k3", "high", "REASONING_EFFORT_HIGH"),         # MAX costs extra credits: never chosen for a client
 ])
 def test_reasoning_effort_maps_to_one_the_model_offers(model, effort, sent):
-    plan = kp.to_plan({"model": model, "messages": user("q"), "reasoning_effort": effort})
-    options = kp.to_connect_chat(plan, kp.Catalog.from_rpc(CATALOG), None)["options"]
+    question = kp.to_question({"model": model, "messages": user("q"), "reasoning_effort": effort})
+    options = kp.to_connect_chat(question, kp.Catalog.from_rpc(CATALOG), None)["options"]
     assert options["reasoning_effort"] == sent and options["thinking"] == (sent != "REASONING_EFFORT_NONE")
     offered = [option["effort"] for option in CATALOG_ENTRIES[options["model"]]["reasoningEffortOptions"]]
     assert sent in offered
@@ -3205,15 +3205,15 @@ async def test_a_long_model_name_is_refused(http, proxy, token, kimi):
 
 
 async def test_a_bug_mid_stream_still_ends_the_stream(http, proxy, token, kimi, monkeypatch):
-    real = kp.AnswerTranslator.pieces
+    real = kp.AnswerTranslator.fields_of
 
     def fails_after_the_first_text(self, events):
-        pieces = real(self, events)
-        if any(field == "content" for field, _ in pieces):
-            self.pieces = lambda events: 1 / 0
-        return pieces
+        fields = real(self, events)
+        if any(field == "content" for field, _ in fields):
+            self.fields_of = lambda events: 1 / 0
+        return fields
 
-    monkeypatch.setattr(kp.AnswerTranslator, "pieces", fails_after_the_first_text)
+    monkeypatch.setattr(kp.AnswerTranslator, "fields_of", fails_after_the_first_text)
     response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:pace"))
     raw = await response.read()
     assert response.status == 200 and b"HTTP/1.1" not in raw
