@@ -2677,14 +2677,7 @@ async def kimi_events(app: web.Application, question: Question, credentials: lis
         try:
             async with aclosing(kimi.converse(credential, question)) as batches:
                 async for batch in batches:
-                    for event in batch:
-                        if event.kind == CHAT:
-                            if question.chat_id is None and event.text not in created:
-                                created.append(event.text)
-                                if question.keep:
-                                    app[CHAT_OWNERS][event.text] = credential
-                        elif event.kind in VISIBLE:
-                            answered = True
+                    answered = record_chats(app, question, credential, batch, created) or answered
                     yield batch
             return
         except ProxyError as error:
@@ -2701,16 +2694,28 @@ async def kimi_events(app: web.Application, question: Question, credentials: lis
                     janitor.spawn(kimi.delete_chat(credential, chat_id))
 
 
+def record_chats(app: web.Application, question: Question, credential: str, batch: list[Event],
+                 created: list[str]) -> bool:
+    """Add the chats a batch names to `created` (and a kept one to its owner); whether the batch
+    puts anything in front of the client."""
+    visible = False
+    for event in batch:
+        if event.kind == CHAT:
+            if question.chat_id is None and event.text not in created:
+                created.append(event.text)
+                if question.keep:
+                    app[CHAT_OWNERS][event.text] = credential
+        elif event.kind in VISIBLE:
+            visible = True
+    return visible
+
+
 def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
     """What to tell a client none of whose tokens could answer: a rate limit says when to come back."""
     limited = [refusal for refusal in refusals if isinstance(refusal, RateLimited)]
     if limited:
         return limited[-1]
     return refusals[-1] if refusals else TokenRejected("Kimi has rejected every token of this request")
-
-
-def answer_fields(request: web.Request, question: Question, credentials: list[str]) -> AsyncIterator[list[AnswerField]]:
-    return to_answer_fields(kimi_events(request.app, question, credentials), question)
 
 
 async def read_json_object(request: web.Request) -> dict:
@@ -2765,7 +2770,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     credentials = request_credentials(request)
     question = await read_question(request)
     request[MODEL] = question.model
-    fields = answer_fields(request, question, credentials)
+    fields = to_answer_fields(kimi_events(request.app, question, credentials), question)
     if question.stream:
         return await stream_answer(request, question, fields)
     async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
