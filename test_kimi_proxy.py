@@ -337,6 +337,45 @@ def scenario_of(prompt: str) -> str:
     return found[1] if found else "plain"
 
 
+# The scenarios both fakes play, in neutral steps that each renders in its own dialect (one table,
+# so that the dialects are tested alike): "ANSWER" the whole answer, "FIRST" and "REST" its first
+# piece and the others, "PACED" the answer a piece every 20 ms, ("TEXT", s) one more piece,
+# "DONE" the finish, "ERROR" Kimi aborting; numbers are pauses, "DROP" cuts the connection.
+# Every script opens with the dialect's head (chat, messages, search results, thinking).
+SCENARIOS = {
+    "error": ["FIRST", "ERROR"],
+    "error_first": ["ERROR"],
+    "drop": ["FIRST", 0.05, "DROP"],
+    "drop_first": ["DROP"],
+    "slow": [0.7, "ANSWER", "DONE"],
+    "stall": [5, "ANSWER", "DONE"],
+    "stall_mid": ["FIRST", 5, "REST", "DONE"],
+    "endless": [step for i in range(400) for step in (0.05, ("TEXT", f"{i} "))] + ["DONE"],
+    "pace": ["PACED", "DONE"],
+    "no_all_done": ["ANSWER"],
+}
+PLAIN_SCRIPT = ["ANSWER", "DONE"]
+
+
+def render_script(steps: list, head: list, answer: list, first: int, done: list, error: list, text) -> list:
+    """A scenario's steps in one dialect: `answer[:first]` is its first piece, `text` makes a piece."""
+    script = list(head)
+    for step in steps:
+        if step == "ANSWER":
+            script += answer
+        elif step in ("FIRST", "REST"):
+            script += answer[:first] if step == "FIRST" else answer[first:]
+        elif step == "PACED":
+            script += [item for piece in answer for item in (0.02, piece)]
+        elif step in ("DONE", "ERROR"):
+            script += done if step == "DONE" else error
+        elif isinstance(step, tuple):
+            script.append(text(step[1]))
+        else:
+            script.append(step)
+    return script
+
+
 def bulk_pieces(scenario: str) -> list | None:
     """`chunks_N`: N answer pieces as fast as possible; `trickle_N`: N pieces a second apart.
     Numbers stand for pauses, strings for pieces (the benchmark's loads)."""
@@ -495,22 +534,13 @@ class FakeLegacyKimi(FakeKimiBase):
         error = {"error": {"error_type": "openai.completion.stream", "message": OVERLOADED,
                            "detail": "upstream aborted"}, "event": "error"}
         return {
-            "error": lambda: head + answer[:1] + [error],
-            "error_first": lambda: head + [error],
-            "drop": lambda: head + answer[:1] + [0.05, "DROP"],
-            "drop_first": lambda: head + ["DROP"],
-            "slow": lambda: head + [0.7] + answer + done,
-            "stall": lambda: head + [5] + answer + done,
-            "stall_mid": lambda: head + answer[:1] + [5] + answer[1:] + done,
-            "endless": lambda: head + [x for i in range(400) for x in (0.05, {"event": "cmpl", "text": f"{i} "})] + done,
-            "pace": lambda: head + [x for text in ANSWER for x in (0.02, {"event": "cmpl", "text": text})] + done,
-            "no_all_done": lambda: head + answer,
             "length": lambda: head + [{"event": "cmpl", "text": "第二段" if continuing else "第一段"}]
             + ([] if continuing else [{"event": "length"}]) + done,
             "length_forever": lambda: head + [{"event": "cmpl", "text": "段"}, {"event": "length"}] + done,
             "length_no_all_done": lambda: head + [{"event": "cmpl", "text": "x"}]
             + ([{"event": "all_done"}] if continuing else [{"event": "length"}]),
-        }.get(scenario, lambda: head + [{"event": "done"}] + answer + done)()
+        }.get(scenario, lambda: render_script(SCENARIOS.get(scenario, PLAIN_SCRIPT), head + [{"event": "done"}], answer,
+                                              1, done, [error], lambda piece: {"event": "cmpl", "text": piece}))()
 
     def _bulk_events(self, pieces: list) -> list:
         return [p if isinstance(p, float) else {"event": "cmpl", "text": p} for p in pieces] + [{"event": "all_done"}]
@@ -879,7 +909,7 @@ class FakeConnectKimi(FakeKimiBase):
     def _frames(self, scenario: str, chat_id: str, chat: Chat, prompt: str, search: bool, thinking: bool,
                 new_chat: bool, parent_id: str) -> list:
         """The scripted stream, in the 2026 shape: bytes are envelopes, numbers are pauses, "DROP"
-        cuts the connection, "EOF" ends the body without an end-stream envelope."""
+        cuts the connection (a script without an end-stream envelope just stops)."""
         offset = iter(range(1, 10_000))
         user_id, assistant_id = kimi_uuid("message"), kimi_uuid("message")
         chat.last_message = assistant_id
@@ -934,8 +964,6 @@ class FakeConnectKimi(FakeKimiBase):
                 event(done={}), connect_end()]
         overloaded = {"code": "internal", "message": OVERLOADED}
         return {
-            "error": lambda: head + answer[:2] + [connect_end(overloaded)],
-            "error_first": lambda: head + [connect_end(overloaded)],
             "done_then_error": lambda: head + answer + [event(done={}), event(error={"code": "internal", "message": OVERLOADED}), connect_end()],
             "overloaded_first": lambda: [connect_frame({"heartbeat": {}}), connect_end({"code": "resource_exhausted", "details": [
                 {"debug": {"reason": "REASON_SERVER_OVERLOADED_FOR_FREE_USER",
@@ -945,21 +973,14 @@ class FakeConnectKimi(FakeKimiBase):
             "denied": lambda: head + [connect_end({"code": "permission_denied", "message": "agent mode needs a plan"})],
             "invalid": lambda: head + [connect_end({"code": "invalid_argument"})],
             "empty": lambda: head + tail,
-            "drop": lambda: head + answer[:2] + [0.05, "DROP"],
-            "drop_first": lambda: head + ["DROP"],
-            "slow": lambda: head + [0.7] + answer + tail,
-            "stall": lambda: head + [5] + answer + tail,
-            "stall_mid": lambda: head + answer[:2] + [5] + answer[2:] + tail,
-            "endless": lambda: head + [x for i in range(400) for x in (0.05, text(f"{i} "))] + tail,
-            "pace": lambda: head + [x for piece in answer for x in (0.02, piece)] + tail,
-            "no_all_done": lambda: head + answer + ["EOF"],
             "staged": lambda: head + stage("STAGE_STATUS_START") + [
                 event(op="set", mask="block.think", block={"id": "3", "parentId": "2", "think": {"content": THINKING[0]}})]
                 + stage("STAGE_STATUS_END") + [text(ANSWER[0], "4", "set"),
                 event(op="set", mask="block.think", block={"id": "6", "parentId": "2", "think": {"content": THINKING[1]}}),
                 text(ANSWER[1], "4")] + tail,
             "two_blocks": lambda: head + [text("第一块", "4", "set"), text("第二块", "7", "set")] + tail,
-        }.get(scenario, lambda: head + answer + tail)()
+        }.get(scenario, lambda: render_script(SCENARIOS.get(scenario, PLAIN_SCRIPT), head, answer, 2, tail,
+                                              [connect_end(overloaded)], text))()
 
     def _bulk_frames(self, chat_id: str, pieces: list) -> list:
         return [connect_frame({"op": "set", "chat": {"id": chat_id, "name": "未命名会话"}})] + \
@@ -976,8 +997,6 @@ class FakeConnectKimi(FakeKimiBase):
             if item == "DROP":
                 request.transport.abort()
                 return
-            if item == "EOF":
-                break
             if isinstance(item, (int, float)):
                 await asyncio.sleep(item)
                 continue
