@@ -2092,10 +2092,10 @@ async def test_more_open_answers_than_a_connection_pool_holds(start_proxy, http,
     proxy = await start_proxy(UPSTREAM_CONNECT_TIMEOUT="0.5", MAX_STREAMS_PER_TOKEN="200")
 
     async def one() -> str:
-        response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:trickle_1"))
+        response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:trickle_2"))
         return content_of(sse_payloads(await response.read()))
 
-    assert await asyncio.gather(*(one() for _ in range(150))) == ["片段0 "] * 150
+    assert await asyncio.gather(*(one() for _ in range(150))) == ["片段0 片段1 "] * 150
     assert kimi.max_open_streams == 150
     await kimi.wait_deleted(150)
 
