@@ -3349,7 +3349,7 @@ async def test_requests_beyond_max_open_requests_get_503(start_proxy, http, kimi
 @BOTH_DIALECTS
 @pytest.mark.parametrize("answer", ["waf_403", "html_200", "json_list_200"])
 async def test_only_a_definite_rejection_kills_a_token(start_proxy, http, kimi, answer, monkeypatch):
-    monkeypatch.setattr(kp, "OUTAGE_COOL_DOWN", 0.5)
+    monkeypatch.setattr(kp, "OUTAGE_COOL_DOWN", 1.0)  # long enough to see it resting, even on a busy machine
     token = kimi.add_user()
     proxy = await start_proxy(KIMI_TOKENS=token, API_KEYS=POOL_KEY)
     refresh = kimi.REFRESH_RPC if kimi.PROTOCOL == "connect" else "/api/auth/token/refresh"
