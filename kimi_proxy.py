@@ -3172,7 +3172,10 @@ def main(argv: list[str] | None = None) -> None:
         handler.addFilter(RequestIdOnRecords())
     log.info("kimi_proxy on http://%s:%d, Kimi at %s (%s dialect)", config.host, config.port,
              config.kimi_base_url, config.kimi_protocol)
-    web.run_app(app, host=config.host, port=config.port, print=None, **runner_options(config))
+    try:
+        web.run_app(app, host=config.host, port=config.port, print=None, **runner_options(config))
+    except OSError as error:  # the address is taken or not ours: say so in one line
+        sys.exit(f"kimi_proxy: cannot listen on {config.host}:{config.port}: {error.strerror or error}")
 
 
 if __name__ == "__main__":

@@ -2224,6 +2224,17 @@ async def test_two_instances_share_one_token_store(kimi, http, tmp_path):
     assert saved not in kimi.spent and kimi.user_of(saved) == kimi.user_of(token)  # the newest one
 
 
+def test_a_port_in_use_stops_startup_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "kimi_proxy.py", "--host", "127.0.0.1", "--port", str(port)],
+                                env={**os.environ, "LOG_LEVEL": "ERROR"}, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port}" in result.stderr
+
+
 def test_bad_setting_stops_startup_with_one_line():
     result = subprocess.run([sys.executable, "kimi_proxy.py"], env={**os.environ, "UPSTREAM_READ_TIMEOUT": "soon"},
                             capture_output=True, text=True, timeout=30)
