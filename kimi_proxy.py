@@ -1532,11 +1532,18 @@ class ConnectKimi(KimiHTTP):
         async with aclosing(self._stream(credential, CHAT_RPC, request, {
                 hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})) as reads:
             async for data in reads:
-                batch, failure = from_connect_frames(decoder.feed(data), state)
+                batch: list[Event] = []
+                try:
+                    for flags, payload in decoder.feed(data):
+                        batch += from_connect_frame(flags, payload, state)
+                        if state.ended:
+                            break
+                except ProxyError:
+                    if batch:  # what came before Kimi's error still reaches the client
+                        yield batch
+                    raise
                 if batch:
                     yield batch
-                if failure is not None:
-                    raise failure
                 if state.ended:
                     break
         yield from_connect_ending(state)
@@ -1883,20 +1890,6 @@ class ConnectState:
     text_block: str | None = None
     sources: dict = dataclasses.field(default_factory=dict)   # refIndex -> citation number
     citations: CitationRewriter = dataclasses.field(default_factory=CitationRewriter)
-
-
-def from_connect_frames(frames: list[tuple[int, bytes]], state: ConnectState) -> tuple[list[Event], ProxyError | None]:
-    """The events of one network read, and the error that ended it, if one did (the events
-    before it still reach the client)."""
-    events: list[Event] = []
-    for flags, payload in frames:
-        try:
-            events += from_connect_frame(flags, payload, state)
-        except ProxyError as failure:
-            return events, failure
-        if state.ended:
-            break
-    return events, None
 
 
 def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[Event]:

@@ -2576,9 +2576,8 @@ def test_the_capture_is_what_its_readme_says():
 def test_the_capture_decodes_to_its_answer_and_thinking_however_split(size):
     decoder, state, events = kp.FrameDecoder(), kp.ConnectState(), []
     for start in range(0, len(CAPTURE), size):
-        batch, failure = kp.from_connect_frames(decoder.feed(CAPTURE[start:start + size]), state)
-        assert failure is None
-        events += batch
+        for flags, payload in decoder.feed(CAPTURE[start:start + size]):
+            events += kp.from_connect_frame(flags, payload, state)
     events += kp.from_connect_ending(state)
     assert "".join(e.text for e in events if e.kind == kp.TEXT) == CAPTURE_ANSWER
     assert "".join(e.text for e in events if e.kind == kp.REASONING) == CAPTURE_THINKING
