@@ -320,7 +320,7 @@ SOURCE = "source"        # one web-search source (title, url)
 LENGTH = "length"        # the answer was cut at Kimi's length limit
 DONE = "done"            # the answer is complete
 ERROR = "error"          # Kimi aborted the answer; text holds Kimi's message
-CHAT = "chat"            # the Kimi chat id the answer lives in (added by kimi_events)
+CHAT = "chat"            # the Kimi chat id the answer lives in
 
 
 class Event(NamedTuple):
@@ -1521,9 +1521,9 @@ class ConnectKimi(KimiHTTP):
                 self.tokens.discard(credential)
                 continue
             finally:
-                # only kept chats have a next turn; (the consumer stops reading at DONE, so this
-                # cannot wait until after the loop)
-                if question.keep and state.chat_id and state.message_id:
+                # for the chat's next turn (a kept chat's, or a repair); the consumer may stop
+                # reading at DONE, so this cannot wait until after the loop
+                if state.chat_id and state.message_id:
                     self._parents[state.chat_id] = state.message_id
             return
 
@@ -1553,6 +1553,7 @@ class ConnectKimi(KimiHTTP):
             return await read_kimi_json(answer)
 
     async def _delete(self, credential: str, chat_id: str) -> None:
+        self._parents.pop(chat_id, None)
         await self._rpc(credential, DELETE_CHAT_RPC, {"chat_id": chat_id})
 
     # -- models --------------------------------------------------------------------------------------
@@ -2651,56 +2652,85 @@ def credentials_in_turn(app: web.Application, credentials: list[str], question: 
     return credentials[start:] + credentials[:start]
 
 
-async def kimi_events(app: web.Application, question: Question, credentials: list[str]) -> AsyncIterator[list[Event]]:
-    """The answer's neutral events, from the healthiest token Kimi accepts. A token that Kimi
-    rejects or rate-limits hands over to the next one, as long as nothing has been yielded. Every
-    chat an attempt created is deleted when it ends, unless the client keeps it."""
-    kimi, janitor, health = app[KIMI], app[JANITOR], app[TOKEN_HEALTH]
-    candidates = credentials_in_turn(app, credentials, question)
-    tried: list[str] = []
-    refusals: list[ProxyError] = []
-    while True:
-        try:
-            credential = await health.acquire(candidates, tried)
-        except NoTokenLeft:
-            raise strongest_refusal(refusals) from None
-        tried.append(credential)
-        created: list[str] = []
-        answered = False
-        try:
-            async with aclosing(kimi.converse(credential, question)) as batches:
+class KimiSession:
+    """One request's use of Kimi. The first question goes to the healthiest token Kimi accepts: a
+    token that Kimi rejects or rate-limits hands over to the next one, as long as nothing has been
+    shown. Follow-up questions (a repair turn) go to the same token, in the same chat. Every chat
+    the session created is deleted when it closes, unless the client keeps it and has seen it."""
+
+    def __init__(self, app: web.Application, credentials: list[str]) -> None:
+        self._app = app
+        self._credentials = credentials
+        self._credential: str | None = None  # the token that answers, held until close
+        self._created: list[str] = []
+        self._keep = False
+        self._answered = False               # something of Kimi's answer reached the client's side
+        self.chat_id: str | None = None      # the chat a follow-up question goes to
+
+    async def ask(self, question: Question) -> AsyncIterator[list[Event]]:
+        """The answer's neutral events, a list for each network read."""
+        if self._credential is not None:
+            async with aclosing(self._turn(self._credential, question)) as batches:
                 async for batch in batches:
-                    answered = record_chats(app, question, credential, batch, created) or answered
                     yield batch
             return
+        health = self._app[TOKEN_HEALTH]
+        candidates = credentials_in_turn(self._app, self._credentials, question)
+        tried: list[str] = []
+        refusals: list[ProxyError] = []
+        self._keep = question.keep
+        while True:
+            try:
+                self._credential = await health.acquire(candidates, tried)
+            except NoTokenLeft:
+                raise strongest_refusal(refusals) from None
+            tried.append(self._credential)
+            try:
+                async with aclosing(self._turn(self._credential, question)) as batches:
+                    async for batch in batches:
+                        yield batch
+                return
+            except (TokenRejected, RateLimited) as error:
+                if self._answered:
+                    raise
+                log.info("Kimi refused token %s (%s); trying another", fingerprint(self._credential), error.code)
+                refusals.append(error)
+                self.close()  # the failed attempt's chats go at once
+
+    async def _turn(self, credential: str, question: Question) -> AsyncIterator[list[Event]]:
+        try:
+            async with aclosing(self._app[KIMI].converse(credential, question)) as batches:
+                async for batch in batches:
+                    self._record(batch, credential, question)
+                    yield batch
         except ProxyError as error:
-            health.learn_from(credential, error)
-            if answered or not isinstance(error, (TokenRejected, RateLimited)):
-                raise
-            log.info("Kimi refused token %s (%s); trying another", fingerprint(credential), error.code)
-            refusals.append(error)
-        finally:
-            health.release(credential)
-            # a kept chat stays only once the client has seen its id; failed attempts go too
-            if not (question.keep and answered):
-                for chat_id in created:
-                    janitor.spawn(kimi.delete_chat(credential, chat_id))
+            self._app[TOKEN_HEALTH].learn_from(credential, error)
+            raise
 
+    def _record(self, batch: list[Event], credential: str, question: Question) -> None:
+        """Note the chats a batch names (a kept one with its owner), and whether it shows anything."""
+        for event in batch:
+            if event.kind == CHAT:
+                self.chat_id = self.chat_id or event.text
+                if question.chat_id is None and event.text not in self._created:
+                    self._created.append(event.text)
+                    if question.keep:
+                        self._app[CHAT_OWNERS][event.text] = credential
+            elif event.kind in VISIBLE:
+                self._answered = True
 
-def record_chats(app: web.Application, question: Question, credential: str, batch: list[Event],
-                 created: list[str]) -> bool:
-    """Add the chats a batch names to `created` (and a kept one to its owner); whether the batch
-    puts anything in front of the client."""
-    visible = False
-    for event in batch:
-        if event.kind == CHAT:
-            if question.chat_id is None and event.text not in created:
-                created.append(event.text)
-                if question.keep:
-                    app[CHAT_OWNERS][event.text] = credential
-        elif event.kind in VISIBLE:
-            visible = True
-    return visible
+    def close(self) -> None:
+        """Hand the token back and delete the chats (in the background): a kept chat stays only
+        once the client has seen its id."""
+        if self._credential is None:
+            return
+        credential, self._credential = self._credential, None
+        self._app[TOKEN_HEALTH].release(credential)
+        if not (self._keep and self._answered):
+            for chat_id in self._created:
+                self._app[JANITOR].spawn(self._app[KIMI].delete_chat(credential, chat_id))
+        self._created = []
+        self.chat_id = None
 
 
 def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
@@ -2763,11 +2793,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     credentials = request_credentials(request)
     question = await read_question(request)
     request[MODEL] = question.model
-    fields = to_answer_fields(kimi_events(request.app, question, credentials), question)
-    if question.stream:
-        return await stream_answer(request, question, fields)
-    async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
-        completion = await fold_answer(fields, question)
+    session = KimiSession(request.app, credentials)
+    try:
+        fields = to_answer_fields(session.ask(question), question)
+        if question.stream:
+            return await stream_answer(request, question, fields)
+        async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
+            completion = await fold_answer(fields, question)
+    finally:
+        session.close()
     response = web.Response(body=orjson.dumps(completion), content_type="application/json")
     if "conversation_id" in completion:
         response.headers[X_CONVERSATION_ID] = completion["conversation_id"]
