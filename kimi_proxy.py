@@ -59,13 +59,14 @@ import random
 import re
 import secrets
 import socket
+import string
 import sys
 import tempfile
 import time
 import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, nullcontext
 from typing import NamedTuple
 
 import aiohttp
@@ -2205,6 +2206,8 @@ class Question:
     chat_id: str | None = None  # an existing Kimi chat to continue
     keep: bool = False          # the client manages the conversation: report its id, never delete it
     attachments: tuple = ()     # files and images of the last message
+    tools: "ToolUse | None" = None         # functions Kimi is asked to call, if any
+    json_format: "JsonFormat | None" = None  # the answer must be JSON (response_format)
 
 
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
@@ -2231,9 +2234,8 @@ def to_question(body: dict, wrap_links: bool = False, max_messages: int = 1000, 
     n = typed_field(body, "n", int)
     if n is not None and n != 1:
         raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
-    tool_choice = body.get("tool_choice")
-    if tool_choice == "required" or isinstance(tool_choice, dict):
-        raise bad_request("Tool calling is not supported, so tool_choice can only be 'auto' or 'none'", "tool_choice")
+    tools = to_tool_use(body)
+    json_format = to_json_format(body.get("response_format"))
     for field in NUMBER_FIELDS:
         value = typed_field(body, field, (int, float))
         if isinstance(value, bool):
@@ -2246,13 +2248,14 @@ def to_question(body: dict, wrap_links: bool = False, max_messages: int = 1000, 
         raise bad_request(f"'reasoning_effort' must be one of {', '.join(OPENAI_EFFORTS)}", "reasoning_effort")
     chat_id, keep = to_conversation(body.get("conversation_id"), chat_ids, chat_id_shape)
     messages = to_messages(body.get("messages"), max_messages, max_file_bytes)
-    prompt = to_continuation_prompt(messages, wrap_links) if chat_id else to_folded_prompt(messages, wrap_links)
+    instructions = to_instructions(tools, json_format)
+    prompt = (to_continuation_prompt if chat_id else to_folded_prompt)(messages, wrap_links, instructions)
     flags = model_flags(model)
     if reasoning_effort not in (None, "none"):
         flags["reasoning"] = True
     return Question(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
                 keep=keep, attachments=messages[-1].attachments, reasoning_effort=reasoning_effort,
-                **{**flags, "search": flags["search"] or use_search})
+                tools=tools, json_format=json_format, **{**flags, "search": flags["search"] or use_search})
 
 
 def typed_field(body: dict, field: str, kind, param: str | None = None):
@@ -2287,6 +2290,126 @@ def model_flags(model: str) -> dict:
             "reasoning": "k1" in name or "thinking" in name, "math": "math" in name, "silent": "silent" in name}
 
 
+class Function(NamedTuple):
+    name: str
+    description: str
+    parameters: dict | None  # the JSON schema of its arguments
+
+
+class ToolUse(NamedTuple):
+    """The functions Kimi is asked to call, and how."""
+
+    functions: dict[str, Function]
+    required: bool          # tool_choice "required" or a named function: the answer must call one
+    only: str | None        # the function tool_choice names
+    parallel: bool          # more than one call per answer
+    deprecated: bool        # asked with `functions`: answered with `function_call`
+
+
+class JsonFormat(NamedTuple):
+    schema: dict | None  # None: any JSON object (json_object)
+
+
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def to_tool_use(body: dict) -> ToolUse | None:
+    """The request's functions (`tools`, or the deprecated `functions`) and its choice; None when
+    Kimi is not to call any. Tools of other types than function are ignored."""
+    deprecated = body.get("tools") is None and body.get("functions") is not None
+    field, choice_field = ("functions", "function_call") if deprecated else ("tools", "tool_choice")
+    entries = body.get(field)
+    if entries is not None and not isinstance(entries, list):
+        raise bad_request(f"'{field}' must be an array", field)
+    functions: dict[str, Function] = {}
+    for index, entry in enumerate(entries or ()):
+        where = f"{field}[{index}]"
+        if not deprecated:
+            if not isinstance(entry, dict) or entry.get("type") != "function":
+                continue
+            entry, where = entry.get("function"), where + ".function"
+        function = to_function(entry, where)
+        if function.name in functions:
+            raise bad_request(f"'{where}.name' repeats the function name {function.name}", f"{where}.name")
+        functions[function.name] = function
+    required, only = to_tool_choice(body.get(choice_field), functions, choice_field, deprecated)
+    if required is None or not functions:
+        return None
+    parallel = typed_field(body, "parallel_tool_calls", bool) is not False and not deprecated
+    return ToolUse(functions, required, only, parallel, deprecated)
+
+
+def to_function(entry: object, where: str) -> Function:
+    if not isinstance(entry, dict):
+        raise bad_request(f"'{where}' must be an object", where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+        raise bad_request(f"'{where}.name' must be 1 to 64 letters, digits, '_', '.' or '-'", f"{where}.name")
+    description = typed_field(entry, "description", str, f"{where}.description") or ""
+    parameters = typed_field(entry, "parameters", dict, f"{where}.parameters")
+    return Function(name, description, parameters)
+
+
+def to_tool_choice(choice: object, functions: dict, field: str, deprecated: bool) -> tuple[bool | None, str | None]:
+    """(must a function be called, the one named); (None, None) for "none"."""
+    if choice is None or choice == "auto":
+        return False, None
+    if choice == "none":
+        return None, None
+    name = None
+    if isinstance(choice, dict):
+        named = choice if deprecated else choice.get("function") if choice.get("type") == "function" else None
+        name = named.get("name") if isinstance(named, dict) else None
+    elif choice == "required" and not deprecated:
+        name = ""
+    if not isinstance(name, str):
+        shape = '{"name": ...}' if deprecated else '"required" or {"type": "function", "function": {"name": ...}}'
+        raise bad_request(f"'{field}' must be \"none\", \"auto\", {shape}", field)
+    if name and name not in functions or not functions:
+        raise bad_request(f"'{field}' names a function the request does not define", field)
+    return True, name or None
+
+
+def to_json_format(value: object) -> JsonFormat | None:
+    """response_format: text (nothing to do), json_object or json_schema."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat(None)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(schema, (dict, type(None))):
+            raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
+                              "response_format.json_schema")
+        return JsonFormat(schema)
+    raise bad_request("'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
+def to_instructions(tools: ToolUse | None, json_format: JsonFormat | None) -> str:
+    """What the proxy asks of Kimi on top of the conversation: how to call functions, or to answer in JSON."""
+    lines = []
+    if tools:
+        lines.append("You can call these functions (each given as JSON: its name, what it does, and the JSON "
+                     "schema of its arguments):")
+        lines += [orjson.dumps({"name": f.name, "description": f.description, "parameters": f.parameters or {}}).decode()
+                  for f in tools.functions.values()]
+        lines.append("To call a function, write one block per call, exactly in this form, and write nothing after "
+                     'your last block:\n<tool_call>\n{"name": "NAME", "arguments": {...}}\n</tool_call>')
+        lines.append(f"You must call the function {tools.only} now." if tools.only else
+                     "You must call at least one function now." if tools.required else
+                     "Call a function only when it helps; otherwise answer normally.")
+        if not tools.parallel:
+            lines.append("Call at most one function in an answer.")
+        lines.append("Function results come back to you in <tool_result> blocks.")
+    if json_format:
+        lines.append("Answer with JSON only: one JSON object, with no text and no code fence around it.")
+        if json_format.schema:
+            lines.append(f"It must match this JSON schema: {orjson.dumps(json_format.schema).decode()}")
+    return "\n".join(lines)
+
+
 class Message(NamedTuple):
     role: str
     text: str
@@ -2300,11 +2423,12 @@ def to_messages(messages: object, max_messages: int, max_file_bytes: int) -> lis
     if len(messages) > max_messages:
         raise bad_request(f"'messages' holds {len(messages)} messages; at most {max_messages} are accepted (MAX_MESSAGES)",
                           "messages")
-    return [to_message(message, index, index == len(messages) - 1, max_file_bytes)
+    called: dict[str, str] = {}  # tool call id -> the function's name, for the results that follow
+    return [to_message(message, index, index == len(messages) - 1, max_file_bytes, called)
             for index, message in enumerate(messages)]
 
 
-def to_message(message: object, index: int, is_last: bool, max_file_bytes: int) -> Message:
+def to_message(message: object, index: int, is_last: bool, max_file_bytes: int, called: dict[str, str]) -> Message:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise bad_request(f"'{where}' must be an object", where)
@@ -2313,8 +2437,12 @@ def to_message(message: object, index: int, is_last: bool, max_file_bytes: int) 
     if role is None:
         raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
     content = message.get("content")
-    if content is None and role == "assistant":
-        return Message(role, "", False)  # a tool-call turn replayed by the client
+    if role == "assistant" and (content is None or isinstance(content, str)):
+        return Message(role, "\n".join(filter(None, [content, *to_history_calls(message, called)])), False)
+    if role == "tool" and isinstance(content, (str, list)):
+        text = content if isinstance(content, str) else to_message(
+            {"role": "user", "content": content}, index, False, max_file_bytes, called).text
+        return Message(role, to_tool_result(message, text, called), False)
     if isinstance(content, str):
         return Message(role, content, False)
     if not isinstance(content, list):
@@ -2338,27 +2466,72 @@ def to_message(message: object, index: int, is_last: bool, max_file_bytes: int) 
     return Message(role, "\n".join(texts), has_attachment, tuple(attachments))
 
 
-def to_folded_prompt(messages: list[Message], wrap_links: bool) -> str:
-    """Kimi takes one message per turn: fold the history into it with role prefixes."""
+def to_history_calls(message: dict, called: dict[str, str]) -> list[str]:
+    """The function calls of an assistant message the client replays, as the blocks Kimi writes
+    (the deprecated `function_call` too). Entries of another shape are left out."""
+    calls = message.get("tool_calls")
+    calls = [*(calls if isinstance(calls, list) else ()), {"function": message.get("function_call")}]
+    blocks = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            continue
+        if isinstance(call.get("id"), str):
+            called[call["id"]] = function["name"]
+        arguments = function.get("arguments")
+        try:
+            arguments = orjson.loads(arguments) if isinstance(arguments, str) else arguments
+        except orjson.JSONDecodeError:
+            pass  # shown to Kimi as the client sent it
+        blocks.append(to_call_block(function["name"], arguments or {}))
+    return blocks
+
+
+def to_call_block(name: str, arguments: object) -> str:
+    return f"<tool_call>\n{orjson.dumps({'name': name, 'arguments': arguments}).decode()}\n</tool_call>"
+
+
+def to_tool_result(message: dict, text: str, called: dict[str, str]) -> str:
+    """A function's result, verbatim, with the name of the function that gave it."""
+    name = called.get(message.get("tool_call_id")) or message.get("name")
+    return f'<tool_result name="{name}">\n{text}\n</tool_result>' if isinstance(name, str) else text
+
+
+def to_folded_prompt(messages: list[Message], wrap_links: bool, instructions: str = "") -> str:
+    """Kimi takes one message per turn: fold the history into it with role prefixes; the proxy's
+    own instructions (tools, JSON) go first."""
     last = messages[-1]
     if not last.text.strip() and not last.attachments:
         raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
-    if len(messages) == 1:
+    if len(messages) == 1 and not instructions:
         return to_kimi_text(last, wrap_links)
+    head = f"system:{instructions}\n" if instructions else ""
+    if len(messages) == 1:
+        return f"{head}{last.role}:{to_kimi_text(last, wrap_links)}"
     hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
     earlier = "".join(f"{m.role}:{to_kimi_text(m, wrap_links)}\n" for m in messages[:-1] if m.text)
-    return f"{earlier}system:{hint}\n{last.role}:{to_kimi_text(last, wrap_links)}"
+    return f"{head}{earlier}system:{hint}\n{last.role}:{to_kimi_text(last, wrap_links)}"
 
 
-def to_continuation_prompt(messages: list[Message], wrap_links: bool) -> str:
-    """A kept Kimi chat already holds the history: send only the newest user message."""
+def to_continuation_prompt(messages: list[Message], wrap_links: bool, instructions: str = "") -> str:
+    """A kept Kimi chat already holds the history: send only the newest user message, or the
+    function results that came after Kimi's last answer."""
     last = messages[-1]
     where = f"messages[{len(messages) - 1}]"
-    if last.role != "user":
-        raise bad_request(f"To continue a conversation the last message must be a user message ({where})", "messages")
+    if last.role not in ("user", "tool"):
+        raise bad_request(f"To continue a conversation the last message must be a user or tool message ({where})",
+                          "messages")
     if not last.text.strip() and not last.attachments:
         raise bad_request(f"'{where}.content' has no text", f"{where}.content")
-    return to_kimi_text(last, wrap_links)
+    if last.role == "user":
+        new = [last]
+    else:
+        start = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1) + 1
+        new = messages[start:]
+    if len(new) == 1 and not instructions:
+        return to_kimi_text(last, wrap_links)
+    head = f"system:{instructions}\n" if instructions else ""
+    return head + "\n".join(f"{m.role}:{to_kimi_text(m, wrap_links)}" for m in new if m.text)
 
 
 def to_kimi_text(message: Message, wrap_links: bool) -> str:
@@ -2470,6 +2643,14 @@ async def fold_answer(batches: AsyncIterator[list[AnswerField]], question: Quest
     message = {"role": "assistant", "content": "".join(parts["content"]), "refusal": None}
     if parts["reasoning_content"]:
         message["reasoning_content"] = "".join(parts["reasoning_content"])
+    if "tool_calls" in extra:
+        message["tool_calls"] = [{"id": call["id"], "type": "function",
+                                  "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                 for call in extra["tool_calls"]]
+    if "function_call" in extra:
+        message["function_call"] = extra["function_call"]
+    if ("tool_calls" in message or "function_call" in message) and not message["content"]:
+        message["content"] = None
     completion = {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
                   "model": question.model, "system_fingerprint": None,
                   "choices": [{"index": 0, "message": message, "logprobs": None,
@@ -2478,6 +2659,330 @@ async def fold_answer(batches: AsyncIterator[list[AnswerField]], question: Quest
     if "conversation_id" in extra:
         completion["conversation_id"] = extra["conversation_id"]
     return completion
+
+
+# Tool calls and JSON answers: Kimi's web chat has no functions of its own, so it is asked to
+# write calls as blocks (see to_instructions), and its answer is read and checked here.
+BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark -> closing mark
+LONGEST_MARK = max(map(len, BLOCKS))
+
+
+class CallScanner:
+    """Streamed answer text -> the prose before the first tool-call block, let out as soon as it
+    cannot be the start of a block (trailing blank space waits too), and the blocks, kept back.
+    `ended` once text follows the last block, or the first one when only one call is wanted."""
+
+    def __init__(self, parallel: bool) -> None:
+        self._parallel = parallel
+        self._pending = ""        # prose that may still turn out to open a block
+        self.held = ""            # the answer from the first block on
+        self._scanned = 0         # where in `held` the complete blocks end
+        self.blocks: list[str] = []  # what each complete block holds
+        self.ended = False
+
+    def feed(self, text: str) -> str:
+        """Take more answer text; return the prose that may go out now."""
+        if self.held:
+            if not self.ended:
+                self.held += text
+                self._scan()
+            return ""
+        pending = self._pending + text
+        starts = [start for start in map(pending.find, BLOCKS) if start >= 0]
+        if starts:
+            self._pending, self.held = "", pending[min(starts):]
+            self._scan()
+            return pending[:min(starts)].rstrip()
+        keep = next((size for size in range(min(len(pending), LONGEST_MARK - 1), 0, -1)
+                     if any(mark.startswith(pending[-size:]) for mark in BLOCKS)), 0)
+        prose = pending[:len(pending) - keep].rstrip()
+        self._pending = pending[len(prose):]
+        return prose
+
+    def finish(self) -> str:
+        """The answer ended: the prose still kept back was no block after all."""
+        prose, self._pending = self._pending, ""
+        return "" if self.held else prose
+
+    @property
+    def unclosed(self) -> bool:
+        """A block was opened and never closed."""
+        return not self.ended and bool(self.held[self._scanned:].strip())
+
+    def _scan(self) -> None:
+        while not self.ended:
+            rest = self.held[self._scanned:]
+            body = rest.lstrip()
+            mark = next((mark for mark in BLOCKS if body.startswith(mark)), None)
+            if mark is None:
+                # blank space, or the start of another block, may still be followed by a block
+                self.ended = bool(body) and not any(other.startswith(body) for other in BLOCKS)
+                return
+            start = self._scanned + len(rest) - len(body) + len(mark)
+            end = self.held.find(BLOCKS[mark], start)
+            if end < 0:
+                return
+            self.blocks.append(self.held[start:end])
+            self._scanned = end + len(BLOCKS[mark])
+            self.ended = not self._parallel
+
+
+def to_tool_calls(scanner: CallScanner, tools: ToolUse) -> tuple[list[dict], str | None]:
+    """The calls an answer's blocks make, or what is wrong with the first bad one."""
+    if scanner.unclosed:
+        return [], "a <tool_call> block is not closed with </tool_call>"
+    calls = []
+    for block in scanner.blocks:
+        call, problem = to_tool_call(block, tools)
+        if problem:
+            return [], problem
+        calls.append(call)
+    return calls, None
+
+
+def to_tool_call(block: str, tools: ToolUse) -> tuple[dict | None, str | None]:
+    try:
+        call = orjson.loads(block)
+    except orjson.JSONDecodeError:
+        return None, "the JSON in the block does not parse"
+    name = call.get("name") if isinstance(call, dict) else None
+    if not isinstance(name, str):
+        return None, 'the block is not a JSON object with a "name"'
+    if name not in tools.functions or (tools.only and name != tools.only):
+        return None, f"{name!r} is not a function you may call here"
+    arguments = call.get("arguments", {})
+    try:
+        arguments = orjson.loads(arguments) if isinstance(arguments, str) else arguments
+    except orjson.JSONDecodeError:
+        return None, f"the arguments of {name} do not parse"
+    problem = "must be a JSON object" if not isinstance(arguments, dict) else \
+        schema_problem(arguments, tools.functions[name].parameters)
+    if problem:
+        return None, f"the arguments of {name}: {problem}"
+    return {"id": new_call_id(), "name": name, "arguments": orjson.dumps(arguments).decode()}, None
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+
+
+JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
+              "boolean": bool, "null": type(None)}
+
+
+def schema_problem(value: object, schema: object) -> str | None:
+    """What in `value` breaks its JSON schema, in the part checked here: the type; for an object,
+    the required properties, and the type and enum of each property the schema describes."""
+    if not isinstance(schema, dict):
+        return None
+    problem = type_problem(value, schema, "the value")
+    if problem or not isinstance(value, dict):
+        return problem
+    missing = [name for name in schema.get("required") or () if isinstance(name, str) and name not in value]
+    if missing:
+        return f"the required {', '.join(missing)} missing"
+    properties = schema.get("properties")
+    for name, part in properties.items() if isinstance(properties, dict) else ():
+        if name in value and isinstance(part, dict):
+            problem = type_problem(value[name], part, repr(name))
+            if problem:
+                return problem
+    return None
+
+
+def type_problem(value: object, schema: dict, what: str) -> str | None:
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    kinds = [kind for kind in kinds if kind in JSON_TYPES]
+    if kinds and not any(is_json_type(value, kind) for kind in kinds):
+        return f"{what} must be {' or '.join(kinds)}"
+    enum = schema.get("enum")
+    if isinstance(enum, list) and value not in enum:
+        return f"{what} must be one of {orjson.dumps(enum).decode()}"
+    return None
+
+
+def is_json_type(value: object, kind: str) -> bool:
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, JSON_TYPES[kind])
+
+
+FENCED = re.compile(r"```[\w-]*[ \t]*\n(.*?)```", re.S)
+
+
+def to_json_answer(text: str, json_format: JsonFormat) -> tuple[str | None, str | None]:
+    """The JSON text in an answer, with a code fence or prose around it stripped, or what is wrong."""
+    problem = "it holds no JSON that parses"
+    for candidate in json_candidates(text):
+        try:
+            value = orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
+        problem = schema_problem(value, json_format.schema or {"type": "object"})
+        if problem is None:
+            return candidate, None
+    return None, problem
+
+
+def json_candidates(text: str):
+    yield text.strip()
+    yield from (match[1].strip() for match in FENCED.finditer(text))
+    for opening, closing in ("{}", "[]"):
+        start, end = text.find(opening), text.rfind(closing)
+        if 0 <= start < end:
+            yield text[start:end + 1]
+
+
+class AnswerReading:
+    """One Kimi answer read for tool calls or JSON (pure). When `live`, the thinking and the prose
+    before a call go out as they come; otherwise everything waits for the verdict."""
+
+    def __init__(self, question: Question, live: bool) -> None:
+        self.scanner = CallScanner(question.tools.parallel) if question.tools else None
+        self.live = live
+        self._text: list[str] = []
+        self.prose = ""          # the text before the first block (all of it when there is none)
+        self.sent = 0            # characters of the prose that went out
+        self.reasoning: list[str] = []  # thinking kept back
+        self.finish_reason = "stop"
+        self.usage: dict = {}
+
+    @property
+    def text(self) -> str:
+        """The answer as far as it was read."""
+        return "".join(self._text)
+
+    @property
+    def ended(self) -> bool:
+        return self.scanner is not None and self.scanner.ended
+
+    def take(self, fields: list[AnswerField]) -> list[AnswerField]:
+        """Read the fields of one network read; return those that may go out now."""
+        out: list[AnswerField] = []
+        for field, value in fields:
+            if field == "content":
+                self._text.append(value)
+                out += self._prose(self.scanner.feed(value) if self.scanner else value)
+            elif field == "reasoning_content" and not self.live:
+                self.reasoning.append(value)
+            elif field == "finish_reason":
+                self.finish_reason = value
+            elif field == "usage":
+                self.usage = value
+            else:
+                out.append((field, value))
+        return out
+
+    def finish(self) -> list[AnswerField]:
+        return self._prose(self.scanner.finish()) if self.scanner else []
+
+    def _prose(self, prose: str) -> list[AnswerField]:
+        self.prose += prose
+        if not (self.live and prose):
+            return []
+        self.sent += len(prose)
+        return [("content", prose)]
+
+    def kept_back(self) -> list[AnswerField]:
+        """The thinking and prose not sent yet, for an answer that passed."""
+        fields = [("reasoning_content", "".join(self.reasoning))] if self.reasoning else []
+        return fields + ([("content", self.prose[self.sent:])] if self.prose[self.sent:] else [])
+
+
+class BadAnswer(NamedTuple):
+    problem: str
+    repair: str  # what Kimi is told in the repair turn
+
+
+def judge(question: Question, reading: AnswerReading) -> list[AnswerField] | BadAnswer:
+    """The last fields of an answer that passes (its calls, or its JSON), or what is wrong with it."""
+    tools, scanner = question.tools, reading.scanner
+    if scanner and (scanner.blocks or scanner.unclosed):
+        calls, problem = to_tool_calls(scanner, tools)
+        if problem:
+            return bad_call(problem)
+        if tools.deprecated:
+            call = {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}
+            return reading.kept_back() + [("function_call", call), ("finish_reason", "function_call")]
+        return reading.kept_back() + [("tool_calls", calls), ("finish_reason", "tool_calls")]
+    if tools and tools.required:
+        return bad_call(f"it calls no function, and {tools.only or 'a function'} must be called")
+    if question.json_format:
+        text, problem = to_json_answer(reading.text, question.json_format)
+        if problem:
+            return BadAnswer(f"the answer is not the JSON asked for: {problem}",
+                             f"That answer is not the JSON asked for: {problem}. Answer again with the JSON only.")
+        reading.prose, reading.sent = text, 0
+    return reading.kept_back() + [("finish_reason", reading.finish_reason)]
+
+
+def bad_call(problem: str) -> BadAnswer:
+    return BadAnswer(f"the function call is not usable: {problem}",
+                     f"That function call is not usable: {problem}. Write the call again as one <tool_call> "
+                     'block holding {"name": ..., "arguments": {...}}, and nothing after it.')
+
+
+async def checked_answer_fields(session: "KimiSession", question: Question) -> AsyncIterator[list[AnswerField]]:
+    """The answer fields of a request with tools or a JSON format: Kimi's answer is read for calls
+    (or JSON) and checked, and a bad one gets one repair turn in the same chat. The prose before a
+    call streams as it comes, unless the answer must pass before anything goes out (a required
+    call, JSON)."""
+    live = question.json_format is None and not question.tools.required
+    first = AnswerReading(question, live)
+    async for fields in read_answer(session.ask(question), question, first):
+        yield fields
+    verdict = judge(question, first)
+    usage = first.usage
+    if isinstance(verdict, BadAnswer) and session.chat_id is not None:
+        repair = dataclasses.replace(question, prompt=verdict.repair, chat_id=session.chat_id, attachments=())
+        second = AnswerReading(question, live=False)
+        async for fields in read_answer(session.ask(repair), repair, second):
+            yield fields
+        verdict = judge(question, second)
+        usage = {key: value + second.usage.get(key, 0) for key, value in usage.items()}
+    if isinstance(verdict, BadAnswer):
+        verdict = answer_as_written(question, first, verdict.problem)
+    yield verdict + [("usage", usage)]
+
+
+async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
+                      reading: AnswerReading) -> AsyncIterator[list[AnswerField]]:
+    """Read one answer into `reading`, passing on what may go out at once. Once text follows the
+    last call, Kimi's answer is closed unread: nothing after it is used."""
+    async with aclosing(to_answer_fields(batches, question)) as answer:
+        async for fields in answer:
+            out = reading.take(fields)
+            if out:
+                yield out
+            if reading.ended:
+                break
+    out = reading.finish()
+    if out:
+        yield out
+
+
+def answer_as_written(question: Question, reading: AnswerReading, problem: str) -> list[AnswerField]:
+    """A first answer whose calls are still bad after the repair turn is plain text, as Kimi wrote
+    it; where a call or JSON was required, that is Kimi failing."""
+    if question.json_format or question.tools.required:
+        raise ProxyError(502, f"Kimi's answer could not be used, even when asked again: {problem}",
+                         error_type="server_error", code="invalid_kimi_answer")
+    reading.prose = reading.text  # of which the first `sent` characters went out already
+    return reading.kept_back() + [("finish_reason", "stop")]
+
+
+def call_deltas(field: str, value: object) -> list[dict]:
+    """The deltas that stream function calls: for each, its index, id, type and name first, then
+    its arguments (clients concatenate repeated fields, so each is sent once)."""
+    if field == "function_call":
+        return [{field: {"name": value["name"], "arguments": ""}}, {field: {"arguments": value["arguments"]}}]
+    return [delta for index, call in enumerate(value) for delta in (
+        {field: [{"index": index, "id": call["id"], "type": "function",
+                  "function": {"name": call["name"], "arguments": ""}}]},
+        {field: [{"index": index, "function": {"arguments": call["arguments"]}}]})]
 
 
 class ChunkEncoder:
@@ -2497,8 +3002,12 @@ class ChunkEncoder:
     def encode(self, field: str, value: object) -> bytes:
         if field == "usage":
             return self._sse({**self._head, "choices": [], "usage": value}) if self._include_usage else b""
-        delta = {} if field == "finish_reason" else {field: value}
-        chunk = self._chunk(delta, value if field == "finish_reason" else None)
+        if field == "finish_reason":
+            chunk = self._chunk({}, value)
+        elif field in ("tool_calls", "function_call"):
+            chunk = b"".join(self._chunk(delta, None) for delta in call_deltas(field, value))
+        else:
+            chunk = self._chunk({field: value}, None)
         if self._role_sent:
             return chunk
         self._role_sent = True
@@ -2795,7 +3304,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     request[MODEL] = question.model
     session = KimiSession(request.app, credentials)
     try:
-        fields = to_answer_fields(session.ask(question), question)
+        fields = answer_fields(session, question)
         if question.stream:
             return await stream_answer(request, question, fields)
         async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
@@ -2806,6 +3315,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if "conversation_id" in completion:
         response.headers[X_CONVERSATION_ID] = completion["conversation_id"]
     return response
+
+
+def answer_fields(session: KimiSession, question: Question) -> AsyncIterator[list[AnswerField]]:
+    if question.tools is None and question.json_format is None:
+        return to_answer_fields(session.ask(question), question)
+    return checked_answer_fields(session, question)
 
 
 class SSEStream:
@@ -2865,7 +3380,9 @@ async def stream_answer(request: web.Request, question: Question,
     chunks = 0
     try:
         try:
-            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream.kept_alive():
+            # a required call is known before the status goes out: no keep-alive starts the stream
+            kept_alive = nullcontext() if question.tools and question.tools.required else stream.kept_alive()
+            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), kept_alive:
                 async for fields in batches:
                     encoded = []
                     for field, value in fields:
