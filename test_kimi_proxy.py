@@ -71,6 +71,7 @@ class Chat:
     question: str = ""                              # the first prompt, which continuations go on with
     segment_ids: list = field(default_factory=list)  # legacy `req` ids a continuation may name
     last_message: str | None = None                 # connect: the assistant message a next turn follows
+    scenario: str = ""                              # the scenario its first prompt named
     streaming: bool = False
     deleted: bool = False
 
@@ -108,6 +109,9 @@ class FakeKimiBase:
         self.parse_calls = 0
         self.presign_uploads = True                     # the REST upload flow (pre-sign, PUT, register)
         self.web_page: str | None = None                # "redirect" or "html": every call gets that instead
+        self.replies: list[str] = []                    # what the next turns of a `scenario:reply` chat answer
+        self.reply_piece = 4                            # characters per streamed piece of a reply
+        self.reply_pause = 0.0                          # seconds between the pieces
         self.url = ""
 
     # -- test controls ---------------------------------------------------------------------------
@@ -137,6 +141,19 @@ class FakeKimiBase:
         self.faults.append({"method": method, "path": re.compile(path_pattern), "status": status, "times": times,
                             "body": body or {"error_type": "server.internal", "message": "服务内部错误"},
                             "headers": headers or {}, "html": html})
+
+    def reply_script(self, piece) -> list:
+        """The next scripted reply as pieces made by `piece`, paced (with none left: empty)."""
+        text = self.replies.pop(0) if self.replies else ""
+        pause = [self.reply_pause] if self.reply_pause else []
+        return [item for start in range(0, len(text), self.reply_piece)
+                for item in (*pause, piece(text[start:start + self.reply_piece]))]
+
+    def scenario_in(self, chat: Chat, prompt: str) -> str:
+        """A prompt's scenario; in a `reply` chat, the proxy's own follow-up turns get replies too."""
+        scenario = scenario_of(prompt)
+        chat.scenario = chat.scenario or scenario
+        return "reply" if scenario == "plain" and chat.scenario == "reply" else scenario
 
     def revoke_access_tokens(self) -> None:
         self.access.clear()
@@ -486,7 +503,7 @@ class FakeLegacyKimi(FakeKimiBase):
         chat.streaming = True
         self._open_stream(user_id)
         try:
-            return await self._stream(request, scenario_of(chat.question), body, chat, segment_id, continuing)
+            return await self._stream(request, self.scenario_in(chat, chat.question), body, chat, segment_id, continuing)
         except (ConnectionError, asyncio.CancelledError):
             self.closed_streams.append(chat_id)
             raise
@@ -539,6 +556,7 @@ class FakeLegacyKimi(FakeKimiBase):
             "length_forever": lambda: head + [{"event": "cmpl", "text": "段"}, {"event": "length"}] + done,
             "length_no_all_done": lambda: head + [{"event": "cmpl", "text": "x"}]
             + ([{"event": "all_done"}] if continuing else [{"event": "length"}]),
+            "reply": lambda: head + self.reply_script(lambda piece: {"event": "cmpl", "text": piece}) + done,
         }.get(scenario, lambda: render_script(SCENARIOS.get(scenario, PLAIN_SCRIPT), head + [{"event": "done"}], answer,
                                               1, done, [error], lambda piece: {"event": "cmpl", "text": piece}))()
 
@@ -796,15 +814,18 @@ class FakeConnectKimi(FakeKimiBase):
             self.unauthenticated_streams -= 1
             await response.write(connect_end({"code": "unauthenticated", "message": "token is expired"}))
             return response
-        scenario = scenario_of(prompt)
         chat_id = pick(body, "chat_id", "chatId")
+        if chat_id in self.chats and self.chats[chat_id].streaming:  # a guess at the code real Kimi uses
+            await response.write(connect_end({"code": "failed_precondition", "message": "the chat is still answering"}))
+            return response
+        scenario = self.scenario_in(self.chats.get(chat_id) or Chat(owner=user_id), prompt)
         new_chat = chat_id is None and scenario != "overloaded_first"  # overload refusals come before a chat exists
         if scenario.startswith("capture") and chat_id is None:
             chat_id = CAPTURE_CHAT  # the captured answer names its chat; this user owns it now
         elif new_chat:
             chat_id = self.new_chat_id()
         if new_chat:
-            self.chats[chat_id] = Chat(owner=user_id, question=prompt)
+            self.chats[chat_id] = Chat(owner=user_id, question=prompt, scenario=scenario)
             self.created.append(chat_id)
         chat = self.chats.get(chat_id) or Chat(owner=user_id)
         search = any(tool.get("type") == "TOOL_TYPE_SEARCH" for tool in body.get("tools") or ())
@@ -812,6 +833,7 @@ class FakeConnectKimi(FakeKimiBase):
         files = [block["file"]["id"] for block in message["blocks"][1:]]
         self._record_completion(request, chat_id, user_id, body, prompt, search, thinking, files)
         self._open_stream(user_id)
+        chat.streaming = True
         try:
             if scenario.startswith("capture"):
                 chat.last_message = CAPTURE_ASSISTANT
@@ -823,6 +845,7 @@ class FakeConnectKimi(FakeKimiBase):
             self.closed_streams.append(chat_id)
             raise
         finally:
+            chat.streaming = False
             self._close_stream(user_id)
         return response
 
@@ -979,6 +1002,7 @@ class FakeConnectKimi(FakeKimiBase):
                 event(op="set", mask="block.think", block={"id": "6", "parentId": "2", "think": {"content": THINKING[1]}}),
                 text(ANSWER[1], "4")] + tail,
             "two_blocks": lambda: head + [text("第一块", "4", "set"), text("第二块", "7", "set")] + tail,
+            "reply": lambda: head + [text("", op="set")] + self.reply_script(text) + tail,
         }.get(scenario, lambda: render_script(SCENARIOS.get(scenario, PLAIN_SCRIPT), head, answer, 2, tail,
                                               [connect_end(overloaded)], text))()
 
@@ -3470,6 +3494,448 @@ async def test_a_token_resting_after_a_kimi_failure_says_so(http, proxy, kimi, t
     response = await post_chat(http, proxy, token)
     message = assert_envelope(await response.json())["message"]
     assert response.status == 429 and "after a Kimi failure" in message and "rate limit" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools and structured outputs (emulated by prompting: Kimi's web chat has no functions)
+# ---------------------------------------------------------------------------------------------
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]},
+                                                    "days": {"type": "integer"}},
+                   "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+ASK = "scenario:reply 巴黎天气怎么样？"
+
+
+def block(name: str = "get_weather", fenced: bool = False, **arguments) -> str:
+    call = json.dumps({"name": name, "arguments": {"city": "Paris", **arguments}}, ensure_ascii=False)
+    return f"```tool_call\n{call}\n```" if fenced else f"<tool_call>\n{call}\n</tool_call>"
+
+
+async def ask_with_tools(http, proxy, token, replies: list[str], kimi, **body) -> tuple[aiohttp.ClientResponse, dict | list]:
+    """Ask with the weather tool (unless `tools` is given) while the fake Kimi answers `replies`,
+    one per turn; the parsed JSON answer, or the chunks of a stream."""
+    kimi.replies = list(replies)
+    body.setdefault("tools", [WEATHER])
+    body.setdefault("messages", user(ASK))
+    if body.pop("stream", False):
+        response, _, chunks = await stream_chunks(http, proxy, token, **body)
+        return response, chunks
+    response = await post_chat(http, proxy, token, **body)
+    return response, await response.json()
+
+
+def streamed_calls(chunks: list[dict]) -> list[dict]:
+    """Tool calls put together from stream fragments the way the openai SDK and LangChain do,
+    checking the rules they rely on: an index and a function on every fragment, and the id,
+    type and name in the first fragment of each call only."""
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for fragment in (chunk.get("choices") or [{}])[0].get("delta", {}).get("tool_calls") or ():
+            assert isinstance(fragment["index"], int) and isinstance(fragment["function"], dict)
+            call = calls.setdefault(fragment["index"], {"id": None, "name": None, "arguments": ""})
+            for key, value in (("id", fragment.get("id")), ("name", fragment["function"].get("name"))):
+                if value is not None:
+                    assert call[key] is None, f"{key} sent twice"
+                    call[key] = value
+            call["arguments"] += fragment["function"].get("arguments") or ""
+    assert sorted(calls) == list(range(len(calls)))
+    return [calls[index] for index in sorted(calls)]
+
+
+def finish_of(chunks: list[dict]) -> str:
+    return next(c["choices"][0]["finish_reason"] for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 1000])
+@pytest.mark.parametrize("text, prose, blocks", [
+    ('I will look.\n\n<tool_call>\n{"name": "f"}\n</tool_call>\nThat is all.', "I will look.", ['\n{"name": "f"}\n']),
+    ('<tool_call>{"a": 1}</tool_call>  <tool_call>{"b": 2}</tool_call>', "", ['{"a": 1}', '{"b": 2}']),
+    ('Sure:\n```tool_call\n{"name": "f"}\n```\n', "Sure:", ['\n{"name": "f"}\n']),
+    ("if a < b and c <= d, then ``` is a fence and <tool is no call", "if a < b and c <= d, then ``` is a fence and "
+     "<tool is no call", []),
+])
+def test_call_scanner_keeps_every_block_out_of_the_prose_at_every_chunk_edge(text, prose, blocks, size):
+    for start in range(size if size < 1000 else len(text)):  # every offset of the chunk grid
+        scanner = kp.CallScanner(parallel=True)
+        pieces = [text[:start]] + [text[i:i + size] for i in range(start, len(text), size)]
+        out = ""
+        for piece in pieces:
+            released = scanner.feed(piece)
+            assert "<tool_c" not in released and "```tool" not in released
+            out += released
+        out += scanner.finish()
+        assert (out, scanner.blocks) == (prose, blocks)
+
+
+def test_call_scanner_holds_back_only_what_could_start_a_block():
+    scanner = kp.CallScanner(parallel=True)
+    assert scanner.feed("x < y, so <to") == "x < y, so"
+    assert scanner.feed("ast> is fine") == " <toast> is fine"
+    assert scanner.feed(" and ``") == " and"
+    assert scanner.feed("`python") == " ```python"
+
+
+def test_call_scanner_stops_at_text_after_the_last_block_or_after_the_first_when_one_call_is_wanted():
+    scanner = kp.CallScanner(parallel=True)
+    scanner.feed('<tool_call>{}</tool_call>\n\n<tool_')
+    assert not scanner.ended  # another block may follow
+    scanner.feed('call>{"x": 1}</tool_call> ok')
+    assert scanner.ended and scanner.blocks == ["{}", '{"x": 1}']
+    single = kp.CallScanner(parallel=False)
+    single.feed('<tool_call>{}</tool_call>')
+    assert single.ended and single.blocks == ["{}"]
+    unclosed = kp.CallScanner(parallel=True)
+    unclosed.feed('<tool_call>{"name": "f", "argu')
+    assert unclosed.unclosed and not unclosed.blocks
+
+
+@pytest.mark.parametrize("value, schema, problem", [
+    ({"city": "Paris"}, WEATHER["function"]["parameters"], None),
+    ({"city": "Paris", "unit": "C", "days": 2.0, "extra": [1]}, WEATHER["function"]["parameters"], None),
+    ({}, WEATHER["function"]["parameters"], "the required city missing"),
+    ({"city": 5}, WEATHER["function"]["parameters"], "'city' must be string"),
+    ({"city": "Paris", "unit": "K"}, WEATHER["function"]["parameters"], "'unit' must be one of [\"C\",\"F\"]"),
+    ({"city": "Paris", "days": True}, WEATHER["function"]["parameters"], "'days' must be integer"),
+    ({"city": "Paris", "days": 1.5}, WEATHER["function"]["parameters"], "'days' must be integer"),
+    ([1], {"type": "object"}, "the value must be object"),
+    ({"n": None}, {"properties": {"n": {"type": ["number", "null"]}}}, None),
+    ({"n": "1"}, {"properties": {"n": {"type": ["number", "null"]}}}, "'n' must be number or null"),
+    ("anything", None, None),
+])
+def test_arguments_are_checked_against_the_subset_of_json_schema_we_promise(value, schema, problem):
+    assert kp.schema_problem(value, schema) == problem
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"a": 1}', '{"a": 1}'),
+    ('Here it is:\n```json\n{"a": 1}\n```\nEnjoy.', '{"a": 1}'),
+    ('The answer is {"a": {"b": [1, 2]}} as asked.', '{"a": {"b": [1, 2]}}'),
+    ("[1, 2]", None),           # json_object wants an object
+    ('{"a": 1', None),
+    ("no JSON here", None),
+])
+def test_json_is_found_in_an_answer_and_must_parse(text, expected):
+    assert kp.to_json_answer(text, kp.JsonFormat(None))[0] == expected
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
+    ({"functions": [{"name": "f"}], "function_call": "required"}, "function_call"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}}, "response_format.json_schema"),
+])
+def test_bad_tools_and_formats_name_the_field(extra, param):
+    with pytest.raises(kp.ProxyError) as caught:
+        kp.to_question({"messages": user("hi"), **extra})
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_what_kimi_is_asked_with_tools_and_without():
+    plain = kp.to_question({"messages": user("hi"), "tools": [WEATHER], "tool_choice": "none"})
+    assert (plain.prompt, plain.tools) == ("hi", None)
+    asked = kp.to_question({"messages": user("hi"), "tools": [WEATHER, {"type": "web_search"}], "tool_choice": "required",
+                            "parallel_tool_calls": False})
+    assert asked.prompt.startswith("system:You can call these functions")
+    assert json.dumps(WEATHER["function"], separators=(",", ":")) in asked.prompt
+    assert "<tool_call>" in asked.prompt and "must call at least one" in asked.prompt and "at most one" in asked.prompt
+    assert asked.prompt.endswith("\nuser:hi") and list(asked.tools.functions) == ["get_weather"]
+    named = kp.to_question({"messages": user("hi"), "functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}})
+    assert (named.tools.only, named.tools.deprecated, named.tools.parallel) == ("get_weather", True, False)
+    json_asked = kp.to_question({"messages": user("hi"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "w", "schema": {"type": "object", "required": ["t"]}}}})
+    assert "JSON only" in json_asked.prompt and '{"type":"object","required":["t"]}' in json_asked.prompt
+
+
+HISTORY = [{"role": "user", "content": "巴黎天气？"},
+           {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+               "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"}]
+
+
+def test_calls_and_their_results_are_folded_into_the_prompt_in_the_same_format():
+    prompt = kp.to_question({"messages": HISTORY, "tools": [WEATHER]}).prompt
+    assert prompt.endswith('user:巴黎天气？\nassistant:<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n'
+                           '</tool_call>\nsystem:关注用户最新的消息\ntool:<tool_result name="get_weather">\n18C, sunny\n'
+                           '</tool_result>')
+    deprecated = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                                      "function_call": {"name": "f", "arguments": "{}"}},
+                  {"role": "function", "name": "f", "content": [{"type": "text", "text": "42"}]}]
+    assert kp.to_question({"messages": deprecated}).prompt.endswith(
+        'assistant:<tool_call>\n{"name":"f","arguments":{}}\n</tool_call>\nsystem:关注用户最新的消息\n'
+        'tool:<tool_result name="f">\n42\n</tool_result>')
+    kept = kp.to_question({"messages": HISTORY + [{"role": "tool", "tool_call_id": "x", "content": "more"}],
+                           "conversation_id": "cr7p4ik2lq1s5t0u9v3g"})
+    assert kept.prompt == 'tool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>\ntool:more'
+
+
+@BOTH_DIALECTS
+async def test_a_tool_call_comes_back_as_openai_tool_calls(http, proxy, token, kimi):
+    response, answer = await ask_with_tools(http, proxy, token, ["我查一下。\n" + block(unit="C")], kimi)
+    assert response.status == 200
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "我查一下。"
+    (call,) = choice["message"]["tool_calls"]
+    assert re.fullmatch(r"call_[A-Za-z0-9]{24}", call["id"]) and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+    (seen,) = kimi.completions
+    assert '"name":"get_weather"' in seen["prompt"] and seen["prompt"].endswith("user:" + ASK)
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
+
+
+async def test_a_call_alone_has_null_content_and_parallel_calls_are_numbered(http, proxy, token, kimi):
+    reply = block() + "\n" + block("get_time", fenced=True)
+    _, answer = await ask_with_tools(http, proxy, token, [reply], kimi, tools=[WEATHER, TIME])
+    message = answer["choices"][0]["message"]
+    assert message["content"] is None
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
+    assert len({c["id"] for c in message["tool_calls"]}) == 2
+    _, answer = await ask_with_tools(http, proxy, token, [reply], kimi, tools=[WEATHER, TIME], parallel_tool_calls=False)
+    assert [c["function"]["name"] for c in answer["choices"][0]["message"]["tool_calls"]] == ["get_weather"]
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7])
+async def test_streamed_calls_never_leak_into_content_at_any_chunk_size(http, proxy, token, kimi, piece):
+    kimi.reply_piece = piece
+    prose = "好的 a < b，我查两个城市。"
+    reply = f"{prose}\n{block()}\n{block(city='Rome')}"
+    response, chunks = await ask_with_tools(http, proxy, token, [reply], kimi, stream=True)
+    assert response.status == 200
+    assert content_of(chunks) == prose
+    calls = streamed_calls(chunks)
+    assert [json.loads(c["arguments"]) for c in calls] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert all(c["id"].startswith("call_") and c["name"] == "get_weather" for c in calls)
+    assert finish_of(chunks) == "tool_calls"
+    await kimi.wait_deleted(1)
+
+
+async def test_text_that_only_looks_like_a_call_streams_as_it_is(http, proxy, token, kimi):
+    kimi.reply_piece = 1
+    reply = "若 a < b 且 <tool 不是调用，```代码``` 也照常。"
+    _, chunks = await ask_with_tools(http, proxy, token, [reply], kimi, stream=True)
+    assert content_of(chunks) == reply and finish_of(chunks) == "stop"
+    assert not streamed_calls(chunks)
+
+
+async def test_with_tool_choice_none_nothing_is_described_or_parsed(http, proxy, token, kimi):
+    _, answer = await ask_with_tools(http, proxy, token, [block()], kimi, tool_choice="none")
+    assert answer["choices"][0]["message"]["content"] == block()
+    assert answer["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in answer["choices"][0]["message"]
+    assert kimi.completions[0]["prompt"] == ASK
+
+
+@BOTH_DIALECTS
+@pytest.mark.parametrize("bad, problem", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"</tool_call>', "does not parse"),
+    (block("get_wether"), "'get_wether' is not a function"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"unit": "C"}}</tool_call>', "the required city missing"),
+    (block(city=75), "'city' must be string"),
+    (block(unit="K"), "'unit' must be one of"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}', "not closed"),
+])
+async def test_a_bad_call_gets_one_repair_turn_in_the_same_chat(http, proxy, token, kimi, bad, problem):
+    response, answer = await ask_with_tools(http, proxy, token, ["先说明。" + bad, block(city="Rome")], kimi)
+    assert response.status == 200, answer
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "先说明。"
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
+    first, repair = kimi.completions
+    assert repair["chat"] == first["chat"] and problem in repair["prompt"] and "<tool_call>" in repair["prompt"]
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_call_still_bad_after_the_repair_is_returned_as_the_text_kimi_wrote(http, proxy, token, kimi, stream):
+    bad = "我来查。\n" + block(city=1)
+    response, answer = await ask_with_tools(http, proxy, token, [bad, block(city=2)], kimi, stream=stream)
+    assert response.status == 200
+    if stream:
+        assert (content_of(answer), finish_of(answer), streamed_calls(answer)) == (bad, "stop", [])
+        assert content_of(answer[:2]) == "我来查。"  # the prose went out before the call was read
+    else:
+        assert answer["choices"][0]["message"]["content"] == bad
+        assert answer["choices"][0]["finish_reason"] == "stop"
+    assert len(kimi.completions) == 2
+    await kimi.wait_deleted(1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_required_call_is_asked_for_again_and_then_refused_with_502(http, proxy, token, kimi, stream):
+    response, answer = await ask_with_tools(http, proxy, token, ["巴黎今天晴。", block()], kimi, stream=stream,
+                                            tool_choice="required")
+    calls = streamed_calls(answer) if stream else answer["choices"][0]["message"]["tool_calls"]
+    assert response.status == 200 and len(calls) == 1
+    assert "must be called" in kimi.completions[1]["prompt"]
+    kimi.completions.clear()
+    kimi.replies = ["晴。", "还是晴。"]
+    response = await post_chat(http, proxy, token, stream=stream, messages=user(ASK), tools=[WEATHER],
+                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert response.status == 502  # a stream too: nothing went out before the verdict
+    assert_envelope(await response.json(), "invalid_kimi_answer")
+    assert len(kimi.completions) == 2
+    await kimi.wait_deleted(2)
+    assert kimi.live_chats == []
+
+
+async def test_a_named_function_must_be_the_one_called(http, proxy, token, kimi):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    _, answer = await ask_with_tools(http, proxy, token, [block(), block("get_time")], kimi, tools=[WEATHER, TIME],
+                                     tool_choice=named)
+    assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    assert "'get_weather' is not a function you may call" in kimi.completions[1]["prompt"]
+
+
+async def test_text_after_the_last_call_is_not_read(http, proxy, token, kimi):
+    kimi.reply_pause = 0.02
+    tail = "然后我会继续写很多很多字。" * 20
+    response, answer = await ask_with_tools(http, proxy, token, [block() + "\n" + tail], kimi)
+    assert answer["choices"][0]["finish_reason"] == "tool_calls"
+    await kimi.wait_deleted(1)
+    assert kimi.closed_streams == [kimi.completions[0]["chat"]]  # the proxy hung up instead of reading on
+    await kimi.wait_deleted(1)
+
+
+@BOTH_DIALECTS
+async def test_a_repair_after_an_answer_cut_short_waits_for_nothing(http, proxy, token, kimi):
+    """The first answer is closed before the repair turn: Kimi refuses a turn in a chat that still streams."""
+    kimi.reply_pause = 0.02
+    _, answer = await ask_with_tools(http, proxy, token, [block(city=1) + "\n" + "后面还有很多字。" * 20, block()], kimi)
+    assert answer["choices"][0]["finish_reason"] == "tool_calls", answer
+    assert len(kimi.completions) == 2 and kimi.closed_streams == [kimi.completions[0]["chat"]]
+
+
+@BOTH_DIALECTS
+async def test_an_agent_round_trip_with_a_kept_conversation(http, proxy, token, kimi):
+    _, answer = await ask_with_tools(http, proxy, token, [block()], kimi, conversation_id="new")
+    chat_id = answer["conversation_id"]
+    call = answer["choices"][0]["message"]["tool_calls"][0]
+    history = [{"role": "user", "content": ASK}, answer["choices"][0]["message"],
+               {"role": "tool", "tool_call_id": call["id"], "content": "18C, sunny"}]
+    _, final = await ask_with_tools(http, proxy, token, ["巴黎 18 度，晴。"], kimi, messages=history, conversation_id=chat_id)
+    assert final["choices"][0]["message"]["content"] == "巴黎 18 度，晴。"
+    assert final["choices"][0]["finish_reason"] == "stop"
+    second = kimi.completions[1]
+    assert second["chat"] == chat_id
+    assert second["prompt"].endswith('\ntool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>')
+    assert ASK not in second["prompt"]  # the kept chat already holds the question
+    assert kimi.live_chats == [chat_id]
+
+
+async def test_an_agent_round_trip_folded_into_one_message(http, proxy, token, kimi):
+    _, answer = await ask_with_tools(http, proxy, token, [block()], kimi)
+    history = [{"role": "user", "content": ASK}, answer["choices"][0]["message"],
+               {"role": "tool", "tool_call_id": answer["choices"][0]["message"]["tool_calls"][0]["id"], "content": "18C"}]
+    _, final = await ask_with_tools(http, proxy, token, ["18 度。"], kimi, messages=history)
+    assert final["choices"][0]["message"]["content"] == "18 度。"
+    prompt = kimi.completions[1]["prompt"]
+    assert f"user:{ASK}\nassistant:<tool_call>" in prompt and '<tool_result name="get_weather">\n18C\n' in prompt
+    await kimi.wait_deleted(2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_deprecated_functions_get_a_function_call(http, proxy, token, kimi, stream):
+    _, answer = await ask_with_tools(http, proxy, token, [block() + block()], kimi, stream=stream, tools=None,
+                                     functions=[WEATHER["function"]])
+    if stream:
+        deltas = [c["choices"][0]["delta"].get("function_call") for c in answer if c.get("choices")]
+        deltas = [d for d in deltas if d]
+        assert deltas[0]["name"] == "get_weather" and "name" not in deltas[1]
+        assert json.loads("".join(d["arguments"] for d in deltas)) == {"city": "Paris"}
+        assert finish_of(answer) == "function_call"
+    else:
+        message = answer["choices"][0]["message"]
+        assert message["function_call"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+        assert message["content"] is None and answer["choices"][0]["finish_reason"] == "function_call"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_json_object_answers_are_bare_json(http, proxy, token, kimi, stream):
+    reply = '好的，结果如下：\n```json\n{"city": "巴黎", "temp": 18}\n```\n希望有用。'
+    response, answer = await ask_with_tools(http, proxy, token, [reply], kimi, stream=stream, tools=None,
+                                            response_format={"type": "json_object"})
+    content = content_of(answer) if stream else answer["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"city": "巴黎", "temp": 18}
+    if stream:
+        assert len([c for c in answer if c.get("choices") and c["choices"][0]["delta"].get("content")]) == 1
+    assert "JSON only" in kimi.completions[0]["prompt"]
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": {
+    "type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "integer"}}, "required": ["city", "temp"]}}}
+
+
+@BOTH_DIALECTS
+async def test_json_schema_answers_are_repaired_once_then_refused(http, proxy, token, kimi):
+    _, answer = await ask_with_tools(http, proxy, token, ['{"city": "巴黎"}', '{"city": "巴黎", "temp": 18}'], kimi,
+                                     tools=None, response_format=SCHEMA_FORMAT)
+    assert json.loads(answer["choices"][0]["message"]["content"]) == {"city": "巴黎", "temp": 18}
+    assert "the required temp missing" in kimi.completions[1]["prompt"]
+    assert kimi.completions[1]["chat"] == kimi.completions[0]["chat"]
+    response, error = await ask_with_tools(http, proxy, token, ["不知道", '{"city": 1, "temp": 18}'], kimi, tools=None,
+                                           response_format=SCHEMA_FORMAT)
+    assert response.status == 502 and "'city' must be string" in assert_envelope(error, "invalid_kimi_answer")["message"]
+    await kimi.wait_deleted(2)
+    assert kimi.live_chats == []
+
+
+async def test_the_openai_sdk_accumulates_streamed_calls_and_parses_structured_output(sdk, kimi):
+    import pydantic
+
+    kimi.replies, kimi.reply_piece = ["查询中" + block() + block(city="Rome")], 2
+    async with sdk.chat.completions.stream(model="kimi", messages=user(ASK), tools=[WEATHER]) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+    assert final.choices[0].finish_reason == "tool_calls" and all(c.id.startswith("call_") for c in calls)
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        temp: int
+
+    kimi.replies = ['```json\n{"city": "巴黎", "temp": 18}\n```']
+    parsed = await sdk.chat.completions.parse(model="kimi", messages=user(ASK), response_format=Weather)
+    assert parsed.choices[0].message.parsed == Weather(city="巴黎", temp=18)
+    await kimi.wait_deleted(2)
+
+
+async def test_langchain_bind_tools_invoke_and_stream(proxy, token, kimi):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        return "18C"
+
+    model = langchain_openai.ChatOpenAI(base_url=proxy + "/v1", api_key=token, model="kimi", max_retries=0)
+    bound = model.bind_tools([get_weather])
+    kimi.replies = ["我查一下。" + block(), block(city="Rome")]
+    message = await bound.ainvoke(ASK)
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"})]
+    kimi.reply_piece = 3
+    gathered = None
+    async for chunk in bound.astream(ASK):
+        gathered = chunk if gathered is None else gathered + chunk
+    assert [(c["name"], c["args"]) for c in gathered.tool_calls] == [("get_weather", {"city": "Rome"})]
+    assert gathered.content == "" and message.content == "我查一下。"
+    await kimi.wait_deleted(2)
 
 
 # ---------------------------------------------------------------------------------------------
