@@ -3228,14 +3228,14 @@ class KimiSession:
             elif event.kind in VISIBLE:
                 self._answered = True
 
-    def close(self) -> None:
+    def close(self, seen: bool = True) -> None:
         """Hand the token back and delete the chats (in the background): a kept chat stays only
-        once the client has seen its id."""
+        once the client has seen its id (`seen`: the answer that names it went out)."""
         if self._credential is None:
             return
         credential, self._credential = self._credential, None
         self._app[TOKEN_HEALTH].release(credential)
-        if not (self._keep and self._answered):
+        if not (self._keep and self._answered and seen):
             for chat_id in self._created:
                 self._app[JANITOR].spawn(self._app[KIMI].delete_chat(credential, chat_id))
         self._created = []
@@ -3309,6 +3309,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return await stream_answer(request, question, fields)
         async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
             completion = await fold_answer(fields, question)
+    except ProxyError:
+        session.close(seen=False)  # an error answer names no chat, so no client can go on with it
+        raise
     finally:
         session.close()
     response = web.Response(body=orjson.dumps(completion), content_type="application/json")

@@ -3792,6 +3792,16 @@ async def test_a_required_call_is_asked_for_again_and_then_refused_with_502(http
     assert kimi.live_chats == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_kept_chat_goes_when_the_answer_is_an_error(http, proxy, token, kimi, stream):
+    """The client never learns the id of a chat whose request failed, so it cannot be kept."""
+    response, _ = await ask_with_tools(http, proxy, token, ["不调用。", "还是不调用。"], kimi, stream=stream,
+                                       tool_choice="required", conversation_id="new")
+    assert response.status == 502 and "X-Conversation-Id" not in response.headers
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
+
+
 async def test_a_named_function_must_be_the_one_called(http, proxy, token, kimi):
     named = {"type": "function", "function": {"name": "get_time"}}
     _, answer = await ask_with_tools(http, proxy, token, [block(), block("get_time")], kimi, tools=[WEATHER, TIME],
