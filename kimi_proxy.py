@@ -2664,6 +2664,9 @@ async def fold_answer(batches: AsyncIterator[list[AnswerField]], question: Quest
 # Tool calls and JSON answers: Kimi's web chat has no functions of its own, so it is asked to
 # write calls as blocks (see to_instructions), and its answer is read and checked here.
 BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark -> closing mark
+# text ending in what could still grow into an opening mark (one regex: this runs for every piece)
+PARTIAL_MARK = re.compile("(?:" + "|".join(re.escape(mark[:size]) for mark in BLOCKS
+                                           for size in range(len(mark) - 1, 0, -1)) + r")\Z")
 LONGEST_MARK = max(map(len, BLOCKS))
 
 
@@ -2693,9 +2696,8 @@ class CallScanner:
             self._pending, self.held = "", pending[min(starts):]
             self._scan()
             return pending[:min(starts)].rstrip()
-        keep = next((size for size in range(min(len(pending), LONGEST_MARK - 1), 0, -1)
-                     if any(mark.startswith(pending[-size:]) for mark in BLOCKS)), 0)
-        prose = pending[:len(pending) - keep].rstrip()
+        partial = PARTIAL_MARK.search(pending, max(0, len(pending) - LONGEST_MARK))
+        prose = pending[:partial.start() if partial else len(pending)].rstrip()
         self._pending = pending[len(prose):]
         return prose
 
