@@ -133,11 +133,15 @@ def chat_body(prompt: str, stream: bool = True, **extra) -> dict:
     return {"model": "kimi", "stream": stream, "messages": [{"role": "user", "content": prompt}], **extra}
 
 
-async def proxy_stream(http, proxy: str, token: str, prompt: str) -> tuple[float, int, bool]:
-    """(seconds to the first content byte, content chunks, ended with [DONE])."""
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}}, "required": ["city"]}}}
+
+
+async def proxy_stream(http, proxy: str, token: str, prompt: str, **extra) -> tuple[float, int, bool, bool]:
+    """(seconds to the first content byte, content chunks, ended with [DONE], ended with a tool call)."""
     started = time.perf_counter()
-    first, chunks, done = 0.0, 0, False
-    async with http.post(proxy + "/v1/chat/completions", json=chat_body(prompt),
+    first, chunks, done, called = 0.0, 0, False, False
+    async with http.post(proxy + "/v1/chat/completions", json=chat_body(prompt, **extra),
                          headers={"Authorization": f"Bearer {token}"}) as response:
         async for line in response.content:
             if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
@@ -145,7 +149,8 @@ async def proxy_stream(http, proxy: str, token: str, prompt: str) -> tuple[float
                 first = first or time.perf_counter() - started
             elif line.startswith(b"data: [DONE]"):
                 done = True
-    return first, chunks, done
+            called = called or b'"finish_reason":"tool_calls"' in line
+    return first, chunks, done, called
 
 
 async def direct_first_content(http, kimi: str, access: str, dialect: str) -> float:
@@ -208,19 +213,32 @@ def percentile(ordered: list[float], p: int) -> float:
 
 
 async def measure_cpu(http, proxy, pid, token, requests: int, chunks: int, concurrency: int) -> dict:
+    plain = await cpu_per_chunk(http, proxy, pid, token, requests, chunks, concurrency, "chunks")
+    offered = await cpu_per_chunk(http, proxy, pid, token, requests, chunks, concurrency, "chunks", tools=[WEATHER_TOOL])
+    called = await cpu_per_chunk(http, proxy, pid, token, requests, chunks, concurrency, "call", tools=[WEATHER_TOOL])
+    return {"cpu_us_per_chunk": plain[0], "chunks_per_s": plain[1], "cpu_us_per_chunk_tools_offered": offered[0],
+            "cpu_us_per_chunk_tool_call": called[0], "cpu_incomplete": plain[2] + offered[2] + called[2]}
+
+
+async def cpu_per_chunk(http, proxy, pid, token, requests: int, chunks: int, concurrency: int, scenario: str,
+                        **extra) -> tuple[float, float, int]:
+    """(CPU µs per answer piece Kimi sent, pieces per second, answers incomplete). An answer with a
+    tool call is `chunks` pieces of text and then the call in pieces."""
+    from test_kimi_proxy import bulk_pieces
+
     gate = asyncio.Semaphore(concurrency)
+    sent = len(bulk_pieces(f"{scenario}_{chunks}"))
 
     async def one() -> tuple[int, bool]:
         async with gate:
-            _, received, done = await proxy_stream(http, proxy, token, f"scenario:chunks_{chunks}")
-            return received, done
+            _, received, done, called = await proxy_stream(http, proxy, token, f"scenario:{scenario}_{chunks}", **extra)
+            return received, done and called == (scenario == "call")
 
     cpu_before, started = cpu_seconds(pid), time.perf_counter()
     results = await asyncio.gather(*(one() for _ in range(requests)))
     wall, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
-    relayed = sum(received for received, _ in results)
-    return {"cpu_us_per_chunk": 1e6 * cpu / relayed, "chunks_per_s": relayed / wall,
-            "cpu_incomplete": sum(1 for received, done in results if received != chunks or not done)}
+    return (1e6 * cpu / (sent * requests), sent * requests / wall,
+            sum(1 for received, done in results if received < chunks or not done))
 
 
 async def measure_open_streams(http, proxy, pid, token, streams: int, seconds: int) -> dict:
@@ -338,6 +356,8 @@ def table(dialect: str, sizes: dict, results: dict) -> str:
             ("time to first content through the proxy, median (ms)", "ttfb_ms_median"),
             ("time to first content from the fake directly, median (ms)", "direct_ttfb_ms_median"),
             ("CPU per relayed chunk (µs)", "cpu_us_per_chunk"),
+            ("CPU per relayed chunk, tools offered, plain answer (µs)", "cpu_us_per_chunk_tools_offered"),
+            ("CPU per Kimi piece, answer ending in a tool call (µs)", "cpu_us_per_chunk_tool_call"),
             ("chunks relayed per second", "chunks_per_s"),
             ("resident memory, idle (MB)", "idle_rss_mb"),
             (f"resident memory, {sizes['open_streams']} open streams (MB)", "streams_rss_mb"),

@@ -393,14 +393,19 @@ def render_script(steps: list, head: list, answer: list, first: int, done: list,
     return script
 
 
+BULK_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+
+
 def bulk_pieces(scenario: str) -> list | None:
-    """`chunks_N`: N answer pieces as fast as possible; `trickle_N`: N pieces a second apart.
-    Numbers stand for pauses, strings for pieces (the benchmark's loads)."""
+    """`chunks_N`: N answer pieces as fast as possible; `trickle_N`: N pieces a second apart;
+    `call_N`: N pieces, then a tool call in 8-character pieces. Numbers stand for pauses,
+    strings for pieces (the benchmark's loads)."""
     kind, _, count = scenario.partition("_")
-    if kind not in ("chunks", "trickle") or not count.isdigit():
+    if kind not in ("chunks", "trickle", "call") or not count.isdigit():
         return None
     pause = [1.0] if kind == "trickle" else []
-    return [item for i in range(int(count)) for item in (*pause, f"片段{i} ")]
+    call = [BULK_CALL[start:start + 8] for start in range(0, len(BULK_CALL), 8)] if kind == "call" else []
+    return [item for i in range(int(count)) for item in (*pause, f"片段{i} ")] + call
 
 
 class FakeLegacyKimi(FakeKimiBase):
@@ -3926,7 +3931,7 @@ async def test_the_openai_sdk_accumulates_streamed_calls_and_parses_structured_o
 
 
 async def test_langchain_bind_tools_invoke_and_stream(proxy, token, kimi):
-    langchain_openai = pytest.importorskip("langchain_openai")
+    import langchain_openai
     from langchain_core.tools import tool
 
     @tool
