@@ -3663,6 +3663,17 @@ def test_what_kimi_is_asked_with_tools_and_without():
     assert "JSON only" in json_asked.prompt and '{"type":"object","required":["t"]}' in json_asked.prompt
 
 
+def test_arguments_may_come_as_a_json_string_and_thinking_is_never_read_for_calls():
+    question = kp.to_question({"messages": user("hi"), "tools": [WEATHER]})
+    reading = kp.AnswerReading(question, live=True)
+    assert reading.take([("reasoning_content", block()), ("content", "好。")]) == [("reasoning_content", block()),
+                                                                                   ("content", "好。")]
+    reading.take([("content", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>'),
+                  ("finish_reason", "stop"), ("usage", {})])
+    *_, (_, calls), (_, finish) = kp.judge(question, reading)
+    assert (calls[0]["arguments"], finish) == ('{"city":"Rome"}', "tool_calls")
+
+
 HISTORY = [{"role": "user", "content": "巴黎天气？"},
            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
                "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
@@ -3813,6 +3824,8 @@ async def test_a_named_function_must_be_the_one_called(http, proxy, token, kimi)
                                      tool_choice=named)
     assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
     assert "'get_weather' is not a function you may call" in kimi.completions[1]["prompt"]
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
 
 
 async def test_text_after_the_last_call_is_not_read(http, proxy, token, kimi):
@@ -3878,6 +3891,10 @@ async def test_deprecated_functions_get_a_function_call(http, proxy, token, kimi
         assert message["content"] is None and answer["choices"][0]["finish_reason"] == "function_call"
 
 
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": {
+    "type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "integer"}}, "required": ["city", "temp"]}}}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_json_object_answers_are_bare_json(http, proxy, token, kimi, stream):
     reply = '好的，结果如下：\n```json\n{"city": "巴黎", "temp": 18}\n```\n希望有用。'
@@ -3888,10 +3905,18 @@ async def test_json_object_answers_are_bare_json(http, proxy, token, kimi, strea
     if stream:
         assert len([c for c in answer if c.get("choices") and c["choices"][0]["delta"].get("content")]) == 1
     assert "JSON only" in kimi.completions[0]["prompt"]
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
 
 
-SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": {
-    "type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "integer"}}, "required": ["city", "temp"]}}}
+async def test_a_streamed_json_schema_answer_goes_out_once_repaired(http, proxy, token, kimi):
+    response, chunks = await ask_with_tools(http, proxy, token, ['{"city": "巴黎", "temp": "18"}', '{"city": "巴黎", "temp": 18}'],
+                                            kimi, stream=True, tools=None, response_format=SCHEMA_FORMAT)
+    assert response.status == 200
+    assert content_of(chunks) == '{"city": "巴黎", "temp": 18}' and finish_of(chunks) == "stop"
+    assert "'temp' must be integer" in kimi.completions[1]["prompt"]
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
 
 
 @BOTH_DIALECTS
