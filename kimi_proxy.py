@@ -2209,6 +2209,12 @@ class Question:
     tools: "ToolUse | None" = None         # functions Kimi is asked to call, if any
     json_format: "JsonFormat | None" = None  # the answer must be JSON (response_format)
 
+    @property
+    def must_call(self) -> bool:
+        """A call is required: nothing goes out before it is known, not even a keep-alive, so
+        that an answer without one gets a real error status."""
+        return self.tools is not None and self.tools.required
+
 
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
               "tool": "tool", "function": "tool"}
@@ -2437,12 +2443,18 @@ def to_message(message: object, index: int, is_last: bool, max_file_bytes: int, 
     if role is None:
         raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
     content = message.get("content")
-    if role == "assistant" and (content is None or isinstance(content, str)):
-        return Message(role, "\n".join(filter(None, [content, *to_history_calls(message, called)])), False)
-    if role == "tool" and isinstance(content, (str, list)):
-        text = content if isinstance(content, str) else to_message(
-            {"role": "user", "content": content}, index, False, max_file_bytes, called).text
-        return Message(role, to_tool_result(message, text, called), False)
+    if content is None and role == "assistant":
+        read = Message(role, "", False)  # a tool-call turn replayed by the client
+    else:
+        read = to_content(role, content, where, is_last, max_file_bytes)
+    if role == "assistant":
+        return read._replace(text="\n".join(filter(None, [read.text, *to_history_calls(message, called)])))
+    if role == "tool":
+        return read._replace(text=to_tool_result(message, read.text, called))
+    return read
+
+
+def to_content(role: str, content: object, where: str, is_last: bool, max_file_bytes: int) -> Message:
     if isinstance(content, str):
         return Message(role, content, False)
     if not isinstance(content, list):
@@ -2910,7 +2922,7 @@ def judge(question: Question, reading: AnswerReading) -> list[AnswerField] | Bad
             call = {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}
             return reading.kept_back() + [("function_call", call), ("finish_reason", "function_call")]
         return reading.kept_back() + [("tool_calls", calls), ("finish_reason", "tool_calls")]
-    if tools and tools.required:
+    if question.must_call:
         return bad_call(f"it calls no function, and {tools.only or 'a function'} must be called")
     if question.json_format:
         text, problem = to_json_answer(reading.text, question.json_format)
@@ -2932,7 +2944,7 @@ async def checked_answer_fields(session: "KimiSession", question: Question) -> A
     (or JSON) and checked, and a bad one gets one repair turn in the same chat. The prose before a
     call streams as it comes, unless the answer must pass before anything goes out (a required
     call, JSON)."""
-    live = question.json_format is None and not question.tools.required
+    live = question.json_format is None and not question.must_call
     first = AnswerReading(question, live)
     async for fields in read_answer(session.ask(question), question, first):
         yield fields
@@ -2969,7 +2981,7 @@ async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
 def answer_as_written(question: Question, reading: AnswerReading, problem: str) -> list[AnswerField]:
     """A first answer whose calls are still bad after the repair turn is plain text, as Kimi wrote
     it; where a call or JSON was required, that is Kimi failing."""
-    if question.json_format or question.tools.required:
+    if question.json_format or question.must_call:
         raise ProxyError(502, f"Kimi's answer could not be used, even when asked again: {problem}",
                          error_type="server_error", code="invalid_kimi_answer")
     reading.prose = reading.text  # of which the first `sent` characters went out already
@@ -3385,8 +3397,7 @@ async def stream_answer(request: web.Request, question: Question,
     chunks = 0
     try:
         try:
-            # a required call is known before the status goes out: no keep-alive starts the stream
-            kept_alive = nullcontext() if question.tools and question.tools.required else stream.kept_alive()
+            kept_alive = nullcontext() if question.must_call else stream.kept_alive()
             async with request.app[OPEN_REQUESTS].track(), aclosing(batches), kept_alive:
                 async for fields in batches:
                     encoded = []
