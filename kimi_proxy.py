@@ -2906,6 +2906,10 @@ class AnswerReading:
         return fields + ([("content", self.prose[self.sent:])] if self.prose[self.sent:] else [])
 
 
+# the end of every repair turn's message about a call
+WRITE_A_CALL = 'Write the call as one <tool_call> block holding {"name": ..., "arguments": {...}}, and nothing after it.'
+
+
 class BadAnswer(NamedTuple):
     problem: str
     repair: str  # what Kimi is told in the repair turn
@@ -2923,7 +2927,9 @@ def judge(question: Question, reading: AnswerReading) -> list[AnswerField] | Bad
             return reading.kept_back() + [("function_call", call), ("finish_reason", "function_call")]
         return reading.kept_back() + [("tool_calls", calls), ("finish_reason", "tool_calls")]
     if question.must_call:
-        return bad_call(f"it calls no function, and {tools.only or 'a function'} must be called")
+        wanted = f"the function {tools.only}" if tools.only else "a function"
+        return BadAnswer(f"the answer calls no function, and {wanted} must be called",
+                         f"You must call {wanted} now. {WRITE_A_CALL}")
     if question.json_format:
         text, problem = to_json_answer(reading.text, question.json_format)
         if problem:
@@ -2934,9 +2940,7 @@ def judge(question: Question, reading: AnswerReading) -> list[AnswerField] | Bad
 
 
 def bad_call(problem: str) -> BadAnswer:
-    return BadAnswer(f"the function call is not usable: {problem}",
-                     f"That function call is not usable: {problem}. Write the call again as one <tool_call> "
-                     'block holding {"name": ..., "arguments": {...}}, and nothing after it.')
+    return BadAnswer(f"the function call is not usable: {problem}", f"That function call is not usable: {problem}. {WRITE_A_CALL}")
 
 
 async def checked_answer_fields(session: "KimiSession", question: Question) -> AsyncIterator[list[AnswerField]]:

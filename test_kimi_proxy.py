@@ -3796,7 +3796,7 @@ async def test_a_required_call_is_asked_for_again_and_then_refused_with_502(http
                                             tool_choice="required")
     calls = streamed_calls(answer) if stream else answer["choices"][0]["message"]["tool_calls"]
     assert response.status == 200 and len(calls) == 1
-    assert "must be called" in kimi.completions[1]["prompt"]
+    assert "You must call a function now" in kimi.completions[1]["prompt"]
     kimi.completions.clear()
     kimi.replies = ["晴。", "还是晴。"]
     response = await post_chat(http, proxy, token, stream=stream, messages=user(ASK), tools=[WEATHER],
