@@ -2676,10 +2676,12 @@ async def fold_answer(batches: AsyncIterator[list[AnswerField]], question: Quest
 # Tool calls and JSON answers: Kimi's web chat has no functions of its own, so it is asked to
 # write calls as blocks (see to_instructions), and its answer is read and checked here.
 BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark -> closing mark
-# text ending in what could still grow into an opening mark (one regex: this runs for every piece)
-PARTIAL_MARK = re.compile("(?:" + "|".join(re.escape(mark[:size]) for mark in BLOCKS
-                                           for size in range(len(mark) - 1, 0, -1)) + r")\Z")
-LONGEST_MARK = max(map(len, BLOCKS))
+# text ending in what could still grow into an opening mark, or in a code fence's first line, which
+# may wrap a block (one regex: this runs for every piece)
+PARTIAL_MARK = re.compile(r"(?:```[\w-]*\s*)?(?:" + "|".join(re.escape(mark[:size]) for mark in BLOCKS
+                                                           for size in range(len(mark) - 1, 0, -1)) + r")?\Z")
+FENCE_AT_END = re.compile(r"```[\w-]*\s*\Z")
+LONGEST_MARK = 32  # how far back a partial mark or a fence's first line is looked for
 
 
 class CallScanner:
@@ -2690,6 +2692,7 @@ class CallScanner:
     def __init__(self, parallel: bool) -> None:
         self._parallel = parallel
         self._pending = ""        # prose that may still turn out to open a block
+        self._fences = 0          # code fences in the prose let out so far
         self.held = ""            # the answer from the first block on
         self._scanned = 0         # where in `held` the complete blocks end
         self.blocks: list[str] = []  # what each complete block holds
@@ -2705,12 +2708,17 @@ class CallScanner:
         pending = self._pending + text
         starts = [start for start in map(pending.find, BLOCKS) if start >= 0]
         if starts:
-            self._pending, self.held = "", pending[min(starts):]
+            prose, self._pending, self.held = pending[:min(starts)], "", pending[min(starts):]
+            fence = FENCE_AT_END.search(prose)
+            if fence and (self._fences + prose.count("```")) % 2:  # a fence of its own around the block
+                prose = prose[:fence.start()]
             self._scan()
-            return pending[:min(starts)].rstrip()
-        partial = PARTIAL_MARK.search(pending, max(0, len(pending) - LONGEST_MARK))
-        prose = pending[:partial.start() if partial else len(pending)].rstrip()
+            return prose.rstrip()
+        tail = max(0, len(pending) - LONGEST_MARK)  # (most pieces hold neither < nor `: no regex for them)
+        kept = PARTIAL_MARK.search(pending, tail).start() if "<" in pending[tail:] or "`" in pending[tail:] else None
+        prose = pending[:kept].rstrip()
         self._pending = pending[len(prose):]
+        self._fences += prose.count("```")
         return prose
 
     def finish(self) -> str:
@@ -2720,8 +2728,8 @@ class CallScanner:
 
     @property
     def unclosed(self) -> bool:
-        """A block was opened and never closed."""
-        return not self.ended and bool(self.held[self._scanned:].strip())
+        """A block was opened and never closed (anything else after the last block is dropped)."""
+        return not self.ended and self.held[self._scanned:].lstrip().startswith(tuple(BLOCKS))
 
     def _scan(self) -> None:
         while not self.ended:

@@ -3562,6 +3562,9 @@ def finish_of(chunks: list[dict]) -> str:
     ('Sure:\n```tool_call\n{"name": "f"}\n```\n', "Sure:", ['\n{"name": "f"}\n']),
     ("if a < b and c <= d, then ``` is a fence and <tool is no call", "if a < b and c <= d, then ``` is a fence and "
      "<tool is no call", []),
+    ('I will look.\n```xml\n<tool_call>{"name": "f"}</tool_call>\n```', "I will look.", ['{"name": "f"}']),
+    ('Code:\n```py\nx = 1\n```\n<tool_call>{}</tool_call>', "Code:\n```py\nx = 1\n```", ["{}"]),
+    ("```python\nprint(1 < 2)\n```\ndone", "```python\nprint(1 < 2)\n```\ndone", []),
 ])
 def test_call_scanner_keeps_every_block_out_of_the_prose_at_every_chunk_edge(text, prose, blocks, size):
     for start in range(size if size < 1000 else len(text)):  # every offset of the chunk grid
@@ -3581,7 +3584,8 @@ def test_call_scanner_holds_back_only_what_could_start_a_block():
     assert scanner.feed("x < y, so <to") == "x < y, so"
     assert scanner.feed("ast> is fine") == " <toast> is fine"
     assert scanner.feed(" and ``") == " and"
-    assert scanner.feed("`python") == " ```python"
+    assert scanner.feed("`python\n") == ""  # a fence's first line: it may wrap a block
+    assert scanner.feed("print()") == " ```python\nprint()"
 
 
 def test_call_scanner_stops_at_text_after_the_last_block_or_after_the_first_when_one_call_is_wanted():
