@@ -2963,7 +2963,9 @@ async def checked_answer_fields(session: "KimiSession", question: Question) -> A
     verdict = judge(question, first)
     usage = first.usage
     if isinstance(verdict, BadAnswer) and session.chat_id is not None:
-        repair = dataclasses.replace(question, prompt=verdict.repair, chat_id=session.chat_id, attachments=())
+        # (no web search or research: the repair is about the form of what Kimi already found)
+        repair = dataclasses.replace(question, prompt=verdict.repair, chat_id=session.chat_id, attachments=(),
+                                     search=False, research=False)
         second = AnswerReading(question, live=False)
         async for fields in read_answer(session.ask(repair), repair, second):
             yield fields

@@ -3768,13 +3768,15 @@ async def test_with_tool_choice_none_nothing_is_described_or_parsed(http, proxy,
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}', "not closed"),
 ])
 async def test_a_bad_call_gets_one_repair_turn_in_the_same_chat(http, proxy, token, kimi, bad, problem):
-    response, answer = await ask_with_tools(http, proxy, token, ["先说明。" + bad, block(city="Rome")], kimi)
+    response, answer = await ask_with_tools(http, proxy, token, ["先说明。" + bad, block(city="Rome")], kimi,
+                                            model="kimi-search-silent")
     assert response.status == 200, answer
     choice = answer["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "先说明。"
     assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
     first, repair = kimi.completions
     assert repair["chat"] == first["chat"] and problem in repair["prompt"] and "<tool_call>" in repair["prompt"]
+    assert (first["search"], repair["search"]) == (True, False)  # the repair is about form: no new search
     await kimi.wait_deleted(1)
     assert kimi.live_chats == []
 
