@@ -2409,10 +2409,11 @@ def to_instructions(tools: ToolUse | None, json_format: JsonFormat | None) -> st
         if not tools.parallel:
             lines.append("Call at most one function in an answer.")
         lines.append("Function results come back to you in <tool_result> blocks.")
-    if json_format:
+    if json_format and json_format.schema:
+        lines.append("Answer with JSON only, with no text and no code fence around it, matching this JSON schema: "
+                     + orjson.dumps(json_format.schema).decode())
+    elif json_format:
         lines.append("Answer with JSON only: one JSON object, with no text and no code fence around it.")
-        if json_format.schema:
-            lines.append(f"It must match this JSON schema: {orjson.dumps(json_format.schema).decode()}")
     return "\n".join(lines)
 
 
@@ -2566,6 +2567,13 @@ def estimate_tokens(text_bytes: int) -> int:
     return (text_bytes + 3) // 4
 
 
+def estimated_usage(prompt: str, received_bytes: int) -> dict:
+    prompt_tokens = estimate_tokens(len(prompt.encode()))
+    completion_tokens = estimate_tokens(received_bytes)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 AnswerField = tuple[str, object]  # ("content", "..."), ("finish_reason", "stop"), ...: one part of an OpenAI answer
 
 
@@ -2611,15 +2619,10 @@ class AnswerTranslator:
                 break
             elif kind == DONE:
                 self.finished = True
-                fields += [("finish_reason", "length" if self._truncated else "stop"), ("usage", self._usage())]
+                fields += [("finish_reason", "length" if self._truncated else "stop"),
+                           ("usage", estimated_usage(self._question.prompt, self._received))]
                 break
         return fields
-
-    def _usage(self) -> dict:
-        prompt_tokens = estimate_tokens(len(self._question.prompt.encode()))
-        completion_tokens = estimate_tokens(self._received)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
 
 
 async def to_answer_fields(batches: AsyncIterator[list[Event]], question: Question) -> AsyncIterator[list[AnswerField]]:
@@ -2772,7 +2775,7 @@ def to_tool_call(block: str, tools: ToolUse) -> tuple[dict | None, str | None]:
         return None, 'the block is not a JSON object with a "name"'
     if name not in tools.functions or (tools.only and name != tools.only):
         return None, f"{name!r} is not a function you may call here"
-    arguments = call.get("arguments", {})
+    arguments = call.get("arguments") or {}  # (null or "" for a function without parameters)
     try:
         arguments = orjson.loads(arguments) if isinstance(arguments, str) else arguments
     except orjson.JSONDecodeError:
@@ -2866,6 +2869,7 @@ class AnswerReading:
         self.scanner = CallScanner(question.tools.parallel) if question.tools else None
         self.live = live
         self._text: list[str] = []
+        self._received = 0       # UTF-8 bytes of text and thinking, for usage when Kimi was not read to the end
         self.prose = ""          # the text before the first block (all of it when there is none)
         self.sent = 0            # characters of the prose that went out
         self.reasoning: list[str] = []  # thinking kept back
@@ -2885,6 +2889,8 @@ class AnswerReading:
         """Read the fields of one network read; return those that may go out now."""
         out: list[AnswerField] = []
         for field, value in fields:
+            if field in ("content", "reasoning_content"):
+                self._received += len(value.encode())
             if field == "content":
                 self._text.append(value)
                 out += self._prose(self.scanner.feed(value) if self.scanner else value)
@@ -2898,7 +2904,9 @@ class AnswerReading:
                 out.append((field, value))
         return out
 
-    def finish(self) -> list[AnswerField]:
+    def finish(self, prompt: str) -> list[AnswerField]:
+        """The answer ended, or was not read further (then Kimi told no usage: it is estimated here)."""
+        self.usage = self.usage or estimated_usage(prompt, self._received)
         return self._prose(self.scanner.finish()) if self.scanner else []
 
     def _prose(self, prose: str) -> list[AnswerField]:
@@ -2987,7 +2995,7 @@ async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
                 yield out
             if reading.ended:
                 break
-    out = reading.finish()
+    out = reading.finish(question.prompt)
     if out:
         yield out
 

@@ -3839,6 +3839,8 @@ async def test_text_after_the_last_call_is_not_read(http, proxy, token, kimi):
     tail = "然后我会继续写很多很多字。" * 20
     response, answer = await ask_with_tools(http, proxy, token, [block() + "\n" + tail], kimi)
     assert answer["choices"][0]["finish_reason"] == "tool_calls"
+    usage = answer["usage"]  # estimated from what was read
+    assert usage["completion_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     await kimi.wait_deleted(1)
     assert kimi.closed_streams == [kimi.completions[0]["chat"]]  # the proxy hung up instead of reading on
     await kimi.wait_deleted(1)
