@@ -3971,6 +3971,7 @@ async def test_the_openai_sdk_accumulates_streamed_calls_and_parses_structured_o
 
 
 async def test_langchain_bind_tools_invoke_and_stream(proxy, token, kimi):
+    import httpx
     import langchain_openai
     from langchain_core.tools import tool
 
@@ -3979,15 +3980,17 @@ async def test_langchain_bind_tools_invoke_and_stream(proxy, token, kimi):
         """The weather in a city now."""
         return "18C"
 
-    model = langchain_openai.ChatOpenAI(base_url=proxy + "/v1", api_key=token, model="kimi", max_retries=0)
-    bound = model.bind_tools([get_weather])
-    kimi.replies = ["我查一下。" + block(), block(city="Rome")]
-    message = await bound.ainvoke(ASK)
-    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"})]
-    kimi.reply_piece = 3
-    gathered = None
-    async for chunk in bound.astream(ASK):
-        gathered = chunk if gathered is None else gathered + chunk
+    async with httpx.AsyncClient() as connections:  # (closed here: LangChain leaves its own open)
+        model = langchain_openai.ChatOpenAI(base_url=proxy + "/v1", api_key=token, model="kimi", max_retries=0,
+                                            http_async_client=connections)
+        bound = model.bind_tools([get_weather])
+        kimi.replies = ["我查一下。" + block(), block(city="Rome")]
+        message = await bound.ainvoke(ASK)
+        assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"})]
+        kimi.reply_piece = 3
+        gathered = None
+        async for chunk in bound.astream(ASK):
+            gathered = chunk if gathered is None else gathered + chunk
     assert [(c["name"], c["args"]) for c in gathered.tool_calls] == [("get_weather", {"city": "Rome"})]
     assert gathered.content == "" and message.content == "我查一下。"
     await kimi.wait_deleted(2)
