@@ -375,8 +375,8 @@ def table(dialect: str, sizes: dict, results: dict) -> str:
 
 
 # The soak's mix: (what the request does, how often), with faults from both sides
-SOAK_MIX = [("stream", 6), ("json", 4), ("chunks", 2), ("error", 1), ("error_first", 1), ("drop", 1),
-            ("disconnect", 1), ("bad_body", 1), ("no_key", 1), ("unknown_path", 1)]
+SOAK_MIX = [("stream", 6), ("json", 4), ("chunks", 2), ("tool_call", 2), ("call_required", 1), ("error", 1),
+            ("error_first", 1), ("drop", 1), ("disconnect", 1), ("bad_body", 1), ("no_key", 1), ("unknown_path", 1)]
 
 
 async def soak_request(http, proxy: str, token: str, kind: str) -> None:
@@ -385,6 +385,11 @@ async def soak_request(http, proxy: str, token: str, kind: str) -> None:
     if kind in ("stream", "json", "chunks", "error", "error_first", "drop"):
         prompt = {"stream": "写一首短诗", "json": "写一首短诗", "chunks": "scenario:chunks_20"}.get(kind, f"scenario:{kind}")
         async with http.post(url, json=chat_body(prompt, stream=kind != "json"), headers=headers) as response:
+            await response.read()
+    elif kind in ("tool_call", "call_required"):  # a streamed call; a required call never made (a re-ask, a 502)
+        body = chat_body("scenario:call_5", tools=[WEATHER_TOOL]) if kind == "tool_call" else \
+            chat_body("写一首短诗", stream=False, tools=[WEATHER_TOOL], tool_choice="required")
+        async with http.post(url, json=body, headers=headers) as response:
             await response.read()
     elif kind == "disconnect":  # the client leaves after the first bytes of the answer
         async with http.post(url, json=chat_body("scenario:pace"), headers=headers) as response:
