@@ -11,4 +11,4 @@ USER kimi
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ping' % os.environ.get('PORT', '8000'), timeout=4)"]
-CMD ["python", "kimi_proxy.py"]
+CMD ["python", "-m", "kimi_proxy"]
