@@ -2975,10 +2975,14 @@ async def checked_answer_fields(session: "KimiSession", question: Question) -> A
         repair = dataclasses.replace(question, prompt=verdict.repair, chat_id=session.chat_id, attachments=(),
                                      search=False, research=False)
         second = AnswerReading(question, live=False)
-        async for fields in read_answer(session.ask(repair), repair, second):
-            yield fields
-        verdict = judge(question, second)
-        usage = {key: value + second.usage.get(key, 0) for key, value in usage.items()}
+        try:
+            async for fields in read_answer(session.ask(repair), repair, second):
+                yield fields
+        except ProxyError as error:  # e.g. Kimi still busy writing the first answer: that one stands
+            log.warning("Kimi refused the repair turn: %s", error.message)
+        else:
+            verdict = judge(question, second)
+            usage = {key: value + second.usage.get(key, 0) for key, value in usage.items()}
     if isinstance(verdict, BadAnswer):
         verdict = answer_as_written(question, first, verdict.problem)
     yield verdict + [("usage", usage)]

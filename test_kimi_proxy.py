@@ -112,6 +112,7 @@ class FakeKimiBase:
         self.replies: list[str] = []                    # what the next turns of a `scenario:reply` chat answer
         self.reply_piece = 4                            # characters per streamed piece of a reply
         self.reply_pause = 0.0                          # seconds between the pieces
+        self.linger = 0.0                               # seconds Kimi goes on answering after the client left
         self.url = ""
 
     # -- test controls ---------------------------------------------------------------------------
@@ -317,9 +318,15 @@ class FakeKimiBase:
         self.open_by_user[user_id] += 1
         self.max_open_by_user[user_id] = max(self.max_open_by_user[user_id], self.open_by_user[user_id])
 
-    def _close_stream(self, user_id: str) -> None:
+    def _close_stream(self, user_id: str, chat: Chat, left: bool) -> None:
+        """An answer ended. One the client left early, Kimi may go on writing for `linger`
+        seconds, refusing a new turn in that chat meanwhile."""
         self.open_streams -= 1
         self.open_by_user[user_id] -= 1
+        if left and self.linger:
+            asyncio.get_running_loop().call_later(self.linger, setattr, chat, "streaming", False)
+        else:
+            chat.streaming = False
 
     async def _write(self, response: web.StreamResponse, data: bytes, split: bool) -> None:
         if split:  # 5-byte writes cut lines, frames and multi-byte characters apart
@@ -507,14 +514,15 @@ class FakeLegacyKimi(FakeKimiBase):
         chat.segment_ids.append(segment_id)
         chat.streaming = True
         self._open_stream(user_id)
+        left = False
         try:
             return await self._stream(request, self.scenario_in(chat, chat.question), body, chat, segment_id, continuing)
         except (ConnectionError, asyncio.CancelledError):
+            left = True
             self.closed_streams.append(chat_id)
             raise
         finally:
-            chat.streaming = False
-            self._close_stream(user_id)
+            self._close_stream(user_id, chat, left)
 
     def _completion_problem(self, body: dict | None, chat: Chat) -> str | None:
         if body is None:
@@ -839,6 +847,7 @@ class FakeConnectKimi(FakeKimiBase):
         self._record_completion(request, chat_id, user_id, body, prompt, search, thinking, files)
         self._open_stream(user_id)
         chat.streaming = True
+        left = False
         try:
             if scenario.startswith("capture"):
                 chat.last_message = CAPTURE_ASSISTANT
@@ -847,11 +856,11 @@ class FakeConnectKimi(FakeKimiBase):
                 await self._stream(response, scenario, chat_id, chat, prompt, search, thinking, request,
                                    new_chat, pick(message, "parent_id", "parentId") or chat_id)
         except (ConnectionError, asyncio.CancelledError):
+            left = True
             self.closed_streams.append(chat_id)
             raise
         finally:
-            chat.streaming = False
-            self._close_stream(user_id)
+            self._close_stream(user_id, chat, left)
         return response
 
     def _chat_problem(self, raw: bytes, user_id: str) -> tuple[tuple[str, str] | None, dict | None]:
@@ -3854,12 +3863,25 @@ async def test_text_after_the_last_call_is_not_read(http, proxy, token, kimi):
 
 
 @BOTH_DIALECTS
-async def test_a_repair_after_an_answer_cut_short_waits_for_nothing(http, proxy, token, kimi):
-    """The first answer is closed before the repair turn: Kimi refuses a turn in a chat that still streams."""
+async def test_the_first_answer_is_closed_before_its_repair_turn(http, proxy, token, kimi):
+    """Kimi refuses a turn in a chat whose answer still streams."""
     kimi.reply_pause = 0.02
     _, answer = await ask_with_tools(http, proxy, token, [block(city=1) + "\n" + "后面还有很多字。" * 20, block()], kimi)
     assert answer["choices"][0]["finish_reason"] == "tool_calls", answer
     assert len(kimi.completions) == 2 and kimi.closed_streams == [kimi.completions[0]["chat"]]
+
+
+@BOTH_DIALECTS
+async def test_when_kimi_refuses_the_repair_turn_the_first_answer_stands(http, proxy, token, kimi):
+    """Real Kimi may go on writing an answer after the proxy hung up, and refuse the next turn meanwhile."""
+    kimi.reply_pause, kimi.linger = 0.02, 5.0
+    first = "我来查。\n" + block(city=1) + "\n" + "后面还有很多字。" * 20
+    _, answer = await ask_with_tools(http, proxy, token, [first, block()], kimi)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["message"]["content"].startswith("我来查。\n<tool_call>")
+    asked = [path for method, path in kimi.calls if method == "POST" and re.fullmatch(kimi.ANSWER_PATH, path)]
+    assert (len(asked), len(kimi.completions)) == (2, 1)  # the repair turn was asked for, and refused
+    await kimi.wait_deleted(1)
 
 
 @BOTH_DIALECTS
