@@ -9,7 +9,9 @@ any OpenAI client can chat with Kimi through this server:
          -d '{"model": "kimi", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
 
 Every Kimi chat the proxy creates for a request is deleted when that request ends, unless the
-client asked to keep it with ``"conversation_id": "new"``.
+client asked to keep it with ``"conversation_id": "new"``. Kimi's web chat has no functions of
+its own: OpenAI ``tools`` and ``response_format`` are emulated by prompting, and what Kimi answers
+is checked before a client sees it as a tool call or as JSON.
 
 Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     HOST, PORT                 where to listen (0.0.0.0, 8000)
