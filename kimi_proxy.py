@@ -2686,7 +2686,7 @@ BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark 
 PARTIAL_MARK = re.compile(r"(?:```[\w-]*\s*)?(?:" + "|".join(re.escape(mark[:size]) for mark in BLOCKS
                                                            for size in range(len(mark) - 1, 0, -1)) + r")?\Z")
 FENCE_AT_END = re.compile(r"```[\w-]*\s*\Z")
-LONGEST_MARK = 32  # how far back a partial mark or a fence's first line is looked for
+MARK_LOOKBACK = 32  # how far back a partial mark or a fence's first line is looked for
 
 
 class CallScanner:
@@ -2719,7 +2719,7 @@ class CallScanner:
                 prose = prose[:fence.start()]
             self._scan()
             return prose.rstrip()
-        tail = max(0, len(pending) - LONGEST_MARK)  # (most pieces hold neither < nor `: no regex for them)
+        tail = max(0, len(pending) - MARK_LOOKBACK)  # (most pieces hold neither < nor `: no regex for them)
         kept = PARTIAL_MARK.search(pending, tail).start() if "<" in pending[tail:] or "`" in pending[tail:] else None
         prose = pending[:kept].rstrip()
         self._pending = pending[len(prose):]
