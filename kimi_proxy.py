@@ -94,73 +94,55 @@ class ConfigError(ValueError):
     """An invalid setting; its message names the variable and is shown as is at start-up."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    kimi_base_url: str = PROTOCOLS["connect"]
-    kimi_protocol: str = "connect"
-    kimi_auth_url: str = AUTH_HOSTS[PROTOCOLS["connect"]]
-    kimi_token_store: str | None = None
-    upstream_connect_timeout: float = 10.0
-    upstream_read_timeout: float = 120.0
-    keepalive_interval: float = 15.0
-    max_body_mb: float = 20.0  # a data URI costs about 3 times its size while it is decoded
-    body_read_timeout: float = 30.0
-    max_open_requests: int = 4096
-    shutdown_grace: float = 30.0
-    log_level: str = "INFO"
-    kimi_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # secrets: never in a repr
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    allow_passthrough: bool = False
-    max_streams_per_token: int = 4
-    queue_timeout: float = 10.0
-    max_messages: int = 1000
-    max_file_mb: float = 100.0
-    file_parse_timeout: float = 120.0
-    allow_private_file_urls: bool = False
+# Readers of settings: each checks a variable's text and converts it, or says what is wrong
+def as_text(name: str, raw: str) -> str:
+    return raw
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
-        env = os.environ if env is None else env
-        protocol = env.get("KIMI_PROTOCOL", "connect").strip().lower()
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"KIMI_PROTOCOL must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-        base_url = _url_setting(env, "KIMI_BASE_URL", PROTOCOLS[protocol])
-        auth_url = _url_setting(env, "KIMI_AUTH_URL", AUTH_HOSTS.get(base_url, base_url))
-        log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
-        if log_level not in LOG_LEVELS:
-            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-        kimi_tokens, api_keys = split_list(env.get("KIMI_TOKENS", "")), split_list(env.get("API_KEYS", ""))
-        if kimi_tokens and not api_keys:
-            raise ConfigError("KIMI_TOKENS is set but API_KEYS is not: anyone who can reach this server could "
-                              "use your Kimi accounts (an open relay). Set API_KEYS to the keys clients must send.")
-        return cls(
-            host=env.get("HOST", cls.host).strip() or cls.host,
-            port=_port_setting(env, "PORT", cls.port),
-            kimi_base_url=base_url,
-            kimi_protocol=protocol,
-            kimi_auth_url=auth_url,
-            kimi_token_store=env.get("KIMI_TOKEN_STORE", "").strip() or None,
-            upstream_connect_timeout=_positive_setting(env, "UPSTREAM_CONNECT_TIMEOUT", cls.upstream_connect_timeout),
-            upstream_read_timeout=_positive_setting(env, "UPSTREAM_READ_TIMEOUT", cls.upstream_read_timeout),
-            keepalive_interval=_positive_setting(env, "KEEPALIVE_INTERVAL", cls.keepalive_interval),
-            max_body_mb=_positive_setting(env, "MAX_BODY_MB", cls.max_body_mb),
-            body_read_timeout=_positive_setting(env, "BODY_READ_TIMEOUT", cls.body_read_timeout),
-            max_open_requests=int(_positive_setting(env, "MAX_OPEN_REQUESTS", cls.max_open_requests, whole=True)),
-            shutdown_grace=_positive_setting(env, "SHUTDOWN_GRACE", cls.shutdown_grace),
-            log_level=log_level,
-            kimi_tokens=tuple(kimi_tokens),
-            api_keys=tuple(api_keys),
-            allow_passthrough=_flag_setting(env, "ALLOW_PASSTHROUGH"),
-            max_streams_per_token=int(_positive_setting(env, "MAX_STREAMS_PER_TOKEN", cls.max_streams_per_token,
-                                                        whole=True)),
-            queue_timeout=_positive_setting(env, "QUEUE_TIMEOUT", cls.queue_timeout),
-            max_messages=int(_positive_setting(env, "MAX_MESSAGES", cls.max_messages, whole=True)),
-            max_file_mb=_positive_setting(env, "MAX_FILE_MB", cls.max_file_mb),
-            file_parse_timeout=_positive_setting(env, "FILE_PARSE_TIMEOUT", cls.file_parse_timeout),
-            allow_private_file_urls=_flag_setting(env, "ALLOW_PRIVATE_FILE_URLS"),
-        )
+
+def as_url(name: str, raw: str) -> str:
+    value = raw.rstrip("/")
+    if not re.match(r"https?://[^/\s]+", value):
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return value
+
+
+def as_one_of(*choices: str):
+    def as_choice(name: str, raw: str) -> str:
+        for choice in choices:
+            if raw.lower() == choice.lower():
+                return choice
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return as_choice
+
+
+def as_port(name: str, raw: str) -> int:
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {raw!r}")
+    return int(raw)
+
+
+def as_positive(name: str, raw: str, whole: bool = False) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf") or (whole and not value.is_integer()):
+        raise ConfigError(f"{name} must be a positive {'whole ' if whole else ''}number, got {raw!r}")
+    return int(value) if whole else value
+
+
+def as_count(name: str, raw: str) -> int:
+    return as_positive(name, raw, whole=True)
+
+
+def as_flag(name: str, raw: str) -> bool:
+    if raw.lower() not in ("0", "1", "false", "true", "no", "yes"):
+        raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw.lower() in ("1", "true", "yes")
+
+
+def as_list(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(split_list(raw))
 
 
 def split_list(value: str) -> list[str]:
@@ -168,40 +150,53 @@ def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _url_setting(env: Mapping[str, str], name: str, default: str) -> str:
-    url = env.get(name, "").strip().rstrip("/") or default
-    if not re.match(r"https?://[^/\s]+", url):
-        raise ConfigError(f"{name} must be an http(s) URL, got {url!r}")
-    return url
+def setting(variable: str, default, read, secret: bool = False):
+    """A field set by an environment variable: `read(variable, its stripped text)` checks and
+    converts it; an unset or blank variable keeps the default."""
+    return dataclasses.field(default=default, repr=not secret, metadata={"variable": variable, "read": read})
 
 
-def _port_setting(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
-        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {raw!r}")
-    return int(raw)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = setting("HOST", "0.0.0.0", as_text)
+    port: int = setting("PORT", 8000, as_port)
+    kimi_protocol: str = setting("KIMI_PROTOCOL", "connect", as_one_of(*PROTOCOLS))
+    kimi_base_url: str = setting("KIMI_BASE_URL", PROTOCOLS["connect"], as_url)  # else the protocol's own
+    kimi_auth_url: str = setting("KIMI_AUTH_URL", AUTH_HOSTS[PROTOCOLS["connect"]], as_url)  # else by base URL
+    kimi_token_store: str | None = setting("KIMI_TOKEN_STORE", None, as_text)
+    upstream_connect_timeout: float = setting("UPSTREAM_CONNECT_TIMEOUT", 10.0, as_positive)
+    upstream_read_timeout: float = setting("UPSTREAM_READ_TIMEOUT", 120.0, as_positive)
+    keepalive_interval: float = setting("KEEPALIVE_INTERVAL", 15.0, as_positive)
+    max_body_mb: float = setting("MAX_BODY_MB", 20.0, as_positive)  # a data URI costs about 3 times its size decoded
+    body_read_timeout: float = setting("BODY_READ_TIMEOUT", 30.0, as_positive)
+    max_open_requests: int = setting("MAX_OPEN_REQUESTS", 4096, as_count)
+    shutdown_grace: float = setting("SHUTDOWN_GRACE", 30.0, as_positive)
+    log_level: str = setting("LOG_LEVEL", "INFO", as_one_of(*LOG_LEVELS))
+    kimi_tokens: tuple[str, ...] = setting("KIMI_TOKENS", (), as_list, secret=True)
+    api_keys: tuple[str, ...] = setting("API_KEYS", (), as_list, secret=True)
+    allow_passthrough: bool = setting("ALLOW_PASSTHROUGH", False, as_flag)
+    max_streams_per_token: int = setting("MAX_STREAMS_PER_TOKEN", 4, as_count)
+    queue_timeout: float = setting("QUEUE_TIMEOUT", 10.0, as_positive)
+    max_messages: int = setting("MAX_MESSAGES", 1000, as_count)
+    max_file_mb: float = setting("MAX_FILE_MB", 100.0, as_positive)
+    file_parse_timeout: float = setting("FILE_PARSE_TIMEOUT", 120.0, as_positive)
+    allow_private_file_urls: bool = setting("ALLOW_PRIVATE_FILE_URLS", False, as_flag)
 
-
-def _positive_setting(env: Mapping[str, str], name: str, default: float, whole: bool = False) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf") or (whole and not value.is_integer()):
-        raise ConfigError(f"{name} must be a positive {'whole ' if whole else ''}number, got {raw!r}")
-    return value
-
-
-def _flag_setting(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw not in ("", "0", "1", "false", "true", "no", "yes"):
-        raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
-    return raw in ("1", "true", "yes")
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
+        env = os.environ if env is None else env
+        values = {}
+        for field in dataclasses.fields(cls):
+            variable, read = field.metadata["variable"], field.metadata["read"]
+            raw = env.get(variable, "").strip()
+            if raw:
+                values[field.name] = read(variable, raw)
+        base_url = values.setdefault("kimi_base_url", PROTOCOLS[values.get("kimi_protocol", cls.kimi_protocol)])
+        values.setdefault("kimi_auth_url", AUTH_HOSTS.get(base_url, base_url))
+        if values.get("kimi_tokens") and not values.get("api_keys"):
+            raise ConfigError("KIMI_TOKENS is set but API_KEYS is not: anyone who can reach this server could "
+                              "use your Kimi accounts (an open relay). Set API_KEYS to the keys clients must send.")
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------
