@@ -68,7 +68,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from contextlib import aclosing, asynccontextmanager, nullcontext
+from contextlib import aclosing, asynccontextmanager, contextmanager, nullcontext
 from typing import NamedTuple
 
 import aiohttp
@@ -684,6 +684,17 @@ def not_a_web_page(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
     return response
 
 
+@contextmanager
+def upload_failures(part: str):
+    """A failed upload to Kimi, as the client sees it."""
+    try:
+        yield
+    except asyncio.TimeoutError:
+        raise upstream_timeout(f"Uploading '{part}' to Kimi timed out") from None
+    except aiohttp.ClientError:
+        raise upstream_error(f"Uploading '{part}' to Kimi failed") from None
+
+
 class KimiHTTP:
     """What both dialects share: the session, retries of failed calls, access tokens that are
     renewed before expiry and once more when Kimi rejects them, and the REST file upload.
@@ -740,23 +751,24 @@ class KimiHTTP:
         which both dialects use."""
         headers = {**self._headers, hdrs.AUTHORIZATION: f"Bearer {refresh_token}"}
         async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
-            body = await read_kimi_json(response)
-        if response.status >= 500 or response.status == 429:
+            return self._renewed(response, await read_kimi_json(response), refresh_token)
+
+    def _renewed(self, response: aiohttp.ClientResponse, body: object, refresh_token: str) -> tuple[str, str]:
+        """(access token, next refresh token) from a renewal's answer, REST or RPC, in either
+        spelling. Only a definite answer kills a token: an auth error in Kimi's own JSON. A web page
+        (a firewall in front of Kimi) or a body of the wrong shape is Kimi failing: 502, short rest."""
+        status = response.status
+        if status >= 500 or status == 429:
             raise self._refusal(response, body)
-        tokens = body.get("data", body) if isinstance(body, dict) else {}
+        tokens = body.get("data", body) if isinstance(body, dict) else None
         tokens = tokens if isinstance(tokens, dict) else {}
         access = tokens.get("access_token") or tokens.get("accessToken") or tokens.get("token")
         refresh = tokens.get("refresh_token") or tokens.get("refreshToken")
-        if response.status >= 300 or not isinstance(access, str) or not access:
-            raise self._renewal_refused(response.status, body)
-        return access, refresh if isinstance(refresh, str) and refresh else refresh_token
-
-    def _renewal_refused(self, status: int, body: object) -> ProxyError:
-        """Only a definite answer kills a token: an auth error in Kimi's own JSON. A web page (a
-        firewall in front of Kimi) or a body of the wrong shape is Kimi failing: 502, short rest."""
+        if status < 300 and isinstance(access, str) and access:
+            return access, refresh if isinstance(refresh, str) and refresh else refresh_token
         if body is not None and (status in (400, 401, 403) or self._is_auth_failure(status, body)):
-            return TokenRejected()
-        return kimi_outage(f"Kimi's token renewal answered HTTP {status} without tokens")
+            raise TokenRejected()
+        raise kimi_outage(f"Kimi's token renewal answered HTTP {status} without tokens")
 
     async def _json_call(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
         data = None if body is None else json_body(body)
@@ -855,15 +867,11 @@ class KimiHTTP:
     async def _put(self, url: str, source: Source, part: str) -> None:
         # only the storage's own signature: a browser sends it no Kimi credentials
         headers = {hdrs.CONTENT_TYPE: source.mime, hdrs.CONTENT_LENGTH: str(source.size)}
-        try:
+        with upload_failures(part):
             async with self._session.put(url, data=source.chunks, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
                 if response.status >= 300:
                     raise upstream_error(f"Kimi's storage refused '{part}' (HTTP {response.status})")
-        except asyncio.TimeoutError:
-            raise upstream_timeout(f"Uploading '{part}' to Kimi timed out") from None
-        except aiohttp.ClientError:
-            raise upstream_error(f"Uploading '{part}' to Kimi failed") from None
 
     async def _wait_until_read(self, credential: str, file_id: str, part: str, status: object = None) -> None:
         """Kimi reads (parses) a file after it is uploaded: follow its progress ("parsed",
@@ -1625,13 +1633,7 @@ class ConnectKimi(KimiHTTP):
             body = await read_kimi_json(response)
         if response.status in (404, 405) or connect_error_code(body) == "unimplemented":
             return None
-        if response.status >= 500 or response.status == 429:
-            raise self._refusal(response, body)
-        access = body.get("accessToken") or body.get("access_token") if isinstance(body, dict) else None
-        rotated = body.get("refreshToken") or body.get("refresh_token") if isinstance(body, dict) else None
-        if response.status >= 300 or not isinstance(access, str) or not access:
-            raise self._renewal_refused(response.status, body)
-        return access, rotated if isinstance(rotated, str) and rotated else refresh_token
+        return self._renewed(response, body, refresh_token)
 
     def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
         headers = super()._auth_headers(access_token, user_id)
@@ -1670,17 +1672,13 @@ class ConnectKimi(KimiHTTP):
             content_type, size, body = to_multipart(source)
             grant = await self.tokens.get(credential)
             headers = {**grant.headers, hdrs.CONTENT_TYPE: content_type, hdrs.CONTENT_LENGTH: str(size)}
-            try:
+            with upload_failures(attachment.part):
                 async with self._session.post(self._base + UPLOAD_PATH, data=body, headers=headers,
                                               allow_redirects=False,
                                               timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
                     if response.status == 404:
                         raise UploadPathMissing()
                     answer = await read_kimi_json(not_a_web_page(response))
-            except asyncio.TimeoutError:
-                raise upstream_timeout(f"Uploading '{attachment.part}' to Kimi timed out") from None
-            except aiohttp.ClientError:
-                raise upstream_error(f"Uploading '{attachment.part}' to Kimi failed") from None
         if self._is_auth_failure(response.status, answer):
             self.tokens.discard_if_current(credential, grant)
             raise self._rejected(credential)
