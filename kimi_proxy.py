@@ -2506,40 +2506,42 @@ def to_tool_result(message: dict, text: str, called: dict[str, str]) -> str:
 
 
 def to_folded_prompt(messages: list[Message], wrap_links: bool, instructions: str = "") -> str:
-    """Kimi takes one message per turn: fold the history into it with role prefixes; the proxy's
-    own instructions (tools, JSON) go first."""
-    last = messages[-1]
-    if not last.text.strip() and not last.attachments:
-        raise bad_request(f"'messages[{len(messages) - 1}].content' has no text", f"messages[{len(messages) - 1}].content")
-    if len(messages) == 1 and not instructions:
-        return to_kimi_text(last, wrap_links)
-    head = f"system:{instructions}\n" if instructions else ""
-    if len(messages) == 1:
-        return f"{head}{last.role}:{to_kimi_text(last, wrap_links)}"
+    """Kimi takes one message per turn: fold the history into it, with a hint to answer the newest."""
+    require_text(messages)
+    *earlier, last = messages
+    if not earlier:
+        return to_prompt([last], wrap_links, instructions)
     hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
-    earlier = "".join(f"{m.role}:{to_kimi_text(m, wrap_links)}\n" for m in messages[:-1] if m.text)
-    return f"{head}{earlier}system:{hint}\n{last.role}:{to_kimi_text(last, wrap_links)}"
+    return to_prompt([*earlier, Message("system", hint, False), last], wrap_links, instructions)
 
 
 def to_continuation_prompt(messages: list[Message], wrap_links: bool, instructions: str = "") -> str:
     """A kept Kimi chat already holds the history: send only the newest user message, or the
     function results that came after Kimi's last answer."""
-    last = messages[-1]
-    where = f"messages[{len(messages) - 1}]"
-    if last.role not in ("user", "tool"):
-        raise bad_request(f"To continue a conversation the last message must be a user or tool message ({where})",
-                          "messages")
-    if not last.text.strip() and not last.attachments:
-        raise bad_request(f"'{where}.content' has no text", f"{where}.content")
-    if last.role == "user":
-        new = [last]
-    else:
-        start = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1) + 1
-        new = messages[start:]
-    if len(new) == 1 and not instructions:
-        return to_kimi_text(last, wrap_links)
-    head = f"system:{instructions}\n" if instructions else ""
-    return head + "\n".join(f"{m.role}:{to_kimi_text(m, wrap_links)}" for m in new if m.text)
+    if messages[-1].role not in ("user", "tool"):
+        raise bad_request("To continue a conversation the last message must be a user or tool message "
+                          f"(messages[{len(messages) - 1}])", "messages")
+    require_text(messages)
+    if messages[-1].role == "user":
+        return to_prompt(messages[-1:], wrap_links, instructions)
+    start = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1) + 1
+    return to_prompt(messages[start:], wrap_links, instructions)
+
+
+def require_text(messages: list[Message]) -> None:
+    last = len(messages) - 1
+    if not messages[last].text.strip() and not messages[last].attachments:
+        raise bad_request(f"'messages[{last}].content' has no text", f"messages[{last}].content")
+
+
+def to_prompt(turns: list[Message], wrap_links: bool, instructions: str) -> str:
+    """One Kimi message: a lone message as it is, else each message after its role (the newest
+    even without text), with the proxy's own instructions (tools, JSON) first."""
+    if instructions:
+        turns = [Message("system", instructions, False), *turns]
+    if len(turns) == 1:
+        return to_kimi_text(turns[0], wrap_links)
+    return "\n".join(f"{m.role}:{to_kimi_text(m, wrap_links)}" for m in turns if m.text or m is turns[-1])
 
 
 def to_kimi_text(message: Message, wrap_links: bool) -> str:
