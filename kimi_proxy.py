@@ -307,6 +307,334 @@ def error_response(error: ProxyError) -> web.Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# App and request keys
+# ---------------------------------------------------------------------------------------------
+
+
+CONFIG = web.AppKey("config", Config)
+KIMI = web.AppKey("kimi", "KimiHTTP")
+JANITOR = web.AppKey("janitor", "Janitor")
+CHAT_OWNERS = web.AppKey("chat_owners", "BoundedMap")  # kept chat id -> the credential that created it
+TOKEN_TURN = web.AppKey("token_turn", itertools.count)
+TOKEN_HEALTH = web.AppKey("token_health", "TokenHealth")
+TOKEN_STORE = web.AppKey("token_store", "TokenStore")
+OPEN_REQUESTS = web.AppKey("open_requests", "OpenRequests")
+STARTED_AT = web.AppKey("started_at", float)
+HANDLING = web.AppKey("handling", list)  # [requests being handled now], a cell the middleware counts in
+# what the request log line reports
+MODEL = web.RequestKey("model", str)
+CHUNKS_SENT = web.RequestKey("chunks_sent", int)
+CLIENT_GONE = web.RequestKey("client_gone", bool)
+REQUEST_ID = web.RequestKey("request_id", str)
+# our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
+# last response (and its headers) until the next one is answered
+X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: data URIs, and fetching what clients point at, safely
+# ---------------------------------------------------------------------------------------------
+
+
+DOWNLOAD_READ_GAP = 30.0    # seconds without a byte from a file's server
+DOWNLOAD_DEADLINE = 600.0   # seconds for a whole download
+UPLOAD_DEADLINE = 600.0     # seconds for a whole upload to Kimi's storage
+MAX_REDIRECTS = 3
+CHUNK = 64 * 1024           # bytes read and written at a time: memory stays flat for any size
+SPOOL_IN_MEMORY = 1024 * 1024  # a source of unknown length is spooled to disk past this
+MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file or image of the last message: a data URI already decoded, or an http(s) URL."""
+
+    part: str                # where the client put it, e.g. messages[2].content[1]
+    kind: str                # "image" or "file"
+    name: str
+    mime: str
+    url: str | None = None
+    data: bytes | bytearray | None = None
+
+
+DATA_URI_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64")
+WHITESPACE = re.compile(r"\s+")
+BASE64_PIECE = 4 * 2**20  # characters decoded at a time (a multiple of 4: padding stays at the end)
+DEFAULT_NAMES = {"image": "image", "file": "file"}
+
+
+def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
+    """An attachment from any of the part shapes clients send. Raises 400 (or 413) naming the part."""
+    filename = None
+    if kind in ("image_url", "input_image"):
+        source = part.get("image_url")
+        url = source.get("url") if isinstance(source, dict) else source
+    elif "file_url" in part:
+        source = part["file_url"]
+        url = source.get("url") if isinstance(source, dict) else source
+    else:
+        source = part.get("file", part)  # input_file puts the fields on the part itself
+        source = source if isinstance(source, dict) else {}
+        if "file_id" in source and "file_data" not in source:
+            raise bad_request(f"'{where}': a file_id needs a Files API this server does not have; "
+                              "send file_data or a file_url", where)
+        url, filename = source.get("file_data") or source.get("file_url"), source.get("filename")
+    attachment_kind = "image" if kind in ("image_url", "input_image") else "file"
+    if not isinstance(url, str) or not url.strip():
+        raise bad_request(f"'{where}' has no URL or data", where)
+    url = url.strip()
+    name = filename if isinstance(filename, str) and filename.strip() else None
+    if url.startswith("data:"):
+        data, mime = from_data_uri(url, where, max_bytes)
+        if mime.startswith("image/"):
+            attachment_kind = "image"
+        return Attachment(where, attachment_kind, to_file_name(name, None, mime, attachment_kind), mime, data=data)
+    parsed = to_http_url(url, where)
+    return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
+                      "application/octet-stream", url=url)
+
+
+def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]:
+    """(bytes, media type) of a base64 data URI. A data URI may be most of a large request, so it
+    is decoded piece by piece into one buffer, never copied whole."""
+    comma = uri.find(",")
+    found = DATA_URI_HEADER.fullmatch(uri, 0, max(comma, 0))
+    if found is None:
+        raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
+    mime = found[1].strip().lower() or "application/octet-stream"
+    if not MEDIA_TYPE.fullmatch(mime):
+        raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
+    start = comma + 1
+    if WHITESPACE.search(uri, start):  # line-wrapped base64: rare, and worth one copy
+        uri, start = WHITESPACE.sub("", uri[start:]), 0
+    if (len(uri) - start) * 3 // 4 > max_bytes + 3:
+        raise file_too_large(where, max_bytes)
+    data = bytearray((len(uri) - start) // 4 * 3 - (len(uri) - len(uri.rstrip("="))))  # filled, never grown
+    try:
+        filled = 0
+        for offset in range(start, len(uri), BASE64_PIECE):
+            piece = binascii.a2b_base64(uri[offset:offset + BASE64_PIECE], strict_mode=True)
+            data[filled:filled + len(piece)] = piece
+            filled += len(piece)
+    except ValueError:
+        raise bad_request(f"'{where}' is not valid base64", where) from None
+    if filled != len(data):
+        raise bad_request(f"'{where}' is not valid base64", where)
+    if not data:
+        raise bad_request(f"'{where}' is empty", where)
+    return data, mime
+
+
+def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
+    """A plain file name: the client's, else the URL's last path segment, else one from the type."""
+    name = given or (path or "").rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip(". ") if name else ""
+    if name:
+        return name[:200]
+    return DEFAULT_NAMES[kind] + (mimetypes.guess_extension(mime) or "")
+
+
+def to_http_url(url: str | yarl.URL, where: str) -> yarl.URL:
+    """A file URL checked for what a connection needs: http(s), a host name of valid labels or an
+    IP literal, a usable port. Anything else is the client's mistake: 400 naming the part."""
+    try:
+        parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
+        usable = parsed.scheme in ("http", "https") and bool(parsed.port) and is_host(parsed.raw_host or "")
+    except ValueError:  # (UnicodeError included) a bad port, IPv6 literal or IDNA label
+        usable = False
+    if not usable:
+        raise bad_request(f"'{where}' must be an http(s) URL with a valid host and port, or a data: URI", where)
+    return parsed
+
+
+def is_host(host: str) -> bool:
+    """An IP literal, or a name whose labels DNS and IDNA accept."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return 0 < len(host) <= 253 and all(HOST_LABEL.fullmatch(label) and is_idna(label) for label in labels)
+
+
+def is_idna(label: str) -> bool:
+    try:
+        label.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is on the public internet (not loopback, private, link-local,
+    multicast, reserved or unspecified), looking through IPv6 forms that embed an IPv4 one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6:
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and any(ip in network for network in EMBEDS_IPV4):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(str(embedded))
+    return ip.is_global and not ip.is_multicast
+
+
+# IPv6 ranges whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use),
+# IPv4-translated and the deprecated IPv4-compatible form
+EMBEDS_IPV4 = tuple(map(ipaddress.ip_network, ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")))
+
+
+class PrivateAddress(OSError):
+    """A file URL's host resolves only to addresses this server does not fetch from."""
+
+
+class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """Resolves a host once and keeps only public addresses, so the connection goes to an address
+    that was checked (no second lookup that could answer differently)."""
+
+    def __init__(self) -> None:
+        self._resolver = aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        public = [found for found in await self._resolver.resolve(host, port, family)
+                  if is_public_address(found["host"])]
+        if not public:
+            raise PrivateAddress(f"{host} has no public address")
+        return public
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+class Source:
+    """A file's bytes on their way to Kimi: size and type known, read in chunks once."""
+
+    def __init__(self, name: str, mime: str, size: int, chunks: AsyncIterator[bytes]) -> None:
+        self.name, self.mime, self.size, self.chunks = name, mime, size, chunks
+
+
+def file_too_large(part: str, max_bytes: int) -> ProxyError:
+    return ProxyError(413, f"'{part}' is larger than the {max_bytes / 2**20:g} MiB limit (MAX_FILE_MB)",
+                      code="file_too_large", param=part)
+
+
+class FileFetcher:
+    """Downloads the files clients name by URL: http(s) only, public addresses only (unless
+    ALLOW_PRIVATE_FILE_URLS), every redirect checked, size capped, never held in memory whole."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+        self._session = session
+        self._allow_private = config.allow_private_file_urls
+        self._max_bytes = int(config.max_file_mb * 2**20)
+
+    @staticmethod
+    def session(config: Config) -> aiohttp.ClientSession:
+        resolver = aiohttp.DefaultResolver() if config.allow_private_file_urls else PublicOnlyResolver()
+        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_DEADLINE, sock_connect=config.upstream_connect_timeout,
+                                        sock_read=DOWNLOAD_READ_GAP)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False),
+                                     timeout=timeout)
+
+    @asynccontextmanager
+    async def source(self, attachment: "Attachment"):
+        """The attachment's bytes: decoded data, a download streamed as it comes when its length
+        is known, else one spooled to a temporary file first (Kimi's storage wants a length)."""
+        if attachment.data is not None:
+            yield Source(attachment.name, attachment.mime, len(attachment.data), one_chunk(attachment.data))
+            return
+        part = attachment.part
+        try:
+            async with self._open(attachment) as response:
+                mime = response.content_type or attachment.mime
+                declared = response.content_length
+                if declared is not None and declared > self._max_bytes:
+                    raise file_too_large(part, self._max_bytes)
+                if declared is not None:
+                    yield Source(attachment.name, mime, declared, self._capped(response, part, declared))
+                    return
+                with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
+                    size = 0
+                    async for chunk in self._capped(response, part, self._max_bytes):
+                        spool.write(chunk)
+                        size += len(chunk)
+                    spool.seek(0)
+                    yield Source(attachment.name, mime, size, read_spool(spool))
+        except asyncio.TimeoutError:
+            raise ProxyError(504, f"Fetching '{part}' timed out", error_type="server_error", code="file_timeout",
+                             param=part) from None
+        except aiohttp.ClientConnectorDNSError as error:
+            if isinstance(error.os_error, PrivateAddress):
+                raise self._refused(part) from None
+            raise bad_request(f"Could not fetch '{part}': its host name does not resolve", part) from None
+        except (aiohttp.ClientError, ValueError):  # ValueError: a URL aiohttp cannot use after all
+            raise bad_request(f"Could not fetch '{part}': the connection to its server failed", part) from None
+
+    @asynccontextmanager
+    async def _open(self, attachment: "Attachment"):
+        """The file's response, following at most 3 redirects and checking every address."""
+        url = yarl.URL(attachment.url)
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check(url, attachment.part)
+            async with self._session.get(url, allow_redirects=False) as response:
+                if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                    try:
+                        url = url.join(yarl.URL(response.headers["Location"]))
+                    except ValueError:
+                        raise bad_request(f"Could not fetch '{attachment.part}': it redirects to a URL that is "
+                                          "not one", attachment.part) from None
+                    continue
+                if response.status != 200:
+                    raise bad_request(f"Could not fetch '{attachment.part}': its server answered HTTP "
+                                      f"{response.status}", attachment.part)
+                yield response
+                return
+        raise bad_request(f"Could not fetch '{attachment.part}': more than {MAX_REDIRECTS} redirects",
+                          attachment.part)
+
+    def _check(self, url: yarl.URL, part: str) -> None:
+        to_http_url(url, part)
+        if self._allow_private:
+            return
+        try:
+            literal = ipaddress.ip_address(url.host.strip("[]").split("%", 1)[0])
+        except ValueError:
+            return  # a host name: PublicOnlyResolver checks what it resolves to
+        if not is_public_address(str(literal)):
+            raise self._refused(part)
+
+    @staticmethod
+    def _refused(part: str) -> ProxyError:
+        return bad_request(f"'{part}' points to a private or local network address, which this server does not "
+                           "fetch from (ALLOW_PRIVATE_FILE_URLS=1 allows it on a trusted network)", part)
+
+    @staticmethod
+    async def _capped(response: aiohttp.ClientResponse, part: str, max_bytes: int) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in response.content.iter_chunked(CHUNK):
+            received += len(chunk)
+            if received > max_bytes:
+                raise file_too_large(part, max_bytes)
+            yield chunk
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def read_spool(spool) -> AsyncIterator[bytes]:
+    while chunk := spool.read(CHUNK):
+        yield chunk
+
+
+class KimiFile(NamedTuple):
+    id: str
+    name: str
+    size: int
+    kind: str       # "image" or "file"
+    detail: dict    # Kimi's file object, as registered
+
+
+# ---------------------------------------------------------------------------------------------
 # Kimi over HTTP, shared by the dialects: events, the session, retries, access tokens, the token pool
 # ---------------------------------------------------------------------------------------------
 
@@ -634,9 +962,9 @@ def write_token_store(path: str, tokens: dict[str, str]) -> None:
 
 # Header names for Kimi are istr (aiohttp.hdrs has the standard ones): aiohttp case-folds a plain
 # str name anew on every call and keeps that copy while the answer streams.
-X_MSH_PLATFORM, X_MSH_VERSION, X_MSH_DEVICE_ID, X_MSH_SESSION_ID, X_TRAFFIC_ID, X_LANGUAGE, R_TIMEZONE, \
-    CONNECT_PROTOCOL_VERSION = map(istr, ("X-Msh-Platform", "X-Msh-Version", "X-Msh-Device-Id", "X-Msh-Session-Id",
-                                          "X-Traffic-Id", "X-Language", "R-Timezone", "Connect-Protocol-Version"))
+X_MSH_PLATFORM, X_MSH_VERSION, X_MSH_DEVICE_ID, X_MSH_SESSION_ID, X_TRAFFIC_ID, X_LANGUAGE, R_TIMEZONE = map(
+    istr, ("X-Msh-Platform", "X-Msh-Version", "X-Msh-Device-Id", "X-Msh-Session-Id", "X-Traffic-Id", "X-Language",
+           "R-Timezone"))
 
 
 def browser_headers(base_url: str) -> dict[str, str]:
@@ -907,307 +1235,41 @@ class KimiHTTP:
         return status
 
 
-# ---------------------------------------------------------------------------------------------
-# Files: data URIs, and fetching what clients point at, safely
-# ---------------------------------------------------------------------------------------------
-
-
-DOWNLOAD_READ_GAP = 30.0    # seconds without a byte from a file's server
-DOWNLOAD_DEADLINE = 600.0   # seconds for a whole download
-UPLOAD_DEADLINE = 600.0     # seconds for a whole upload to Kimi's storage
-MAX_REDIRECTS = 3
-CHUNK = 64 * 1024           # bytes read and written at a time: memory stays flat for any size
-SPOOL_IN_MEMORY = 1024 * 1024  # a source of unknown length is spooled to disk past this
-MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
-HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Attachment:
-    """A file or image of the last message: a data URI already decoded, or an http(s) URL."""
-
-    part: str                # where the client put it, e.g. messages[2].content[1]
-    kind: str                # "image" or "file"
-    name: str
-    mime: str
-    url: str | None = None
-    data: bytes | bytearray | None = None
-
-
-DATA_URI_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*);base64")
-WHITESPACE = re.compile(r"\s+")
-BASE64_PIECE = 4 * 2**20  # characters decoded at a time (a multiple of 4: padding stays at the end)
-DEFAULT_NAMES = {"image": "image", "file": "file"}
-
-
-def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
-    """An attachment from any of the part shapes clients send. Raises 400 (or 413) naming the part."""
-    filename = None
-    if kind in ("image_url", "input_image"):
-        source = part.get("image_url")
-        url = source.get("url") if isinstance(source, dict) else source
-    elif "file_url" in part:
-        source = part["file_url"]
-        url = source.get("url") if isinstance(source, dict) else source
-    else:
-        source = part.get("file", part)  # input_file puts the fields on the part itself
-        source = source if isinstance(source, dict) else {}
-        if "file_id" in source and "file_data" not in source:
-            raise bad_request(f"'{where}': a file_id needs a Files API this server does not have; "
-                              "send file_data or a file_url", where)
-        url, filename = source.get("file_data") or source.get("file_url"), source.get("filename")
-    attachment_kind = "image" if kind in ("image_url", "input_image") else "file"
-    if not isinstance(url, str) or not url.strip():
-        raise bad_request(f"'{where}' has no URL or data", where)
-    url = url.strip()
-    name = filename if isinstance(filename, str) and filename.strip() else None
-    if url.startswith("data:"):
-        data, mime = from_data_uri(url, where, max_bytes)
-        if mime.startswith("image/"):
-            attachment_kind = "image"
-        return Attachment(where, attachment_kind, to_file_name(name, None, mime, attachment_kind), mime, data=data)
-    parsed = to_http_url(url, where)
-    return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
-                      "application/octet-stream", url=url)
-
-
-def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]:
-    """(bytes, media type) of a base64 data URI. A data URI may be most of a large request, so it
-    is decoded piece by piece into one buffer, never copied whole."""
-    comma = uri.find(",")
-    found = DATA_URI_HEADER.fullmatch(uri, 0, max(comma, 0))
-    if found is None:
-        raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
-    mime = found[1].strip().lower() or "application/octet-stream"
-    if not MEDIA_TYPE.fullmatch(mime):
-        raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
-    start = comma + 1
-    if WHITESPACE.search(uri, start):  # line-wrapped base64: rare, and worth one copy
-        uri, start = WHITESPACE.sub("", uri[start:]), 0
-    if (len(uri) - start) * 3 // 4 > max_bytes + 3:
-        raise file_too_large(where, max_bytes)
-    data = bytearray((len(uri) - start) // 4 * 3 - (len(uri) - len(uri.rstrip("="))))  # filled, never grown
+def from_parse_event(payload: bytes) -> str | None:
+    """The status in one parse_process event. Sources disagree on its shape, so take either."""
     try:
-        filled = 0
-        for offset in range(start, len(uri), BASE64_PIECE):
-            piece = binascii.a2b_base64(uri[offset:offset + BASE64_PIECE], strict_mode=True)
-            data[filled:filled + len(piece)] = piece
-            filled += len(piece)
-    except ValueError:
-        raise bad_request(f"'{where}' is not valid base64", where) from None
-    if filled != len(data):
-        raise bad_request(f"'{where}' is not valid base64", where)
-    if not data:
-        raise bad_request(f"'{where}' is empty", where)
-    return data, mime
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    info = event.get("file_info", event) if isinstance(event, dict) else None
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None
 
 
-def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
-    """A plain file name: the client's, else the URL's last path segment, else one from the type."""
-    name = given or (path or "").rstrip("/").rsplit("/", 1)[-1]
-    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip(". ") if name else ""
-    if name:
-        return name[:200]
-    return DEFAULT_NAMES[kind] + (mimetypes.guess_extension(mime) or "")
+class SSEDecoder:
+    """Server-sent events from network reads: yields each event's data as bytes.
 
-
-def to_http_url(url: str | yarl.URL, where: str) -> yarl.URL:
-    """A file URL checked for what a connection needs: http(s), a host name of valid labels or an
-    IP literal, a usable port. Anything else is the client's mistake: 400 naming the part."""
-    try:
-        parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
-        usable = parsed.scheme in ("http", "https") and bool(parsed.port) and is_host(parsed.raw_host or "")
-    except ValueError:  # (UnicodeError included) a bad port, IPv6 literal or IDNA label
-        usable = False
-    if not usable:
-        raise bad_request(f"'{where}' must be an http(s) URL with a valid host and port, or a data: URI", where)
-    return parsed
-
-
-def is_host(host: str) -> bool:
-    """An IP literal, or a name whose labels DNS and IDNA accept."""
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        return True
-    except ValueError:
-        labels = host.removesuffix(".").split(".")
-        return 0 < len(host) <= 253 and all(HOST_LABEL.fullmatch(label) and is_idna(label) for label in labels)
-
-
-def is_idna(label: str) -> bool:
-    try:
-        label.encode("ascii").decode("idna")
-    except UnicodeError:
-        return False
-    return True
-
-
-def is_public_address(address: str) -> bool:
-    """Whether an IP address is on the public internet (not loopback, private, link-local,
-    multicast, reserved or unspecified), looking through IPv6 forms that embed an IPv4 one."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6:
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and any(ip in network for network in EMBEDS_IPV4):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return is_public_address(str(embedded))
-    return ip.is_global and not ip.is_multicast
-
-
-# IPv6 ranges whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use),
-# IPv4-translated and the deprecated IPv4-compatible form
-EMBEDS_IPV4 = tuple(map(ipaddress.ip_network, ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")))
-
-
-class PrivateAddress(OSError):
-    """A file URL's host resolves only to addresses this server does not fetch from."""
-
-
-class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
-    """Resolves a host once and keeps only public addresses, so the connection goes to an address
-    that was checked (no second lookup that could answer differently)."""
+    Lines are split on the raw bytes and decoded (by orjson) only once whole, so a multi-byte
+    character split across two reads comes out intact."""
 
     def __init__(self) -> None:
-        self._resolver = aiohttp.DefaultResolver()
+        self._tail = b""
+        self._data: list[bytes] = []
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
-        public = [found for found in await self._resolver.resolve(host, port, family)
-                  if is_public_address(found["host"])]
-        if not public:
-            raise PrivateAddress(f"{host} has no public address")
-        return public
-
-    async def close(self) -> None:
-        await self._resolver.close()
-
-
-class Source:
-    """A file's bytes on their way to Kimi: size and type known, read in chunks once."""
-
-    def __init__(self, name: str, mime: str, size: int, chunks: AsyncIterator[bytes]) -> None:
-        self.name, self.mime, self.size, self.chunks = name, mime, size, chunks
-
-
-def file_too_large(part: str, max_bytes: int) -> ProxyError:
-    return ProxyError(413, f"'{part}' is larger than the {max_bytes / 2**20:g} MiB limit (MAX_FILE_MB)",
-                      code="file_too_large", param=part)
-
-
-class FileFetcher:
-    """Downloads the files clients name by URL: http(s) only, public addresses only (unless
-    ALLOW_PRIVATE_FILE_URLS), every redirect checked, size capped, never held in memory whole."""
-
-    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
-        self._session = session
-        self._allow_private = config.allow_private_file_urls
-        self._max_bytes = int(config.max_file_mb * 2**20)
-
-    @staticmethod
-    def session(config: Config) -> aiohttp.ClientSession:
-        resolver = aiohttp.DefaultResolver() if config.allow_private_file_urls else PublicOnlyResolver()
-        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_DEADLINE, sock_connect=config.upstream_connect_timeout,
-                                        sock_read=DOWNLOAD_READ_GAP)
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False),
-                                     timeout=timeout)
-
-    @asynccontextmanager
-    async def source(self, attachment: "Attachment"):
-        """The attachment's bytes: decoded data, a download streamed as it comes when its length
-        is known, else one spooled to a temporary file first (Kimi's storage wants a length)."""
-        if attachment.data is not None:
-            yield Source(attachment.name, attachment.mime, len(attachment.data), one_chunk(attachment.data))
-            return
-        part = attachment.part
-        try:
-            async with self._open(attachment) as response:
-                mime = response.content_type or attachment.mime
-                declared = response.content_length
-                if declared is not None and declared > self._max_bytes:
-                    raise file_too_large(part, self._max_bytes)
-                if declared is not None:
-                    yield Source(attachment.name, mime, declared, self._capped(response, part, declared))
-                    return
-                with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
-                    size = 0
-                    async for chunk in self._capped(response, part, self._max_bytes):
-                        spool.write(chunk)
-                        size += len(chunk)
-                    spool.seek(0)
-                    yield Source(attachment.name, mime, size, read_spool(spool))
-        except asyncio.TimeoutError:
-            raise ProxyError(504, f"Fetching '{part}' timed out", error_type="server_error", code="file_timeout",
-                             param=part) from None
-        except aiohttp.ClientConnectorDNSError as error:
-            if isinstance(error.os_error, PrivateAddress):
-                raise self._refused(part) from None
-            raise bad_request(f"Could not fetch '{part}': its host name does not resolve", part) from None
-        except (aiohttp.ClientError, ValueError):  # ValueError: a URL aiohttp cannot use after all
-            raise bad_request(f"Could not fetch '{part}': the connection to its server failed", part) from None
-
-    @asynccontextmanager
-    async def _open(self, attachment: "Attachment"):
-        """The file's response, following at most 3 redirects and checking every address."""
-        url = yarl.URL(attachment.url)
-        for _ in range(MAX_REDIRECTS + 1):
-            self._check(url, attachment.part)
-            async with self._session.get(url, allow_redirects=False) as response:
-                if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                    try:
-                        url = url.join(yarl.URL(response.headers["Location"]))
-                    except ValueError:
-                        raise bad_request(f"Could not fetch '{attachment.part}': it redirects to a URL that is "
-                                          "not one", attachment.part) from None
-                    continue
-                if response.status != 200:
-                    raise bad_request(f"Could not fetch '{attachment.part}': its server answered HTTP "
-                                      f"{response.status}", attachment.part)
-                yield response
-                return
-        raise bad_request(f"Could not fetch '{attachment.part}': more than {MAX_REDIRECTS} redirects",
-                          attachment.part)
-
-    def _check(self, url: yarl.URL, part: str) -> None:
-        to_http_url(url, part)
-        if self._allow_private:
-            return
-        try:
-            literal = ipaddress.ip_address(url.host.strip("[]").split("%", 1)[0])
-        except ValueError:
-            return  # a host name: PublicOnlyResolver checks what it resolves to
-        if not is_public_address(str(literal)):
-            raise self._refused(part)
-
-    @staticmethod
-    def _refused(part: str) -> ProxyError:
-        return bad_request(f"'{part}' points to a private or local network address, which this server does not "
-                           "fetch from (ALLOW_PRIVATE_FILE_URLS=1 allows it on a trusted network)", part)
-
-    @staticmethod
-    async def _capped(response: aiohttp.ClientResponse, part: str, max_bytes: int) -> AsyncIterator[bytes]:
-        received = 0
-        async for chunk in response.content.iter_chunked(CHUNK):
-            received += len(chunk)
-            if received > max_bytes:
-                raise file_too_large(part, max_bytes)
-            yield chunk
-
-
-async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def read_spool(spool) -> AsyncIterator[bytes]:
-    while chunk := spool.read(CHUNK):
-        yield chunk
-
-
-class KimiFile(NamedTuple):
-    id: str
-    name: str
-    size: int
-    kind: str       # "image" or "file"
-    detail: dict    # Kimi's file object, as registered
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self._tail + chunk).split(b"\n")
+        self._tail = lines.pop()
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+        return events
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1357,43 +1419,6 @@ def to_legacy_continuation(question: Question, segment_id: str) -> dict:
             "kimiplus_id": to_kimiplus_id(question), "extend": {"sidebar": True}}
 
 
-def from_parse_event(payload: bytes) -> str | None:
-    """The status in one parse_process event. Sources disagree on its shape, so take either."""
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    info = event.get("file_info", event) if isinstance(event, dict) else None
-    status = info.get("status") if isinstance(info, dict) else None
-    return status if isinstance(status, str) else None
-
-
-class SSEDecoder:
-    """Server-sent events from network reads: yields each event's data as bytes.
-
-    Lines are split on the raw bytes and decoded (by orjson) only once whole, so a multi-byte
-    character split across two reads comes out intact."""
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self._data: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        lines = (self._tail + chunk).split(b"\n")
-        self._tail = lines.pop()
-        events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append(b"\n".join(self._data))
-                    self._data = []
-            elif line.startswith(b"data:"):
-                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
-        return events
-
-
 @dataclasses.dataclass(slots=True)
 class SegmentState:
     """What one legacy answer stream said about itself besides the answer."""
@@ -1458,6 +1483,7 @@ def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
 # ---------------------------------------------------------------------------------------------
 
 
+CONNECT_PROTOCOL_VERSION = istr("Connect-Protocol-Version")  # on every Connect call but uploads
 CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
 MODELS_RPC = "/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels"
 SUBSCRIPTION_RPC = "/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription"
@@ -2176,6 +2202,110 @@ def to_connect_chat(question: "Question", catalog: Catalog, parent_id: str | Non
 
 
 DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
+
+
+# ---------------------------------------------------------------------------------------------
+# A request's use of Kimi: the token turn, the session, the strongest refusal
+# ---------------------------------------------------------------------------------------------
+
+
+def credentials_in_turn(app: web.Application, credentials: list[str], question: Question) -> list[str]:
+    """The order in which this request tries the client's tokens."""
+    if question.chat_id is not None:
+        owner = app[CHAT_OWNERS].get(question.chat_id)
+        # only a token the caller itself sent: someone else's chat id must not borrow its creator's account
+        return [owner if owner in credentials else credentials[0]]
+    start = next(app[TOKEN_TURN]) % len(credentials)
+    return credentials[start:] + credentials[:start]
+
+
+class KimiSession:
+    """One request's use of Kimi. The first question goes to the healthiest token Kimi accepts: a
+    token that Kimi rejects or rate-limits hands over to the next one, as long as nothing has been
+    shown. Follow-up questions (a repair turn) go to the same token, in the same chat. Every chat
+    the session created is deleted when it closes, unless the client keeps it and has seen it."""
+
+    def __init__(self, app: web.Application, credentials: list[str]) -> None:
+        self._app = app
+        self._credentials = credentials
+        self._credential: str | None = None  # the token that answers, held until close
+        self._created: list[str] = []
+        self._keep = False
+        self._answered = False               # something of Kimi's answer reached the client's side
+        self.chat_id: str | None = None      # the chat a follow-up question goes to
+
+    async def ask(self, question: Question) -> AsyncIterator[list[Event]]:
+        """The answer's neutral events, a list for each network read."""
+        if self._credential is not None:
+            async with aclosing(self._turn(self._credential, question)) as batches:
+                async for batch in batches:
+                    yield batch
+            return
+        health = self._app[TOKEN_HEALTH]
+        candidates = credentials_in_turn(self._app, self._credentials, question)
+        tried: list[str] = []
+        refusals: list[ProxyError] = []
+        self._keep = question.keep
+        while True:
+            try:
+                self._credential = await health.acquire(candidates, tried)
+            except NoTokenLeft:
+                raise strongest_refusal(refusals) from None
+            tried.append(self._credential)
+            try:
+                async with aclosing(self._turn(self._credential, question)) as batches:
+                    async for batch in batches:
+                        yield batch
+                return
+            except (TokenRejected, RateLimited) as error:
+                if self._answered:
+                    raise
+                log.info("Kimi refused token %s (%s); trying another", fingerprint(self._credential), error.code)
+                refusals.append(error)
+                self.close()  # the failed attempt's chats go at once
+
+    async def _turn(self, credential: str, question: Question) -> AsyncIterator[list[Event]]:
+        try:
+            async with aclosing(self._app[KIMI].converse(credential, question)) as batches:
+                async for batch in batches:
+                    self._record(batch, credential, question)
+                    yield batch
+        except ProxyError as error:
+            self._app[TOKEN_HEALTH].learn_from(credential, error)
+            raise
+
+    def _record(self, batch: list[Event], credential: str, question: Question) -> None:
+        """Note the chats a batch names (a kept one with its owner), and whether it shows anything."""
+        for event in batch:
+            if event.kind == CHAT:
+                self.chat_id = self.chat_id or event.text
+                if question.chat_id is None and event.text not in self._created:
+                    self._created.append(event.text)
+                    if question.keep:
+                        self._app[CHAT_OWNERS][event.text] = credential
+            elif event.kind in VISIBLE:
+                self._answered = True
+
+    def close(self, seen: bool = True) -> None:
+        """Hand the token back and delete the chats (in the background): a kept chat stays only
+        once the client has seen its id (`seen`: the answer that names it went out)."""
+        if self._credential is None:
+            return
+        credential, self._credential = self._credential, None
+        self._app[TOKEN_HEALTH].release(credential)
+        if not (self._keep and self._answered and seen):
+            for chat_id in self._created:
+                self._app[JANITOR].spawn(self._app[KIMI].delete_chat(credential, chat_id))
+        self._created = []
+        self.chat_id = None
+
+
+def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
+    """What to tell a client none of whose tokens could answer: a rate limit says when to come back."""
+    limited = [refusal for refusal in refusals if isinstance(refusal, RateLimited)]
+    if limited:
+        return limited[-1]
+    return refusals[-1] if refusals else TokenRejected("Kimi has rejected every token of this request")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3118,24 +3248,6 @@ class OpenRequests:
             deadline.reschedule(now)
 
 
-CONFIG = web.AppKey("config", Config)
-KIMI = web.AppKey("kimi", "KimiHTTP")
-JANITOR = web.AppKey("janitor", Janitor)
-CHAT_OWNERS = web.AppKey("chat_owners", BoundedMap)  # kept chat id -> the credential that created it
-TOKEN_TURN = web.AppKey("token_turn", itertools.count)
-TOKEN_HEALTH = web.AppKey("token_health", TokenHealth)
-TOKEN_STORE = web.AppKey("token_store", TokenStore)
-OPEN_REQUESTS = web.AppKey("open_requests", OpenRequests)
-STARTED_AT = web.AppKey("started_at", float)
-HANDLING = web.AppKey("handling", list)  # [requests being handled now], a cell the middleware counts in
-# what the request log line reports
-MODEL = web.RequestKey("model", str)
-CHUNKS_SENT = web.RequestKey("chunks_sent", int)
-CLIENT_GONE = web.RequestKey("client_gone", bool)
-REQUEST_ID = web.RequestKey("request_id", str)
-# our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
-# last response (and its headers) until the next one is answered
-X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering"))
 
 
 def bearer_value(request: web.Request) -> str:
@@ -3186,105 +3298,6 @@ def require_api_key(request: web.Request) -> None:
     config = request.app[CONFIG]
     if config.kimi_tokens and not is_api_key(bearer_value(request), config.api_keys):
         raise invalid_api_key()
-
-
-def credentials_in_turn(app: web.Application, credentials: list[str], question: Question) -> list[str]:
-    """The order in which this request tries the client's tokens."""
-    if question.chat_id is not None:
-        owner = app[CHAT_OWNERS].get(question.chat_id)
-        # only a token the caller itself sent: someone else's chat id must not borrow its creator's account
-        return [owner if owner in credentials else credentials[0]]
-    start = next(app[TOKEN_TURN]) % len(credentials)
-    return credentials[start:] + credentials[:start]
-
-
-class KimiSession:
-    """One request's use of Kimi. The first question goes to the healthiest token Kimi accepts: a
-    token that Kimi rejects or rate-limits hands over to the next one, as long as nothing has been
-    shown. Follow-up questions (a repair turn) go to the same token, in the same chat. Every chat
-    the session created is deleted when it closes, unless the client keeps it and has seen it."""
-
-    def __init__(self, app: web.Application, credentials: list[str]) -> None:
-        self._app = app
-        self._credentials = credentials
-        self._credential: str | None = None  # the token that answers, held until close
-        self._created: list[str] = []
-        self._keep = False
-        self._answered = False               # something of Kimi's answer reached the client's side
-        self.chat_id: str | None = None      # the chat a follow-up question goes to
-
-    async def ask(self, question: Question) -> AsyncIterator[list[Event]]:
-        """The answer's neutral events, a list for each network read."""
-        if self._credential is not None:
-            async with aclosing(self._turn(self._credential, question)) as batches:
-                async for batch in batches:
-                    yield batch
-            return
-        health = self._app[TOKEN_HEALTH]
-        candidates = credentials_in_turn(self._app, self._credentials, question)
-        tried: list[str] = []
-        refusals: list[ProxyError] = []
-        self._keep = question.keep
-        while True:
-            try:
-                self._credential = await health.acquire(candidates, tried)
-            except NoTokenLeft:
-                raise strongest_refusal(refusals) from None
-            tried.append(self._credential)
-            try:
-                async with aclosing(self._turn(self._credential, question)) as batches:
-                    async for batch in batches:
-                        yield batch
-                return
-            except (TokenRejected, RateLimited) as error:
-                if self._answered:
-                    raise
-                log.info("Kimi refused token %s (%s); trying another", fingerprint(self._credential), error.code)
-                refusals.append(error)
-                self.close()  # the failed attempt's chats go at once
-
-    async def _turn(self, credential: str, question: Question) -> AsyncIterator[list[Event]]:
-        try:
-            async with aclosing(self._app[KIMI].converse(credential, question)) as batches:
-                async for batch in batches:
-                    self._record(batch, credential, question)
-                    yield batch
-        except ProxyError as error:
-            self._app[TOKEN_HEALTH].learn_from(credential, error)
-            raise
-
-    def _record(self, batch: list[Event], credential: str, question: Question) -> None:
-        """Note the chats a batch names (a kept one with its owner), and whether it shows anything."""
-        for event in batch:
-            if event.kind == CHAT:
-                self.chat_id = self.chat_id or event.text
-                if question.chat_id is None and event.text not in self._created:
-                    self._created.append(event.text)
-                    if question.keep:
-                        self._app[CHAT_OWNERS][event.text] = credential
-            elif event.kind in VISIBLE:
-                self._answered = True
-
-    def close(self, seen: bool = True) -> None:
-        """Hand the token back and delete the chats (in the background): a kept chat stays only
-        once the client has seen its id (`seen`: the answer that names it went out)."""
-        if self._credential is None:
-            return
-        credential, self._credential = self._credential, None
-        self._app[TOKEN_HEALTH].release(credential)
-        if not (self._keep and self._answered and seen):
-            for chat_id in self._created:
-                self._app[JANITOR].spawn(self._app[KIMI].delete_chat(credential, chat_id))
-        self._created = []
-        self.chat_id = None
-
-
-def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
-    """What to tell a client none of whose tokens could answer: a rate limit says when to come back."""
-    limited = [refusal for refusal in refusals if isinstance(refusal, RateLimited)]
-    if limited:
-        return limited[-1]
-    return refusals[-1] if refusals else TokenRejected("Kimi has rejected every token of this request")
 
 
 async def read_json_object(request: web.Request) -> dict:
