@@ -213,21 +213,18 @@ MAX_MODEL_NAME = 256         # characters: the model name is echoed in every chu
 
 
 class ProxyError(Exception):
-    """A failure the client sees: an HTTP status plus the OpenAI error envelope."""
+    """A failure the client sees, in no client API's terms: each client API renders it in its own
+    envelope (before the stream) or event (after it)."""
 
-    def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, retry_after: int | None = None):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type
         self.code = code
         self.param = param
         self.retry_after = retry_after
         self.cool_down: float | None = None  # seconds the token that met this error should rest
-
-    def envelope(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None) -> ProxyError:
@@ -235,15 +232,15 @@ def bad_request(message: str, param: str | None = None) -> ProxyError:
 
 
 def upstream_error(message: str) -> ProxyError:
-    return ProxyError(502, message, error_type="server_error", code="upstream_error")
+    return ProxyError(502, message, code="upstream_error")
 
 
 def upstream_timeout(message: str) -> ProxyError:
-    return ProxyError(504, message, error_type="server_error", code="upstream_timeout")
+    return ProxyError(504, message, code="upstream_timeout")
 
 
 def internal_error() -> ProxyError:
-    return ProxyError(500, "Internal error in kimi_proxy", error_type="server_error", code="internal_error")
+    return ProxyError(500, "Internal error in kimi_proxy", code="internal_error")
 
 
 def conversation_not_found() -> ProxyError:
@@ -263,7 +260,7 @@ class RateLimited(ProxyError):
     cools down for a while."""
 
     def __init__(self, message: str, retry_after: int | None = None, code: str = "rate_limit_exceeded"):
-        super().__init__(429, message, error_type="rate_limit_error", code=code, retry_after=retry_after)
+        super().__init__(429, message, code=code, retry_after=retry_after)
         self.cool_down = retry_after or RATE_LIMIT_COOL_DOWN
 
 
@@ -296,14 +293,6 @@ def retry_after_seconds(value: str | None) -> int | None:
     if when.tzinfo is None:
         return None
     return max(0, min(86400, math.ceil(when.timestamp() - time.time())))
-
-
-def error_response(error: ProxyError) -> web.Response:
-    response = web.Response(status=error.status, body=orjson.dumps(error.envelope()) + b"\n",
-                            content_type="application/json")
-    if error.retry_after is not None:
-        response.headers[hdrs.RETRY_AFTER] = str(error.retry_after)
-    return response
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,8 +549,7 @@ class FileFetcher:
                     spool.seek(0)
                     yield Source(attachment.name, mime, size, read_spool(spool))
         except asyncio.TimeoutError:
-            raise ProxyError(504, f"Fetching '{part}' timed out", error_type="server_error", code="file_timeout",
-                             param=part) from None
+            raise ProxyError(504, f"Fetching '{part}' timed out", code="file_timeout", param=part) from None
         except aiohttp.ClientConnectorDNSError as error:
             if isinstance(error.os_error, PrivateAddress):
                 raise self._refused(part) from None
@@ -918,7 +906,7 @@ async def lock_file(path: str, timeout: float = 60.0):
     except TimeoutError:
         file.close()
         raise ProxyError(503, "The token store stayed locked by another instance (KIMI_TOKEN_STORE)",
-                         error_type="service_unavailable_error", code="token_store_busy", retry_after=5) from None
+                         code="token_store_busy", retry_after=5) from None
     except BaseException:
         file.close()
         raise
@@ -1219,8 +1207,7 @@ class KimiHTTP:
             if not deadline.expired():
                 raise
             raise ProxyError(504, f"Kimi did not finish reading '{part}' within {self._parse_timeout:g} s "
-                             "(FILE_PARSE_TIMEOUT)", error_type="server_error", code="file_timeout",
-                             param=part) from None
+                             "(FILE_PARSE_TIMEOUT)", code="file_timeout", param=part) from None
 
     async def _parse_progress(self, credential: str, file_id: str) -> str | None:
         """The last status the parse_process stream reports (it ends when parsing ends, or earlier)."""
@@ -1809,18 +1796,17 @@ def from_connect_error(error: dict, retry_after: int | None = None, status: int 
     if code == "unauthenticated":
         return StreamUnauthenticated()
     if debug.get("reason") == "REASON_SERVER_OVERLOADED_FOR_FREE_USER":
-        return ProxyError(503, f"Kimi is overloaded: {said}", error_type="service_unavailable_error",
-                          code="server_is_overloaded", retry_after=retry_after or OVERLOAD_RETRY_AFTER)
+        return ProxyError(503, f"Kimi is overloaded: {said}", code="server_is_overloaded",
+                          retry_after=retry_after or OVERLOAD_RETRY_AFTER)
     if code == "resource_exhausted" or status == 429:
         if "paywall" in debug:
             return QuotaExhausted(f"Kimi says this needs a paid Kimi plan: {said}")
         return RateLimited(f"Kimi is rate limiting this account: {said}", retry_after)
     if code in ("unavailable", "deadline_exceeded"):
-        return ProxyError(503, f"Kimi is overloaded or unavailable: {said}", error_type="service_unavailable_error",
-                          code="server_is_overloaded", retry_after=retry_after)
+        return ProxyError(503, f"Kimi is overloaded or unavailable: {said}", code="server_is_overloaded",
+                          retry_after=retry_after)
     if code == "permission_denied":
-        return ProxyError(403, f"Kimi does not allow this account to do that: {said}", error_type="permission_error",
-                          code="permission_denied")
+        return ProxyError(403, f"Kimi does not allow this account to do that: {said}", code="permission_denied")
     if code == "not_found":
         return conversation_not_found()
     if code == "invalid_argument":
@@ -3136,7 +3122,7 @@ def answer_as_written(question: Question, reading: AnswerReading, problem: str) 
     it; where a call or JSON was required, that is Kimi failing."""
     if question.json_format or question.must_call:
         raise ProxyError(502, f"Kimi's answer could not be used, even when asked again: {problem}",
-                         error_type="server_error", code="invalid_kimi_answer")
+                         code="invalid_kimi_answer")
     reading.prose = reading.text  # of which the first `sent` characters went out already
     return reading.kept_back() + [("finish_reason", "stop")]
 
@@ -3150,6 +3136,16 @@ def call_deltas(field: str, value: object) -> list[dict]:
         {field: [{"index": index, "id": call["id"], "type": "function",
                   "function": {"name": call["name"], "arguments": ""}}]},
         {field: [{"index": index, "function": {"arguments": call["arguments"]}}]})]
+
+
+# OpenAI's error types by HTTP status (any other 4xx is invalid_request_error, any other 5xx server_error)
+OPENAI_ERROR_TYPES = {403: "permission_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+def openai_error(error: ProxyError) -> dict:
+    """OpenAI's error envelope, for Chat Completions and Responses alike."""
+    kind = OPENAI_ERROR_TYPES.get(error.status) or ("server_error" if error.status >= 500 else "invalid_request_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
 
 
 class ChunkEncoder:
@@ -3193,7 +3189,7 @@ class ChunkEncoder:
 
     @staticmethod
     def error(error: ProxyError) -> bytes:
-        return b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
+        return b"data: " + orjson.dumps(openai_error(error)) + b"\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3231,8 +3227,7 @@ class OpenRequests:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            raise ProxyError(503, "kimi_proxy is shutting down; ask again", error_type="service_unavailable_error",
-                             code="shutting_down") from None
+            raise ProxyError(503, "kimi_proxy is shutting down; ask again", code="shutting_down") from None
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -3364,10 +3359,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         session.close()
-    response = web.Response(body=orjson.dumps(completion), content_type="application/json")
-    if "conversation_id" in completion:
-        response.headers[X_CONVERSATION_ID] = completion["conversation_id"]
-    return response
+    kept = completion.get("conversation_id")
+    return json_response(completion, headers={X_CONVERSATION_ID: kept} if kept else None)
 
 
 def answer_fields(session: KimiSession, question: Question) -> AsyncIterator[list[AnswerField]]:
@@ -3542,15 +3535,21 @@ def preflight(request: web.Request) -> web.Response:
     })
 
 
-def json_response(body: object) -> web.Response:
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+def json_response(body: object, status: int = 200, headers: dict | None = None) -> web.Response:
+    """Every JSON answer: completions, lists, errors (a newline ends it, for curl in a terminal)."""
+    return web.Response(status=status, body=orjson.dumps(body) + b"\n", content_type="application/json",
+                        headers=headers)
 
 
-HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+def error_response(error: ProxyError) -> web.Response:
+    headers = {hdrs.RETRY_AFTER: str(error.retry_after)} if error.retry_after is not None else None
+    return json_response(openai_error(error), error.status, headers)
+
+
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def from_http_exception(request: web.Request, error: web.HTTPException) -> web.Response:
-    type_, code = HTTP_ERRORS.get(error.status, ("invalid_request_error", None))
     if error.status == 413:
         return error_response(body_too_large(request.app[CONFIG].max_body_mb))
     if error.status == 404:
@@ -3559,7 +3558,7 @@ def from_http_exception(request: web.Request, error: web.HTTPException) -> web.R
         message = f"Method {loggable(request.method)} is not allowed on {loggable(request.path)}"
     else:
         message = error.reason
-    response = error_response(ProxyError(error.status, message, error_type=type_, code=code))
+    response = error_response(ProxyError(error.status, message, code=HTTP_ERROR_CODES.get(error.status)))
     if "Allow" in error.headers:
         response.headers[hdrs.ALLOW] = error.headers[hdrs.ALLOW]
     return response
@@ -3580,8 +3579,7 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
         try:
             if handling[0] > request.app[CONFIG].max_open_requests:
                 raise ProxyError(503, "kimi_proxy is handling as many requests as it may (MAX_OPEN_REQUESTS); "
-                                 "ask again shortly", error_type="service_unavailable_error",
-                                 code="server_is_overloaded", retry_after=1)
+                                 "ask again shortly", code="server_is_overloaded", retry_after=1)
             response = await handler(request)
         except ProxyError as error:
             response = error_response(error)
