@@ -632,8 +632,7 @@ TEXT = "text"            # answer text delta
 REASONING = "reasoning"  # thinking text delta
 SOURCE = "source"        # one web-search source (title, url)
 LENGTH = "length"        # the answer was cut at Kimi's length limit
-DONE = "done"            # the answer is complete
-ERROR = "error"          # Kimi aborted the answer; text holds Kimi's message
+DONE = "done"            # the answer is complete (a dialect ends every answer with DONE, or raises)
 CHAT = "chat"            # the Kimi chat id the answer lives in
 
 
@@ -1121,6 +1120,24 @@ class KimiHTTP:
             except aiohttp.ClientError:
                 raise upstream_error("The connection to Kimi broke off mid-answer") from None
 
+    @staticmethod
+    async def _read_events(reads: AsyncIterator[bytes], to_events, over) -> AsyncIterator[list[Event]]:
+        """The events of each network read, decoded by `to_events(data)` until `over()`; a Kimi error
+        inside a read is raised after the events that came before it in that read."""
+        async for data in reads:
+            batch: list[Event] = []
+            try:
+                for event in to_events(data):
+                    batch.append(event)
+            except ProxyError:
+                if batch:
+                    yield batch
+                raise
+            if batch:
+                yield batch
+            if over():
+                return
+
     async def _send(self, method: str, path: str, headers: dict, data: bytes | None = None) -> aiohttp.ClientResponse:
         """One HTTP call to `path` on Kimi (or a full URL), tried again (twice at most) on a dead
         connection or a 5xx. Redirects are never followed, and a web page is no API answer."""
@@ -1327,16 +1344,22 @@ class LegacyKimi(KimiHTTP):
     async def _stream_segment(self, credential: str, chat_id: str, body: dict,
                               segment: "SegmentState") -> AsyncIterator[list[Event]]:
         decoder = SSEDecoder()
+
+        def to_events(data: bytes):
+            for payload in decoder.feed(data):
+                event = from_legacy_payload(payload, segment)
+                if event is not None:
+                    yield event
+                if segment.finished:  # nothing after the end counts
+                    return
+
         async with aclosing(self._stream(credential, f"/api/chat/{chat_id}/completion/stream", json_body(body),
                                          {hdrs.REFERER: f"{self._base}/chat/{chat_id}"})) as reads:
-            async for data in reads:
-                batch = from_legacy_payloads(decoder.feed(data), segment)
-                if batch:
+            async with aclosing(self._read_events(reads, to_events, lambda: segment.finished)) as batches:
+                async for batch in batches:
                     yield batch
-                if segment.finished or segment.failed:
-                    return
-            if not segment.truncated:
-                raise upstream_error("Kimi ended the answer stream before finishing the answer")
+        if not (segment.finished or segment.truncated):
+            raise upstream_error("Kimi ended the answer stream before finishing the answer")
 
     async def _grant(self, credential: str) -> Grant:
         access_token, _ = await self._exchange(credential)  # the old refresh token stays valid here
@@ -1413,26 +1436,11 @@ class SegmentState:
     id: str | None = None      # the `req` event id: what a continuation refers to
     truncated: bool = False    # a `length` event came
     finished: bool = False     # `all_done` came
-    failed: bool = False       # an `error` event came
-
-
-def from_legacy_payloads(payloads: list[bytes], segment: SegmentState) -> list[Event]:
-    """The events of one network read; nothing after the end or an error counts."""
-    events = []
-    for payload in payloads:
-        event = from_legacy_payload(payload, segment)
-        if event is not None:
-            events.append(event)
-            if event.kind == ERROR:
-                segment.failed = True
-                break
-        if segment.finished:
-            break
-    return events
 
 
 def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
-    """One legacy SSE data payload -> a neutral event (None for the many events we ignore)."""
+    """One legacy SSE data payload -> a neutral event (None for the many events we ignore).
+    Kimi aborting the answer (an `error` event) is raised."""
     try:
         kimi = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -1461,7 +1469,7 @@ def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
     elif name == "error":
         error = kimi.get("error")
         message = error.get("message") if isinstance(error, dict) else None
-        return Event(ERROR, message if isinstance(message, str) and message else "Kimi stopped the answer")
+        raise upstream_error(f"Kimi stopped the answer: {message if isinstance(message, str) and message else 'no details'}")
     return None
 
 
@@ -1548,23 +1556,18 @@ class ConnectKimi(KimiHTTP):
 
     async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
         decoder = FrameDecoder()
+
+        def to_events(data: bytes):
+            for flags, payload in decoder.feed(data):
+                yield from from_connect_frame(flags, payload, state)
+                if state.ended:
+                    return
+
         async with aclosing(self._stream(credential, CHAT_RPC, request, {
                 hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})) as reads:
-            async for data in reads:
-                batch: list[Event] = []
-                try:
-                    for flags, payload in decoder.feed(data):
-                        batch += from_connect_frame(flags, payload, state)
-                        if state.ended:
-                            break
-                except ProxyError:
-                    if batch:  # what came before Kimi's error still reaches the client
-                        yield batch
-                    raise
-                if batch:
+            async with aclosing(self._read_events(reads, to_events, lambda: state.ended)) as batches:
+                async for batch in batches:
                     yield batch
-                if state.ended:
-                    break
         yield from_connect_ending(state)
 
     async def _rpc(self, credential: str, path: str, body: dict) -> object:
@@ -2701,7 +2704,6 @@ class AnswerTranslator:
         self._after_source = self._truncated = False
         self._received = 0               # UTF-8 bytes of answer, thinking and source lines
         self.finished = False
-        self.failure: ProxyError | None = None  # Kimi aborted: nothing after it counts
 
     def fields_of(self, events: list[Event]) -> list[AnswerField]:
         fields: list[AnswerField] = []
@@ -2727,9 +2729,6 @@ class AnswerTranslator:
             elif kind == CHAT:
                 if self._question.keep:
                     fields.append(("conversation_id", event.text))
-            elif kind == ERROR:
-                self.failure = upstream_error(f"Kimi stopped the answer: {event.text}")
-                break
             elif kind == DONE:
                 self.finished = True
                 fields += [("finish_reason", "length" if self._truncated else "stop"),
@@ -2739,19 +2738,16 @@ class AnswerTranslator:
 
 
 async def to_answer_fields(batches: AsyncIterator[list[Event]], question: Question) -> AsyncIterator[list[AnswerField]]:
-    """The answer's fields, a list for each list of events; a Kimi error is raised after the
-    fields that came before it."""
+    """The answer's fields, a list for each list of events (a dialect ends an answer with DONE or
+    raises)."""
     translator = AnswerTranslator(question)
     async with aclosing(batches):  # ending here ends the attempt too, so its chat goes at once
         async for batch in batches:
             fields = translator.fields_of(batch)
             if fields:
                 yield fields
-            if translator.failure is not None:
-                raise translator.failure
             if translator.finished:
                 return
-    raise upstream_error("Kimi's answer ended without finishing")
 
 
 def new_completion_id() -> str:

@@ -1368,14 +1368,12 @@ def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
     ([kp.Event(kp.SOURCE, "T", "https://u"), kp.Event(kp.TEXT, "a"), kp.LENGTH_EVENT, kp.DONE_EVENT, kp.Event(kp.TEXT, "x")],
      [("content", "【检索 1】 [T](https://u)\n"), ("content", "\na"), ("finish_reason", "length"),
       ("usage", {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9})]),
-    ([kp.Event(kp.TEXT, "a"), kp.Event(kp.ERROR, "累了"), kp.Event(kp.TEXT, "never")], [("content", "a")]),
 ])
 def test_events_become_answer_fields(events, fields):
     question = kp.to_question({"model": "kimi", "messages": user("q"), "conversation_id": "new"})
     translator = kp.AnswerTranslator(question)
     assert translator.fields_of(events) == fields
-    assert translator.finished == any(event.kind == kp.DONE for event in events[:4]) \
-        and (translator.failure is not None) == any(event.kind == kp.ERROR for event in events)
+    assert translator.finished == any(event.kind == kp.DONE for event in events[:4])
 
 
 async def test_answer_fields_fold_into_one_completion(monkeypatch):
@@ -1412,13 +1410,18 @@ def test_sse_decoder_survives_any_split(chunks):
     (b'{"event":"search_plus","msg":{"type":"get_res","title":"T","url":"https://u"}}', kp.Event(kp.SOURCE, "T", "https://u")),
     (b'{"event":"search_plus","msg":{"type":"get_res","url":"https://u"}}', kp.Event(kp.SOURCE, "https://u", "https://u")),
     (b'{"event":"search_plus","msg":{"type":"start"}}', None),
-    (b'{"event":"error","error":{"message":"too long"}}', kp.Event(kp.ERROR, "too long")),
     (b'{"event":"zone_set"}', None),
     (b'not json', None),
     (b'[1,2]', None),
 ])
 def test_legacy_payloads(payload, event):
     assert kp.from_legacy_payload(payload, kp.SegmentState()) == event
+
+
+def test_a_legacy_error_payload_is_raised_with_kimis_message():
+    with pytest.raises(kp.ProxyError) as caught:
+        kp.from_legacy_payload(b'{"event":"error","error":{"message":"too long"}}', kp.SegmentState())
+    assert (caught.value.status, caught.value.code) == (502, "upstream_error") and "too long" in caught.value.message
 
 
 def test_refresh_time_uses_jwt_exp():
