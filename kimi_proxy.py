@@ -49,6 +49,7 @@ import binascii
 import dataclasses
 import email.utils
 import fcntl
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -309,12 +310,13 @@ TOKEN_HEALTH = web.AppKey("token_health", "TokenHealth")
 TOKEN_STORE = web.AppKey("token_store", "TokenStore")
 OPEN_REQUESTS = web.AppKey("open_requests", "OpenRequests")
 STARTED_AT = web.AppKey("started_at", float)
-HANDLING = web.AppKey("handling", list)  # [requests being handled now], a cell the middleware counts in
+LIMITS = web.AppKey("limits", "Limits")  # what parsers enforce from the settings
 # what the request log line reports
 MODEL = web.RequestKey("model", str)
 CHUNKS_SENT = web.RequestKey("chunks_sent", int)
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_API = web.RequestKey("client_api", "ClientAPI")  # the API a request's failures are written in
 # our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
 # last response (and its headers) until the next one is answered
 X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering"))
@@ -353,23 +355,10 @@ BASE64_PIECE = 4 * 2**20  # characters decoded at a time (a multiple of 4: paddi
 DEFAULT_NAMES = {"image": "image", "file": "file"}
 
 
-def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
-    """An attachment from any of the part shapes clients send. Raises 400 (or 413) naming the part."""
-    filename = None
-    if kind in ("image_url", "input_image"):
-        source = part.get("image_url")
-        url = source.get("url") if isinstance(source, dict) else source
-    elif "file_url" in part:
-        source = part["file_url"]
-        url = source.get("url") if isinstance(source, dict) else source
-    else:
-        source = part.get("file", part)  # input_file puts the fields on the part itself
-        source = source if isinstance(source, dict) else {}
-        if "file_id" in source and "file_data" not in source:
-            raise bad_request(f"'{where}': a file_id needs a Files API this server does not have; "
-                              "send file_data or a file_url", where)
-        url, filename = source.get("file_data") or source.get("file_url"), source.get("filename")
-    attachment_kind = "image" if kind in ("image_url", "input_image") else "file"
+def to_attachment(kind: str, url: object, filename: object, where: str, max_bytes: int) -> Attachment:
+    """An attachment ("image" or "file") from what a client API's part gives: a base64 data URI or
+    an http(s) URL, and maybe a file name. Raises 400 (or 413) naming the part."""
+    attachment_kind = kind
     if not isinstance(url, str) or not url.strip():
         raise bad_request(f"'{where}' has no URL or data", where)
     url = url.strip()
@@ -382,6 +371,11 @@ def to_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachme
     parsed = to_http_url(url, where)
     return Attachment(where, attachment_kind, to_file_name(name, parsed.path, "", attachment_kind),
                       "application/octet-stream", url=url)
+
+
+def file_id_refused(where: str) -> ProxyError:
+    return bad_request(f"'{where}': a file_id needs a Files API this server does not have; send file_data or a "
+                       "file_url", where)
 
 
 def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]:
@@ -495,7 +489,7 @@ class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
         await self._resolver.close()
 
 
-class Source:
+class FileBytes:
     """A file's bytes on their way to Kimi: size and type known, read in chunks once."""
 
     def __init__(self, name: str, mime: str, size: int, chunks: AsyncIterator[bytes]) -> None:
@@ -529,7 +523,7 @@ class FileFetcher:
         """The attachment's bytes: decoded data, a download streamed as it comes when its length
         is known, else one spooled to a temporary file first (Kimi's storage wants a length)."""
         if attachment.data is not None:
-            yield Source(attachment.name, attachment.mime, len(attachment.data), one_chunk(attachment.data))
+            yield FileBytes(attachment.name, attachment.mime, len(attachment.data), one_chunk(attachment.data))
             return
         part = attachment.part
         try:
@@ -539,7 +533,7 @@ class FileFetcher:
                 if declared is not None and declared > self._max_bytes:
                     raise file_too_large(part, self._max_bytes)
                 if declared is not None:
-                    yield Source(attachment.name, mime, declared, self._capped(response, part, declared))
+                    yield FileBytes(attachment.name, mime, declared, self._capped(response, part, declared))
                     return
                 with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
                     size = 0
@@ -547,7 +541,7 @@ class FileFetcher:
                         spool.write(chunk)
                         size += len(chunk)
                     spool.seek(0)
-                    yield Source(attachment.name, mime, size, read_spool(spool))
+                    yield FileBytes(attachment.name, mime, size, read_spool(spool))
         except asyncio.TimeoutError:
             raise ProxyError(504, f"Fetching '{part}' timed out", code="file_timeout", param=part) from None
         except aiohttp.ClientConnectorDNSError as error:
@@ -627,10 +621,33 @@ class KimiFile(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
+# The efforts a question may ask for, on one scale with Kimi's (a dialect maps them to its own)
+REASONING_EFFORTS = {"none": 0, "minimal": 1, "low": 2, "medium": 3, "high": 4}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Question:
+    """What Kimi is asked for one answer, in Kimi's terms: planned from a client's request (§12),
+    asked by a dialect."""
+
+    model: str                   # the name Kimi's model is chosen by
+    prompt: str
+    agent_id: str | None = None  # a Kimi+ agent named by the model
+    search: bool = False
+    research: bool = False
+    reasoning: bool = False
+    reasoning_effort: str | None = None  # one of REASONING_EFFORTS
+    math: bool = False
+    silent: bool = False         # no web sources in the answer
+    chat_id: str | None = None   # an existing Kimi chat to continue
+    keep: bool = False           # the client manages the conversation: report its id, never delete it
+    attachments: tuple = ()      # files and images of the last turn
+
+
 # Dialect-neutral events that every Kimi dialect yields for one answer.
 TEXT = "text"            # answer text delta
 REASONING = "reasoning"  # thinking text delta
-SOURCE = "source"        # one web-search source (title, url)
+SOURCE = "source"        # one web-search source (title, url, its number in the answer); none when silent
 LENGTH = "length"        # the answer was cut at Kimi's length limit
 DONE = "done"            # the answer is complete (a dialect ends every answer with DONE, or raises)
 CHAT = "chat"            # the Kimi chat id the answer lives in
@@ -640,6 +657,7 @@ class Event(NamedTuple):
     kind: str
     text: str = ""
     url: str = ""
+    number: int = 0
 
 
 VISIBLE = frozenset((TEXT, REASONING, SOURCE))  # events that put something in front of the client
@@ -649,6 +667,7 @@ LENGTH_EVENT = Event(LENGTH)
 LEGACY_NAMES = ["kimi", "kimi-search", "kimi-research", "kimi-k1", "kimi-thinking", "kimi-math",
                 "kimi-silent", "kimi-search-silent"]
 KIMI_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")  # any id Kimi hands out that is safe in a path or a header
+XID = re.compile(r"[0-9a-z]{20}")  # the shape of legacy chat ids and of Kimi+ agent ids
 RETRY_BACKOFF = (0.25, 0.75)  # seconds before the 2nd and 3rd try of a call that hit a 5xx or a dead connection
 ACCESS_TOKEN_DEFAULT_LIFETIME = 300.0
 
@@ -1014,14 +1033,18 @@ class KimiHTTP:
     """What both dialects share: the session, retries of failed calls, access tokens that are
     renewed before expiry and once more when Kimi rejects them, and the REST file upload.
 
-    A dialect is a subclass that defines what the handlers call: `wraps_links` (whether user
-    links go in the web app's <url> markup), `chat_ids` and `chat_id_shape` (the chat ids it
-    issues), `model_ids`, `check_token` and `converse` (ask a question: yields the events of each
-    network read together, CHAT with the chat id as soon as a chat exists); and the hooks this
-    class calls: `_grant` (a credential -> a Grant), `_delete` (a chat), `_is_auth_failure` and
-    `_failure` (what a non-2xx answer means)."""
+    A dialect is a subclass that defines what the rest of the proxy reads: `chat_ids` and
+    `chat_id_shape` (the chat ids it issues), `agent_ids` (the model names that are Kimi+ agent
+    ids), `mark_links` (user text as the web app sends it), `model_ids`, `check_token` and
+    `converse` (ask a question: yields the events of each network read together, CHAT with the
+    chat id as soon as a chat exists); and the hooks this class calls: `_grant` (a credential ->
+    a Grant), `_delete` (a chat), `_is_auth_failure` and `_failure` (what a non-2xx answer means)."""
 
-    wraps_links = False
+    agent_ids = XID
+
+    @staticmethod
+    def mark_links(text: str) -> str:
+        return text
 
     def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
                  store: TokenStore) -> None:
@@ -1193,11 +1216,11 @@ class KimiHTTP:
             await self._wait_until_read(credential, registered["id"], attachment.part, registered.get("status"))
         return KimiFile(registered["id"], source.name, source.size, kind, registered)
 
-    def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
+    def _registration(self, kind: str, source: FileBytes, signed: dict, chat_id: str | None) -> dict:
         return {"type": kind, "name": source.name, "size": source.size, "file_id": signed.get("file_id", ""),
                 "object_name": signed.get("object_name", "")}
 
-    async def _put(self, url: str, source: Source, part: str) -> None:
+    async def _put(self, url: str, source: FileBytes, part: str) -> None:
         # only the storage's own signature: a browser sends it no Kimi credentials
         headers = {hdrs.CONTENT_TYPE: source.mime, hdrs.CONTENT_LENGTH: str(source.size)}
         with upload_failures(part):
@@ -1282,16 +1305,20 @@ class SSEDecoder:
 
 
 K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ agent id that selects the K1 reasoning model
-CHAT_ID = re.compile(r"[0-9a-z]{20}")
 MAX_CONTINUATIONS = 3
+URL = re.compile(r"https?://[^\s<>\"'，。！？；）】」]+")
 
 
 class LegacyKimi(KimiHTTP):
     """Kimi's REST + SSE dialect (kimi.moonshot.cn): refresh token -> access token -> chat."""
 
-    wraps_links = True
-    chat_ids = CHAT_ID
+    chat_ids = XID
     chat_id_shape = "20 characters of 0-9a-z"
+
+    @staticmethod
+    def mark_links(text: str) -> str:
+        """Kimi's web app marks links in user text this way; without the mark Kimi does not open them."""
+        return URL.sub(mark_link, text)
 
     async def model_ids(self, credential: str | None = None) -> list[str]:
         return LEGACY_NAMES
@@ -1312,7 +1339,7 @@ class LegacyKimi(KimiHTTP):
         yield [Event(CHAT, chat_id)]
         body = to_legacy_completion(question, await self.upload_all(credential, question, chat_id))
         for continuation in range(MAX_CONTINUATIONS + 1):
-            segment = SegmentState()
+            segment = SegmentState(silent=question.silent)
             async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as batches:
                 async for batch in batches:
                     yield batch
@@ -1324,7 +1351,7 @@ class LegacyKimi(KimiHTTP):
             body = to_legacy_continuation(question, segment.id)
         yield [LENGTH_EVENT, DONE_EVENT]
 
-    def _registration(self, kind: str, source: Source, signed: dict, chat_id: str | None) -> dict:
+    def _registration(self, kind: str, source: FileBytes, signed: dict, chat_id: str | None) -> dict:
         if kind == "image":
             return {"type": "image", "file_id": signed.get("file_id", ""), "name": source.name}
         return {"type": "file", "name": source.name, "object_name": signed.get("object_name", ""), "file_id": "",
@@ -1388,6 +1415,11 @@ class LegacyKimi(KimiHTTP):
             raise QuotaExhausted("The research quota of this Kimi account is used up")
 
 
+def mark_link(match: re.Match) -> str:
+    link = match[0].rstrip(".,;:!?")  # sentence punctuation after a link is not part of it
+    return f'<url id="" type="url" status="" title="" wc="">{link}</url>{match[0][len(link):]}'
+
+
 def from_legacy_failure(status: int, body: object, retry_after: str | None) -> ProxyError:
     """Map a non-2xx legacy answer (other than token rejection) to what the client sees."""
     error_type = body.get("error_type") if isinstance(body, dict) else None
@@ -1434,6 +1466,8 @@ class SegmentState:
     """What one legacy answer stream said about itself besides the answer."""
 
     id: str | None = None      # the `req` event id: what a continuation refers to
+    silent: bool = False       # the question wants no web sources
+    sources: int = 0           # web sources so far
     truncated: bool = False    # a `length` event came
     finished: bool = False     # `all_done` came
 
@@ -1456,9 +1490,12 @@ def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
         return Event(REASONING, text) if isinstance(text, str) and text else None
     if name == "search_plus":
         found = kimi.get("msg")
-        if isinstance(found, dict) and found.get("type") == "get_res" and isinstance(found.get("url"), str):
+        if isinstance(found, dict) and found.get("type") == "get_res" and isinstance(found.get("url"), str) \
+                and not segment.silent:
             title = found.get("title")
-            return Event(SOURCE, title if isinstance(title, str) and title else found["url"], found["url"])
+            segment.sources += 1
+            return Event(SOURCE, title if isinstance(title, str) and title else found["url"], found["url"],
+                         segment.sources)
     elif name == "req":
         if isinstance(kimi.get("id"), str):
             segment.id = kimi["id"]
@@ -1717,7 +1754,7 @@ class ConnectKimi(KimiHTTP):
         return None
 
 
-def to_multipart(source: Source) -> tuple[str, int, AsyncIterator[bytes]]:
+def to_multipart(source: FileBytes) -> tuple[str, int, AsyncIterator[bytes]]:
     """(content type, length, body) of the multipart form Kimi's upload takes: one part named
     `file`, streamed from the source, with its exact length as a browser sends it."""
     boundary = "----KimiProxyBoundary" + secrets.token_hex(12)
@@ -1742,9 +1779,9 @@ COMPRESSED = 0x01   # never seen from Kimi (we ask for no compression)
 MAX_FRAME = 16 * 1024 * 1024
 
 
-def frame_message(payload: bytes, flags: int = 0) -> bytes:
-    """One Connect envelope: flags byte, big-endian uint32 length, payload."""
-    return bytes((flags,)) + len(payload).to_bytes(4, "big") + payload
+def frame_message(payload: bytes) -> bytes:
+    """One Connect envelope of a request: flags byte 0, big-endian uint32 length, payload."""
+    return b"\0" + len(payload).to_bytes(4, "big") + payload
 
 
 class FrameDecoder:
@@ -2011,9 +2048,10 @@ def from_search_results(items: object, state: ConnectState) -> list[Event]:
         ref = found.get("refIndex") if isinstance(found.get("refIndex"), str) else base["url"]
         if ref in state.sources:
             continue
-        state.sources[ref] = len(state.sources) + 1
+        number = state.sources[ref] = len(state.sources) + 1
         title = base.get("title")
-        events.append(Event(SOURCE, title if isinstance(title, str) and title else base["url"], base["url"]))
+        if not state.silent:
+            events.append(Event(SOURCE, title if isinstance(title, str) and title else base["url"], base["url"], number))
     return events
 
 
@@ -2033,10 +2071,9 @@ def from_connect_ending(state: ConnectState) -> list[Event]:
 
 
 NO_REASONING = "REASONING_EFFORT_NONE"
-# Kimi's efforts and OpenAI's reasoning_effort values on one scale, to find the nearest offered one
+# Kimi's efforts on the scale of REASONING_EFFORTS, to find the nearest offered one
 EFFORT_RANKS = {NO_REASONING: 0, "REASONING_EFFORT_MINIMAL": 1, "REASONING_EFFORT_LOW": 2,
                 "REASONING_EFFORT_MEDIUM": 3, "REASONING_EFFORT_HIGH": 4, "REASONING_EFFORT_MAX": 5}
-OPENAI_EFFORTS = {"none": 0, "minimal": 1, "low": 2, "medium": 3, "high": 4}
 
 
 class CatalogModel(NamedTuple):
@@ -2160,7 +2197,7 @@ def to_reasoning_effort(model: CatalogModel, thinking: bool, asked: str | None) 
         return NO_REASONING
     if asked is None or asked == "none":
         return model.default_effort if model.default_effort in reasoning else reasoning[0]
-    rank = OPENAI_EFFORTS[asked]
+    rank = REASONING_EFFORTS[asked]
     return min(reasoning, key=lambda effort: (abs(EFFORT_RANKS[effort] - rank), -EFFORT_RANKS[effort]))
 
 
@@ -2298,116 +2335,30 @@ def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Translation, pure: OpenAI request -> question; Kimi events -> OpenAI answer fields -> SSE or one JSON
+# §9 The neutral request: what every client API's parser produces
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Question:
-    """A validated chat request, in the terms Kimi needs."""
+class Call(NamedTuple):
+    """A function call: one an assistant turn made (its id is the client's), or one of an answer
+    (a random id, which each client API writes with its own prefix)."""
 
-    model: str
-    prompt: str
-    agent_id: str | None = None  # a Kimi+ agent named by the model
-    search: bool = False
-    research: bool = False
-    reasoning: bool = False
-    reasoning_effort: str | None = None  # OpenAI's: none, minimal, low, medium or high
-    math: bool = False
-    silent: bool = False
-    stream: bool = False
-    include_usage: bool = False
-    chat_id: str | None = None  # an existing Kimi chat to continue
-    keep: bool = False          # the client manages the conversation: report its id, never delete it
-    attachments: tuple = ()     # files and images of the last message
-    tools: "ToolUse | None" = None         # functions Kimi is asked to call, if any
-    json_format: "JsonFormat | None" = None  # the answer must be JSON (response_format)
-
-    @property
-    def must_call(self) -> bool:
-        """A call is required: nothing goes out before it is known, not even a keep-alive, so
-        that an answer without one gets a real error status."""
-        return self.tools is not None and self.tools.required
+    id: str
+    name: str
+    arguments: str  # the arguments object, as JSON text
 
 
-ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-              "tool": "tool", "function": "tool"}
-TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
-ATTACHMENT_PARTS = {"image_url", "input_image", "file", "input_file"}
-URL = re.compile(r"https?://[^\s<>\"'，。！？；）】」]+")
-NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
-LATEST_MESSAGE_HINT = "关注用户最新的消息"
-LATEST_FILE_HINT = "关注用户最新发送文件和消息"
+class Turn(NamedTuple):
+    """One turn of the conversation a client sends, in any client API."""
 
-
-def to_question(body: dict, wrap_links: bool = False, max_messages: int = 1000, max_file_bytes: int = 100 * 2**20,
-            chat_ids: re.Pattern = CHAT_ID, chat_id_shape: str = "20 characters of 0-9a-z") -> Question:
-    """Validate an OpenAI chat request and decide what to ask Kimi. Raises a 400 ProxyError.
-    `chat_ids` is the shape of the chat ids the Kimi dialect issues."""
-    model = typed_field(body, "model", str) or "kimi"
-    if len(model) > MAX_MODEL_NAME:
-        raise bad_request(f"'model' is longer than {MAX_MODEL_NAME} characters", "model")
-    stream = bool(typed_field(body, "stream", bool))
-    stream_options = typed_field(body, "stream_options", dict) or {}
-    include_usage = stream and bool(typed_field(stream_options, "include_usage", bool, "stream_options.include_usage"))
-    n = typed_field(body, "n", int)
-    if n is not None and n != 1:
-        raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
-    tools = to_tool_use(body)
-    json_format = to_json_format(body.get("response_format"))
-    for field in NUMBER_FIELDS:
-        value = typed_field(body, field, (int, float))
-        if isinstance(value, bool):
-            raise bad_request(f"'{field}' must be a number", field)
-    for field in INTEGER_FIELDS:
-        typed_field(body, field, int)
-    use_search = bool(typed_field(body, "use_search", bool))
-    reasoning_effort = typed_field(body, "reasoning_effort", str)
-    if reasoning_effort is not None and reasoning_effort not in OPENAI_EFFORTS:
-        raise bad_request(f"'reasoning_effort' must be one of {', '.join(OPENAI_EFFORTS)}", "reasoning_effort")
-    chat_id, keep = to_conversation(body.get("conversation_id"), chat_ids, chat_id_shape)
-    messages = to_messages(body.get("messages"), max_messages, max_file_bytes)
-    instructions = to_instructions(tools, json_format)
-    prompt = (to_continuation_prompt if chat_id else to_folded_prompt)(messages, wrap_links, instructions)
-    flags = model_flags(model)
-    if reasoning_effort not in (None, "none"):
-        flags["reasoning"] = True
-    return Question(model=model, prompt=prompt, stream=stream, include_usage=include_usage, chat_id=chat_id,
-                keep=keep, attachments=messages[-1].attachments, reasoning_effort=reasoning_effort,
-                tools=tools, json_format=json_format, **{**flags, "search": flags["search"] or use_search})
-
-
-def typed_field(body: dict, field: str, kind, param: str | None = None):
-    """The value of an optional field (None when absent or null), checked for its JSON type."""
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = {str: "a string", bool: "a boolean", int: "an integer", dict: "an object"}
-        raise bad_request(f"'{param or field}' must be {names.get(kind, 'a number')}", param or field)
-    return value
-
-
-def to_conversation(value: object, chat_ids: re.Pattern, shape: str) -> tuple[str | None, bool]:
-    """(chat to continue, keep the chat) from the request's conversation_id."""
-    if value is None:
-        return None, False
-    if value == "new":
-        return None, True
-    if isinstance(value, str) and chat_ids.fullmatch(value):
-        return value, True
-    raise bad_request(f"'conversation_id' must be \"new\" or a Kimi chat id ({shape})", "conversation_id")
-
-
-def model_flags(model: str) -> dict:
-    """Kimi options from a model name: combinable substrings, or a Kimi+ agent id."""
-    if CHAT_ID.fullmatch(model):
-        return {"agent_id": model, "search": False, "research": False, "reasoning": False,
-                "math": False, "silent": False}
-    name = model.lower()
-    return {"agent_id": None, "search": "search" in name, "research": "research" in name,
-            "reasoning": "k1" in name or "thinking" in name, "math": "math" in name, "silent": "silent" in name}
+    role: str                       # system, user, assistant or tool
+    text: str = ""
+    where: str = ""                 # where the client put it, e.g. messages[3], for errors that name it
+    calls: tuple[Call, ...] = ()    # what an assistant turn called
+    call_id: str | None = None      # the call a tool turn answers
+    name: str | None = None         # ...and the function that gave it, when the client says so
+    attachments: tuple = ()         # files and images (read in the last turn only)
+    has_attachment: bool = False    # the client attached something (read or not)
 
 
 class Function(NamedTuple):
@@ -2420,91 +2371,288 @@ class ToolUse(NamedTuple):
     """The functions Kimi is asked to call, and how."""
 
     functions: dict[str, Function]
-    required: bool          # tool_choice "required" or a named function: the answer must call one
-    only: str | None        # the function tool_choice names
+    required: bool          # a call is required (a named function, or any): the answer must call one
+    only: str | None        # the function the choice names
     parallel: bool          # more than one call per answer
-    deprecated: bool        # asked with `functions`: answered with `function_call`
 
 
 class JsonFormat(NamedTuple):
-    schema: dict | None  # None: any JSON object (json_object)
+    schema: dict | None  # None: any JSON object
+
+
+class Limits(NamedTuple):
+    """What a parser enforces from the settings."""
+
+    max_messages: int
+    max_file_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """A client's request in no client API's terms: what every parser produces, and what the core
+    plans a Kimi question from and answers."""
+
+    model: str                         # the model as the client named it: echoed back
+    turns: tuple[Turn, ...]
+    stream: bool = False
+    kimi_model: str | None = None      # the name the Kimi model is chosen by, when not `model`
+    tools: ToolUse | None = None       # functions Kimi is asked to call, if any
+    json_format: JsonFormat | None = None  # the answer must be JSON
+    reasoning: bool = False            # the client asks for thinking
+    reasoning_effort: str | None = None  # none, minimal, low, medium or high
+    search: bool = False
+    conversation: str | None = None    # our kept-conversation field: None, "new" or a Kimi chat id
+    options: object = None             # the client API's own rendering options (opaque to the core)
+
+    @property
+    def must_call(self) -> bool:
+        """A call is required: nothing goes out before it is known, not even a keep-alive, so
+        that an answer without one gets a real error status."""
+        return self.tools is not None and self.tools.required
+
+
+# Readers every parser shares: each checks a field of the client's body, or raises 400 naming it
+JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", dict: "an object", list: "an array"}
+
+
+def typed_field(body: dict, field: str, kind, param: str | None = None):
+    """The value of an optional field (None when absent or null), checked for its JSON type."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad_request(f"'{param or field}' must be {JSON_TYPE_NAMES.get(kind, 'a number')}", param or field)
+    return value
+
+
+def model_name(value: object, default: str = "kimi") -> str:
+    """The model a client names, echoed in every answer and logged, so its length is capped."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise bad_request("'model' must be a string", "model")
+    if len(value) > MAX_MODEL_NAME:
+        raise bad_request(f"'model' is longer than {MAX_MODEL_NAME} characters", "model")
+    return value or default
+
+
+def conversation_field(body: dict) -> str | None:
+    """Our kept-conversation extension, under one name in every client API: "new" or a chat id
+    (its shape is the dialect's, checked when the question is planned)."""
+    value = body.get("conversation_id")
+    if value is not None and not isinstance(value, str):
+        raise bad_request("'conversation_id' must be \"new\" or a Kimi chat id", "conversation_id")
+    return value
+
+
+def count_turns(items: object, field: str, limits: Limits) -> list:
+    """The client's list of messages (or items), non-empty and within MAX_MESSAGES."""
+    if not isinstance(items, list) or not items:
+        raise bad_request(f"'{field}' must be a non-empty array of messages", field)
+    if len(items) > limits.max_messages:
+        raise bad_request(f"'{field}' holds {len(items)} messages; at most {limits.max_messages} are accepted "
+                          "(MAX_MESSAGES)", field)
+    return items
+
+
+def check_last_turn(turns: tuple[Turn, ...], conversation: str | None, field: str) -> None:
+    """The newest turn is what Kimi answers: it must say something; in a kept chat (which holds
+    the history already) it must be the user's, or the results of Kimi's calls."""
+    if not turns:
+        raise bad_request(f"'{field}' holds no message to answer", field)
+    last = turns[-1]
+    if conversation not in (None, "new") and last.role not in ("user", "tool"):
+        raise bad_request(f"To continue a conversation the last message must be a user or tool message "
+                          f"({last.where})", field)
+    if last.role != "tool" and not last.text.strip() and not last.calls and not last.attachments:
+        raise bad_request(f"'{last.where}.content' has no text", f"{last.where}.content")
 
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def to_tool_use(body: dict) -> ToolUse | None:
-    """The request's functions (`tools`, or the deprecated `functions`) and its choice; None when
-    Kimi is not to call any. Tools of other types than function are ignored."""
-    deprecated = body.get("tools") is None and body.get("functions") is not None
-    field, choice_field = ("functions", "function_call") if deprecated else ("tools", "tool_choice")
-    entries = body.get(field)
-    if entries is not None and not isinstance(entries, list):
-        raise bad_request(f"'{field}' must be an array", field)
-    functions: dict[str, Function] = {}
-    for index, entry in enumerate(entries or ()):
-        where = f"{field}[{index}]"
-        if not deprecated:
-            if not isinstance(entry, dict) or entry.get("type") != "function":
-                continue
-            entry, where = entry.get("function"), where + ".function"
-        function = to_function(entry, where)
-        if function.name in functions:
-            raise bad_request(f"'{where}.name' repeats the function name {function.name}", f"{where}.name")
-        functions[function.name] = function
-    required, only = to_tool_choice(body.get(choice_field), functions, choice_field, deprecated)
-    if required is None or not functions:
-        return None
-    parallel = typed_field(body, "parallel_tool_calls", bool) is not False and not deprecated
-    return ToolUse(functions, required, only, parallel, deprecated)
-
-
-def to_function(entry: object, where: str) -> Function:
-    if not isinstance(entry, dict):
-        raise bad_request(f"'{where}' must be an object", where)
-    name = entry.get("name")
+def to_function(name: object, description: object, parameters: object, where: str) -> Function:
     if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
         raise bad_request(f"'{where}.name' must be 1 to 64 letters, digits, '_', '.' or '-'", f"{where}.name")
-    description = typed_field(entry, "description", str, f"{where}.description") or ""
-    parameters = typed_field(entry, "parameters", dict, f"{where}.parameters")
-    return Function(name, description, parameters)
+    if description is not None and not isinstance(description, str):
+        raise bad_request(f"'{where}.description' must be a string", f"{where}.description")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise bad_request(f"'{where}.parameters' must be an object", f"{where}.parameters")
+    return Function(name, description or "", parameters)
 
 
-def to_tool_choice(choice: object, functions: dict, field: str, deprecated: bool) -> tuple[bool | None, str | None]:
-    """(must a function be called, the one named); (None, None) for "none"."""
-    if choice is None or choice == "auto":
-        return False, None
-    if choice == "none":
-        return None, None
-    name = None
-    if isinstance(choice, dict):
-        named = choice if deprecated else choice.get("function") if choice.get("type") == "function" else None
-        name = named.get("name") if isinstance(named, dict) else None
-    elif choice == "required" and not deprecated:
-        name = ""
-    if not isinstance(name, str):
-        shape = '{"name": ...}' if deprecated else '"required" or {"type": "function", "function": {"name": ...}}'
-        raise bad_request(f"'{field}' must be \"none\", \"auto\", {shape}", field)
-    if name and name not in functions or not functions:
-        raise bad_request(f"'{field}' names a function the request does not define", field)
-    return True, name or None
-
-
-def to_json_format(value: object) -> JsonFormat | None:
-    """response_format: text (nothing to do), json_object or json_schema."""
-    kind = value.get("type") if isinstance(value, dict) else None
-    if value is None or kind == "text":
+def to_tool_use(functions: list[tuple[str, Function]], required: bool | None, only: str | None, parallel: bool,
+                choice_field: str) -> ToolUse | None:
+    """The functions of a request and its choice, checked alike for every client API: names are
+    unique, and a choice names a function the request defines. None when Kimi calls nothing
+    (no functions, or a choice of none)."""
+    by_name: dict[str, Function] = {}
+    for where, function in functions:
+        if function.name in by_name:
+            raise bad_request(f"'{where}.name' repeats the function name {function.name}", f"{where}.name")
+        by_name[function.name] = function
+    if required and (not by_name or (only is not None and only not in by_name)):
+        raise bad_request(f"'{choice_field}' names a function the request does not define", choice_field)
+    if required is None or not by_name:
         return None
-    if kind == "json_object":
-        return JsonFormat(None)
-    if kind == "json_schema":
-        spec = value.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(spec, dict) or not isinstance(schema, (dict, type(None))):
-            raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
-                              "response_format.json_schema")
-        return JsonFormat(schema)
-    raise bad_request("'response_format.type' must be text, json_object or json_schema", "response_format")
+    return ToolUse(by_name, required, only, parallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# §10 The neutral answer: Kimi's events become answer parts, which streams write and answers fold
+# ---------------------------------------------------------------------------------------------
+
+
+# The kinds of answer parts (TEXT, REASONING and CHAT mean what the events of the same kind mean)
+CITATION = "citation"  # a web source, beside the TEXT of its source line: Citation
+CALLS = "calls"        # function calls, validated and whole: tuple of Call
+FINISH = "finish"      # how the answer ended: Finish
+USAGE = "usage"        # the estimate of what the answer cost: Usage
+# (CHAT: the id of a chat the client keeps; TEXT, REASONING: deltas of the answer and of the thinking)
+
+
+class Part(NamedTuple):
+    kind: str
+    value: object = None
+
+
+class Citation(NamedTuple):
+    number: int
+    title: str
+    url: str
+
+
+class Finish(NamedTuple):
+    reason: str                       # stop, length (Kimi's limit), calls or stop_sequence
+    stop_sequence: str | None = None  # the one that ended the answer
+
+
+class Usage(NamedTuple):
+    """Our documented estimate (Kimi reports none): one token per 4 bytes of UTF-8 text."""
+
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int = 0  # of the output tokens
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(*(mine + theirs for mine, theirs in zip(self, other)))
+
+
+STOP, LENGTH_FINISH, CALLS_FINISH = Finish("stop"), Finish("length"), Finish("calls")
+
+
+def estimate_tokens(text_bytes: int) -> int:
+    """One token per 4 bytes of UTF-8 (about 4 English characters, or 1.3 Chinese characters),
+    rounded up."""
+    return (text_bytes + 3) // 4
+
+
+class AnswerTranslator:
+    """Neutral events -> answer parts, shared by streaming and folding. Pure: it writes each web
+    source as its documented line (and a CITATION beside it) and counts what usage is
+    estimated from, so that it can tell the usage of an answer that was not read to its end."""
+
+    def __init__(self, question: Question) -> None:
+        self._question = question
+        self._after_source = self._truncated = False
+        self._received = 0               # UTF-8 bytes of answer, thinking and source lines
+        self._reasoning = 0              # ...of which thinking
+        self.finished = False
+
+    def parts_of(self, events: list[Event]) -> list[Part]:
+        parts: list[Part] = []
+        for event in events:
+            kind = event.kind
+            if kind == TEXT:
+                text = "\n" + event.text if self._after_source else event.text
+                self._after_source = False
+                self._received += len(text.encode())
+                parts.append(Part(TEXT, text))
+            elif kind == REASONING:
+                size = len(event.text.encode())
+                self._received += size
+                self._reasoning += size
+                parts.append(Part(REASONING, event.text))
+            elif kind == SOURCE:
+                line = f"【检索 {event.number}】 [{event.text}]({event.url})\n"
+                self._after_source = True
+                self._received += len(line.encode())
+                parts += [Part(TEXT, line), Part(CITATION, Citation(event.number, event.text, event.url))]
+            elif kind == LENGTH:
+                self._truncated = True
+            elif kind == CHAT:
+                if self._question.keep:
+                    parts.append(Part(CHAT, event.text))
+            elif kind == DONE:
+                self.finished = True
+                parts += [Part(FINISH, LENGTH_FINISH if self._truncated else STOP), Part(USAGE, self.usage())]
+                break
+        return parts
+
+    def usage(self) -> Usage:
+        """The estimate for what has been read so far."""
+        return Usage(estimate_tokens(len(self._question.prompt.encode())), estimate_tokens(self._received),
+                     estimate_tokens(self._reasoning))
+
+
+async def to_answer_parts(batches: AsyncIterator[list[Event]], question: Question) -> AsyncIterator[list[Part]]:
+    """The answer's parts, a list for each list of events (a dialect ends an answer with DONE or
+    raises)."""
+    translator = AnswerTranslator(question)
+    async with aclosing(batches):  # ending here ends the attempt too, so its chat goes at once
+        async for batch in batches:
+            parts = translator.parts_of(batch)
+            if parts:
+                yield parts
+            if translator.finished:
+                return
+
+
+@dataclasses.dataclass(slots=True)
+class Answer:
+    """A whole answer: the parts a stream would write, folded (for a client that did not stream)."""
+
+    text: str = ""
+    reasoning: str = ""
+    calls: tuple[Call, ...] = ()
+    citations: tuple[Citation, ...] = ()
+    finish: Finish = STOP
+    usage: Usage = Usage(0, 0)
+    chat_id: str | None = None     # the chat the client keeps
+
+
+async def fold_answer(batches: AsyncIterator[list[Part]]) -> Answer:
+    texts: list[str] = []
+    thoughts: list[str] = []
+    answer = Answer()
+    async for parts in batches:
+        for kind, value in parts:
+            if kind == TEXT:
+                texts.append(value)
+            elif kind == REASONING:
+                thoughts.append(value)
+            elif kind == CALLS:
+                answer.calls += value
+            elif kind == CITATION:
+                answer.citations += (value,)
+            elif kind == FINISH:
+                answer.finish = value
+            elif kind == USAGE:
+                answer.usage = value
+            elif kind == CHAT:
+                answer.chat_id = value
+    answer.text, answer.reasoning = "".join(texts), "".join(thoughts)
+    return answer
+
+
+# ---------------------------------------------------------------------------------------------
+# §11 Tools and JSON answers: Kimi's web chat has no functions, so they are emulated by prompting
+# ---------------------------------------------------------------------------------------------
+
+
+# Kimi is asked to write calls as blocks (to_instructions); a conversation's calls and results go
+# to Kimi in the same format (to_call_block, to_tool_result); its answer is read for blocks,
+# checked, and a bad one gets one repair turn in the same chat (checked_answer_parts).
 
 
 def to_instructions(tools: ToolUse | None, json_format: JsonFormat | None) -> str:
@@ -2531,262 +2679,21 @@ def to_instructions(tools: ToolUse | None, json_format: JsonFormat | None) -> st
     return "\n".join(lines)
 
 
-class Message(NamedTuple):
-    role: str
-    text: str
-    has_attachment: bool
-    attachments: tuple = ()  # read in the last message only
+def to_call_block(call: Call) -> str:
+    """A call of the conversation, as the block Kimi writes (arguments that do not parse are shown
+    as the client sent them)."""
+    try:
+        arguments = orjson.loads(call.arguments) if call.arguments else {}
+    except orjson.JSONDecodeError:
+        arguments = call.arguments
+    return f"<tool_call>\n{orjson.dumps({'name': call.name, 'arguments': arguments or {}}).decode()}\n</tool_call>"
 
 
-def to_messages(messages: object, max_messages: int, max_file_bytes: int) -> list[Message]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array of messages", "messages")
-    if len(messages) > max_messages:
-        raise bad_request(f"'messages' holds {len(messages)} messages; at most {max_messages} are accepted (MAX_MESSAGES)",
-                          "messages")
-    called: dict[str, str] = {}  # tool call id -> the function's name, for the results that follow
-    return [to_message(message, index, index == len(messages) - 1, max_file_bytes, called)
-            for index, message in enumerate(messages)]
-
-
-def to_message(message: object, index: int, is_last: bool, max_file_bytes: int, called: dict[str, str]) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad_request(f"'{where}' must be an object", where)
-    role = message.get("role")
-    role = ROLE_NAMES.get(role) if isinstance(role, str) else None
-    if role is None:
-        raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
-    content = message.get("content")
-    if content is None and role == "assistant":
-        read = Message(role, "", False)  # a tool-call turn replayed by the client
-    else:
-        read = to_content(role, content, where, is_last, max_file_bytes)
-    if role == "assistant":
-        return read._replace(text="\n".join(filter(None, [read.text, *to_history_calls(message, called)])))
-    if role == "tool":
-        return read._replace(text=to_tool_result(message, read.text, called))
-    return read
-
-
-def to_content(role: str, content: object, where: str, is_last: bool, max_file_bytes: int) -> Message:
-    if isinstance(content, str):
-        return Message(role, content, False)
-    if not isinstance(content, list):
-        raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
-    texts, attachments, has_attachment = [], [], False
-    for part_index, part in enumerate(content):
-        part_where = f"{where}.content[{part_index}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        kind = kind if isinstance(kind, str) else None
-        if kind in TEXT_PARTS:
-            text = part.get(TEXT_PARTS[kind])
-            if not isinstance(text, str):
-                raise bad_request(f"'{part_where}.{TEXT_PARTS[kind]}' must be a string", part_where)
-            texts.append(text)
-        elif kind in ATTACHMENT_PARTS:
-            has_attachment = True
-            if is_last:
-                attachments.append(to_attachment(part, kind, part_where, max_file_bytes))
-        else:
-            raise bad_request(f"'{part_where}.type' must be one of text, image_url, file", f"{part_where}.type")
-    return Message(role, "\n".join(texts), has_attachment, tuple(attachments))
-
-
-def to_history_calls(message: dict, called: dict[str, str]) -> list[str]:
-    """The function calls of an assistant message the client replays, as the blocks Kimi writes
-    (the deprecated `function_call` too). Entries of another shape are left out."""
-    calls = message.get("tool_calls")
-    calls = [*(calls if isinstance(calls, list) else ()), {"function": message.get("function_call")}]
-    blocks = []
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            continue
-        if isinstance(call.get("id"), str):
-            called[call["id"]] = function["name"]
-        arguments = function.get("arguments")
-        try:
-            arguments = orjson.loads(arguments) if isinstance(arguments, str) else arguments
-        except orjson.JSONDecodeError:
-            pass  # shown to Kimi as the client sent it
-        blocks.append(to_call_block(function["name"], arguments or {}))
-    return blocks
-
-
-def to_call_block(name: str, arguments: object) -> str:
-    return f"<tool_call>\n{orjson.dumps({'name': name, 'arguments': arguments}).decode()}\n</tool_call>"
-
-
-def to_tool_result(message: dict, text: str, called: dict[str, str]) -> str:
+def to_tool_result(name: str | None, text: str) -> str:
     """A function's result, verbatim, with the name of the function that gave it."""
-    name = called.get(message.get("tool_call_id")) or message.get("name")
-    return f'<tool_result name="{name}">\n{text}\n</tool_result>' if isinstance(name, str) else text
+    return f'<tool_result name="{name}">\n{text}\n</tool_result>' if name is not None else text
 
 
-def to_folded_prompt(messages: list[Message], wrap_links: bool, instructions: str = "") -> str:
-    """Kimi takes one message per turn: fold the history into it, with a hint to answer the newest."""
-    require_text(messages)
-    *earlier, last = messages
-    if not earlier:
-        return to_prompt([last], wrap_links, instructions)
-    hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
-    return to_prompt([*earlier, Message("system", hint, False), last], wrap_links, instructions)
-
-
-def to_continuation_prompt(messages: list[Message], wrap_links: bool, instructions: str = "") -> str:
-    """A kept Kimi chat already holds the history: send only the newest user message, or the
-    function results that came after Kimi's last answer."""
-    if messages[-1].role not in ("user", "tool"):
-        raise bad_request("To continue a conversation the last message must be a user or tool message "
-                          f"(messages[{len(messages) - 1}])", "messages")
-    require_text(messages)
-    if messages[-1].role == "user":
-        return to_prompt(messages[-1:], wrap_links, instructions)
-    start = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1) + 1
-    return to_prompt(messages[start:], wrap_links, instructions)
-
-
-def require_text(messages: list[Message]) -> None:
-    last = len(messages) - 1
-    if not messages[last].text.strip() and not messages[last].attachments:
-        raise bad_request(f"'messages[{last}].content' has no text", f"messages[{last}].content")
-
-
-def to_prompt(turns: list[Message], wrap_links: bool, instructions: str) -> str:
-    """One Kimi message: a lone message as it is, else each message after its role (the newest
-    even without text), with the proxy's own instructions (tools, JSON) first."""
-    if instructions:
-        turns = [Message("system", instructions, False), *turns]
-    if len(turns) == 1:
-        return to_kimi_text(turns[0], wrap_links)
-    return "\n".join(f"{m.role}:{to_kimi_text(m, wrap_links)}" for m in turns if m.text or m is turns[-1])
-
-
-def to_kimi_text(message: Message, wrap_links: bool) -> str:
-    return wrap_urls(message.text) if wrap_links and message.role == "user" else message.text
-
-
-def wrap_urls(text: str) -> str:
-    """Kimi's web app marks links in user text this way; without the mark Kimi does not open them."""
-    return URL.sub(_wrap_url, text)
-
-
-def _wrap_url(match: re.Match) -> str:
-    link = match[0].rstrip(".,;:!?")  # sentence punctuation after a link is not part of it
-    return f'<url id="" type="url" status="" title="" wc="">{link}</url>{match[0][len(link):]}'
-
-
-def estimate_tokens(text_bytes: int) -> int:
-    """Our documented usage estimate: one token per 4 bytes of UTF-8 (about 4 English
-    characters, or 1.3 Chinese characters), rounded up."""
-    return (text_bytes + 3) // 4
-
-
-def estimated_usage(prompt: str, received_bytes: int) -> dict:
-    prompt_tokens = estimate_tokens(len(prompt.encode()))
-    completion_tokens = estimate_tokens(received_bytes)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-AnswerField = tuple[str, object]  # ("content", "..."), ("finish_reason", "stop"), ...: one part of an OpenAI answer
-
-
-class AnswerTranslator:
-    """Neutral events -> the fields of an OpenAI answer, shared by streaming and JSON:
-    ("conversation_id", id), ("content" | "reasoning_content", text), ("finish_reason", reason),
-    ("usage", dict). Pure; it numbers the sources and counts what usage is estimated from."""
-
-    def __init__(self, question: Question) -> None:
-        self._question = question
-        self._sources = 0
-        self._after_source = self._truncated = False
-        self._received = 0               # UTF-8 bytes of answer, thinking and source lines
-        self.finished = False
-
-    def fields_of(self, events: list[Event]) -> list[AnswerField]:
-        fields: list[AnswerField] = []
-        for event in events:
-            kind = event.kind
-            if kind == TEXT:
-                text = "\n" + event.text if self._after_source else event.text
-                self._after_source = False
-                self._received += len(text.encode())
-                fields.append(("content", text))
-            elif kind == REASONING:
-                self._received += len(event.text.encode())
-                fields.append(("reasoning_content", event.text))
-            elif kind == SOURCE:
-                if not self._question.silent:
-                    self._sources += 1
-                    self._after_source = True
-                    line = f"【检索 {self._sources}】 [{event.text}]({event.url})\n"
-                    self._received += len(line.encode())
-                    fields.append(("content", line))
-            elif kind == LENGTH:
-                self._truncated = True
-            elif kind == CHAT:
-                if self._question.keep:
-                    fields.append(("conversation_id", event.text))
-            elif kind == DONE:
-                self.finished = True
-                fields += [("finish_reason", "length" if self._truncated else "stop"),
-                           ("usage", estimated_usage(self._question.prompt, self._received))]
-                break
-        return fields
-
-
-async def to_answer_fields(batches: AsyncIterator[list[Event]], question: Question) -> AsyncIterator[list[AnswerField]]:
-    """The answer's fields, a list for each list of events (a dialect ends an answer with DONE or
-    raises)."""
-    translator = AnswerTranslator(question)
-    async with aclosing(batches):  # ending here ends the attempt too, so its chat goes at once
-        async for batch in batches:
-            fields = translator.fields_of(batch)
-            if fields:
-                yield fields
-            if translator.finished:
-                return
-
-
-def new_completion_id() -> str:
-    return "chatcmpl-" + secrets.token_hex(12)
-
-
-async def fold_answer(batches: AsyncIterator[list[AnswerField]], question: Question) -> dict:
-    """The non-streaming answer: the same fields the stream sends, folded into one object."""
-    parts: dict[str, list[str]] = {"content": [], "reasoning_content": []}
-    extra: dict[str, object] = {}
-    async for fields in batches:
-        for field, value in fields:
-            if field in parts:
-                parts[field].append(value)
-            else:
-                extra[field] = value
-    message = {"role": "assistant", "content": "".join(parts["content"]), "refusal": None}
-    if parts["reasoning_content"]:
-        message["reasoning_content"] = "".join(parts["reasoning_content"])
-    if "tool_calls" in extra:
-        message["tool_calls"] = [{"id": call["id"], "type": "function",
-                                  "function": {"name": call["name"], "arguments": call["arguments"]}}
-                                 for call in extra["tool_calls"]]
-    if "function_call" in extra:
-        message["function_call"] = extra["function_call"]
-    if ("tool_calls" in message or "function_call" in message) and not message["content"]:
-        message["content"] = None
-    completion = {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
-                  "model": question.model, "system_fingerprint": None,
-                  "choices": [{"index": 0, "message": message, "logprobs": None,
-                               "finish_reason": extra["finish_reason"]}],
-                  "usage": extra["usage"]}
-    if "conversation_id" in extra:
-        completion["conversation_id"] = extra["conversation_id"]
-    return completion
-
-
-# Tool calls and JSON answers: Kimi's web chat has no functions of its own, so it is asked to
-# write calls as blocks (see to_instructions), and its answer is read and checked here.
 BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark -> closing mark
 # text ending in what could still grow into an opening mark, or in a code fence's first line, which
 # may wrap a block (one regex: this runs for every piece)
@@ -2861,7 +2768,7 @@ class CallScanner:
             self.ended = not self._parallel
 
 
-def to_tool_calls(scanner: CallScanner, tools: ToolUse) -> tuple[list[dict], str | None]:
+def to_tool_calls(scanner: CallScanner, tools: ToolUse) -> tuple[list[Call], str | None]:
     """The calls an answer's blocks make, or what is wrong with the first bad one."""
     if scanner.unclosed:
         return [], "a <tool_call> block is not closed with </tool_call>"
@@ -2874,7 +2781,7 @@ def to_tool_calls(scanner: CallScanner, tools: ToolUse) -> tuple[list[dict], str
     return calls, None
 
 
-def to_tool_call(block: str, tools: ToolUse) -> tuple[dict | None, str | None]:
+def to_tool_call(block: str, tools: ToolUse) -> tuple[Call | None, str | None]:
     try:
         call = orjson.loads(block)
     except orjson.JSONDecodeError:
@@ -2893,11 +2800,12 @@ def to_tool_call(block: str, tools: ToolUse) -> tuple[dict | None, str | None]:
         schema_problem(arguments, tools.functions[name].parameters)
     if problem:
         return None, f"the arguments of {name}: {problem}"
-    return {"id": new_call_id(), "name": name, "arguments": orjson.dumps(arguments).decode()}, None
+    return Call(new_call_id(), name, orjson.dumps(arguments).decode()), None
 
 
 def new_call_id() -> str:
-    return "call_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+    """The random part of a call's id (each client API writes it with its own prefix)."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
 
 
 JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
@@ -2974,16 +2882,15 @@ class AnswerReading:
     """One Kimi answer read for tool calls or JSON (pure). When `live`, the thinking and the prose
     before a call go out as they come; otherwise everything waits for the verdict."""
 
-    def __init__(self, question: Question, live: bool) -> None:
-        self.scanner = CallScanner(question.tools.parallel) if question.tools else None
+    def __init__(self, wanted: Request, live: bool) -> None:
+        self.scanner = CallScanner(wanted.tools.parallel) if wanted.tools else None
         self.live = live
         self._text: list[str] = []
-        self._received = 0       # UTF-8 bytes of text and thinking, for usage when Kimi was not read to the end
         self.prose = ""          # the text before the first block (all of it when there is none)
         self.sent = 0            # characters of the prose that went out
         self.reasoning: list[str] = []  # thinking kept back
-        self.finish_reason = "stop"
-        self.usage: dict = {}
+        self.finish = STOP
+        self.usage: Usage | None = None
 
     @property
     def text(self) -> str:
@@ -2994,41 +2901,40 @@ class AnswerReading:
     def ended(self) -> bool:
         return self.scanner is not None and self.scanner.ended
 
-    def take(self, fields: list[AnswerField]) -> list[AnswerField]:
-        """Read the fields of one network read; return those that may go out now."""
-        out: list[AnswerField] = []
-        for field, value in fields:
-            if field in ("content", "reasoning_content"):
-                self._received += len(value.encode())
-            if field == "content":
+    def take(self, parts: list[Part]) -> list[Part]:
+        """Read the parts of one network read; return those that may go out now."""
+        out: list[Part] = []
+        for part in parts:
+            kind, value = part
+            if kind == TEXT:
                 self._text.append(value)
                 out += self._prose(self.scanner.feed(value) if self.scanner else value)
-            elif field == "reasoning_content" and not self.live:
+            elif kind == REASONING and not self.live:
                 self.reasoning.append(value)
-            elif field == "finish_reason":
-                self.finish_reason = value
-            elif field == "usage":
+            elif kind == FINISH:
+                self.finish = value
+            elif kind == USAGE:
                 self.usage = value
             else:
-                out.append((field, value))
+                out.append(part)
         return out
 
-    def finish(self, prompt: str) -> list[AnswerField]:
-        """The answer ended, or was not read further (then Kimi told no usage: it is estimated here)."""
-        self.usage = self.usage or estimated_usage(prompt, self._received)
+    def end(self, translator: AnswerTranslator) -> list[Part]:
+        """The answer ended, or was not read further (its usage is then what was read)."""
+        self.usage = self.usage or translator.usage()
         return self._prose(self.scanner.finish()) if self.scanner else []
 
-    def _prose(self, prose: str) -> list[AnswerField]:
+    def _prose(self, prose: str) -> list[Part]:
         self.prose += prose
         if not (self.live and prose):
             return []
         self.sent += len(prose)
-        return [("content", prose)]
+        return [Part(TEXT, prose)]
 
-    def kept_back(self) -> list[AnswerField]:
+    def kept_back(self) -> list[Part]:
         """The thinking and prose not sent yet, for an answer that passed."""
-        fields = [("reasoning_content", "".join(self.reasoning))] if self.reasoning else []
-        return fields + ([("content", self.prose[self.sent:])] if self.prose[self.sent:] else [])
+        parts = [Part(REASONING, "".join(self.reasoning))] if self.reasoning else []
+        return parts + ([Part(TEXT, self.prose[self.sent:])] if self.prose[self.sent:] else [])
 
 
 # the end of every repair turn's message about a call
@@ -3040,98 +2946,613 @@ class BadAnswer(NamedTuple):
     repair: str  # what Kimi is told in the repair turn
 
 
-def judge(question: Question, reading: AnswerReading) -> list[AnswerField] | BadAnswer:
-    """The last fields of an answer that passes (its calls, or its JSON), or what is wrong with it."""
-    tools, scanner = question.tools, reading.scanner
+def judge(wanted: Request, reading: AnswerReading) -> list[Part] | BadAnswer:
+    """The last parts of an answer that passes (its calls, or its JSON), or what is wrong with it."""
+    tools, scanner = wanted.tools, reading.scanner
     if scanner and (scanner.blocks or scanner.unclosed):
         calls, problem = to_tool_calls(scanner, tools)
         if problem:
             return bad_call(problem)
-        if tools.deprecated:
-            call = {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}
-            return reading.kept_back() + [("function_call", call), ("finish_reason", "function_call")]
-        return reading.kept_back() + [("tool_calls", calls), ("finish_reason", "tool_calls")]
-    if question.must_call:
+        return reading.kept_back() + [Part(CALLS, tuple(calls)), Part(FINISH, CALLS_FINISH)]
+    if wanted.must_call:
         wanted = f"the function {tools.only}" if tools.only else "a function"
         return BadAnswer(f"the answer calls no function, and {wanted} must be called",
                          f"You must call {wanted} now. {WRITE_A_CALL}")
-    if question.json_format:
-        text, problem = to_json_answer(reading.text, question.json_format)
+    if wanted.json_format:
+        text, problem = to_json_answer(reading.text, wanted.json_format)
         if problem:
             return BadAnswer(f"the answer is not the JSON asked for: {problem}",
                              f"That answer is not the JSON asked for: {problem}. Answer again with the JSON only.")
         reading.prose, reading.sent = text, 0
-    return reading.kept_back() + [("finish_reason", reading.finish_reason)]
+    return reading.kept_back() + [Part(FINISH, reading.finish)]
 
 
 def bad_call(problem: str) -> BadAnswer:
     return BadAnswer(f"the function call is not usable: {problem}", f"That function call is not usable: {problem}. {WRITE_A_CALL}")
 
 
-async def checked_answer_fields(session: "KimiSession", question: Question) -> AsyncIterator[list[AnswerField]]:
-    """The answer fields of a request with tools or a JSON format: Kimi's answer is read for calls
+async def checked_answer_parts(session: KimiSession, wanted: Request, question: Question) -> AsyncIterator[list[Part]]:
+    """The answer parts of a request with tools or a JSON format: Kimi's answer is read for calls
     (or JSON) and checked, and a bad one gets one repair turn in the same chat. The prose before a
     call streams as it comes, unless the answer must pass before anything goes out (a required
     call, JSON)."""
-    live = question.json_format is None and not question.must_call
-    first = AnswerReading(question, live)
-    async for fields in read_answer(session.ask(question), question, first):
-        yield fields
-    verdict = judge(question, first)
+    live = wanted.json_format is None and not wanted.must_call
+    first = AnswerReading(wanted, live)
+    async for parts in read_answer(session.ask(question), question, first):
+        yield parts
+    verdict = judge(wanted, first)
     usage = first.usage
     if isinstance(verdict, BadAnswer) and session.chat_id is not None:
         # (no web search or research: the repair is about the form of what Kimi already found)
         repair = dataclasses.replace(question, prompt=verdict.repair, chat_id=session.chat_id, attachments=(),
                                      search=False, research=False)
-        second = AnswerReading(question, live=False)
+        second = AnswerReading(wanted, live=False)
         try:
-            async for fields in read_answer(session.ask(repair), repair, second):
-                yield fields
+            async for parts in read_answer(session.ask(repair), repair, second):
+                yield parts
         except ProxyError as error:  # e.g. Kimi still busy writing the first answer: that one stands
             log.warning("Kimi refused the repair turn: %s", error.message)
         else:
-            verdict = judge(question, second)
-            usage = {key: value + second.usage.get(key, 0) for key, value in usage.items()}
+            verdict = judge(wanted, second)
+            usage += second.usage
     if isinstance(verdict, BadAnswer):
-        verdict = answer_as_written(question, first, verdict.problem)
-    yield verdict + [("usage", usage)]
+        verdict = answer_as_written(wanted, first, verdict.problem)
+    yield verdict + [Part(USAGE, usage)]
 
 
 async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
-                      reading: AnswerReading) -> AsyncIterator[list[AnswerField]]:
+                      reading: AnswerReading) -> AsyncIterator[list[Part]]:
     """Read one answer into `reading`, passing on what may go out at once. Once text follows the
     last call, Kimi's answer is closed unread: nothing after it is used."""
-    async with aclosing(to_answer_fields(batches, question)) as answer:
-        async for fields in answer:
-            out = reading.take(fields)
+    translator = AnswerTranslator(question)
+    async with aclosing(batches):
+        async for batch in batches:
+            out = reading.take(translator.parts_of(batch))
             if out:
                 yield out
-            if reading.ended:
+            if reading.ended or translator.finished:
                 break
-    out = reading.finish(question.prompt)
+    out = reading.end(translator)
     if out:
         yield out
 
 
-def answer_as_written(question: Question, reading: AnswerReading, problem: str) -> list[AnswerField]:
+def answer_as_written(wanted: Request, reading: AnswerReading, problem: str) -> list[Part]:
     """A first answer whose calls are still bad after the repair turn is plain text, as Kimi wrote
     it; where a call or JSON was required, that is Kimi failing."""
-    if question.json_format or question.must_call:
+    if wanted.json_format or wanted.must_call:
         raise ProxyError(502, f"Kimi's answer could not be used, even when asked again: {problem}",
                          code="invalid_kimi_answer")
     reading.prose = reading.text  # of which the first `sent` characters went out already
-    return reading.kept_back() + [("finish_reason", "stop")]
+    return reading.kept_back() + [Part(FINISH, STOP)]
 
 
-def call_deltas(field: str, value: object) -> list[dict]:
-    """The deltas that stream function calls: for each, its index, id, type and name first, then
-    its arguments (clients concatenate repeated fields, so each is sent once)."""
-    if field == "function_call":
-        return [{field: {"name": value["name"], "arguments": ""}}, {field: {"arguments": value["arguments"]}}]
-    return [delta for index, call in enumerate(value) for delta in (
-        {field: [{"index": index, "id": call["id"], "type": "function",
-                  "function": {"name": call["name"], "arguments": ""}}]},
-        {field: [{"index": index, "function": {"arguments": call["arguments"]}}]})]
+# ---------------------------------------------------------------------------------------------
+# §12 The core: a request planned into a Kimi question, and answered as parts
+# ---------------------------------------------------------------------------------------------
+
+
+LATEST_MESSAGE_HINT = "关注用户最新的消息"
+LATEST_FILE_HINT = "关注用户最新发送文件和消息"
+
+
+def plan(wanted: Request, kimi: KimiHTTP) -> Question:
+    """What Kimi is asked for a request, in the dialect's terms: the model's features, the history
+    folded into one prompt (in a kept chat only the newest turn), the files of the last turn."""
+    chat_id, keep = to_conversation(wanted.conversation, kimi)
+    model = wanted.kimi_model or wanted.model
+    flags = model_flags(model, kimi)
+    if wanted.reasoning or wanted.reasoning_effort not in (None, "none"):
+        flags["reasoning"] = True
+    turns = to_kimi_turns(wanted.turns, kimi)
+    instructions = to_instructions(wanted.tools, wanted.json_format)
+    prompt = (to_continuation_prompt if chat_id else to_folded_prompt)(turns, instructions)
+    return Question(model=model, prompt=prompt, chat_id=chat_id, keep=keep, attachments=wanted.turns[-1].attachments,
+                    reasoning_effort=wanted.reasoning_effort, **{**flags, "search": flags["search"] or wanted.search})
+
+
+def to_conversation(value: str | None, kimi: KimiHTTP) -> tuple[str | None, bool]:
+    """(chat to continue, keep the chat) from the request's conversation field."""
+    if value is None:
+        return None, False
+    if value == "new":
+        return None, True
+    if kimi.chat_ids.fullmatch(value):
+        return value, True
+    raise bad_request(f"'conversation_id' must be \"new\" or a Kimi chat id ({kimi.chat_id_shape})", "conversation_id")
+
+
+def model_flags(model: str, kimi: KimiHTTP) -> dict:
+    """Kimi options from a model name: combinable substrings, or a Kimi+ agent id."""
+    if kimi.agent_ids.fullmatch(model):
+        return {"agent_id": model, "search": False, "research": False, "reasoning": False,
+                "math": False, "silent": False}
+    name = model.lower()
+    return {"agent_id": None, "search": "search" in name, "research": "research" in name,
+            "reasoning": "k1" in name or "thinking" in name, "math": "math" in name, "silent": "silent" in name}
+
+
+class KimiTurn(NamedTuple):
+    """A turn as Kimi reads it: its role and its text, calls and results written as blocks."""
+
+    role: str
+    text: str
+    has_attachment: bool = False
+
+
+def to_kimi_turns(turns: tuple[Turn, ...], kimi: KimiHTTP) -> list[KimiTurn]:
+    called: dict[str, str] = {}  # call id -> the function's name, for the results that follow
+    kimi_turns = []
+    for turn in turns:
+        text = kimi.mark_links(turn.text) if turn.role == "user" else turn.text
+        if turn.role == "assistant":
+            for call in turn.calls:
+                called[call.id] = call.name
+            text = "\n".join(filter(None, [text, *map(to_call_block, turn.calls)]))
+        elif turn.role == "tool":
+            text = to_tool_result(called.get(turn.call_id) or turn.name, text)
+        kimi_turns.append(KimiTurn(turn.role, text, turn.has_attachment))
+    return kimi_turns
+
+
+def to_folded_prompt(turns: list[KimiTurn], instructions: str = "") -> str:
+    """Kimi takes one message per turn: fold the history into it, with a hint to answer the newest."""
+    *earlier, last = turns
+    if not earlier:
+        return to_prompt([last], instructions)
+    hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
+    return to_prompt([*earlier, KimiTurn("system", hint), last], instructions)
+
+
+def to_continuation_prompt(turns: list[KimiTurn], instructions: str = "") -> str:
+    """A kept Kimi chat already holds the history: send only the newest user turn, or the
+    function results that came after Kimi's last answer."""
+    if turns[-1].role == "user":
+        return to_prompt(turns[-1:], instructions)
+    start = max((i for i, turn in enumerate(turns) if turn.role == "assistant"), default=-1) + 1
+    return to_prompt(turns[start:], instructions)
+
+
+def to_prompt(turns: list[KimiTurn], instructions: str) -> str:
+    """One Kimi message: a lone turn as it is, else each turn after its role (the newest even
+    without text), with the proxy's own instructions (tools, JSON) first."""
+    if instructions:
+        turns = [KimiTurn("system", instructions), *turns]
+    if len(turns) == 1:
+        return turns[0].text
+    return "\n".join(f"{turn.role}:{turn.text}" for turn in turns if turn.text or turn is turns[-1])
+
+
+def answer_parts(session: KimiSession, wanted: Request, question: Question) -> AsyncIterator[list[Part]]:
+    """The parts of the answer to a planned request: Kimi's answer as it comes, or, with tools or
+    a JSON format, as checked (and repaired)."""
+    if wanted.tools is None and wanted.json_format is None:
+        return to_answer_parts(session.ask(question), question)
+    return checked_answer_parts(session, wanted, question)
+
+
+# ---------------------------------------------------------------------------------------------
+# §13 Server-sent events: the framing, the writer, and what a client API's stream renderer provides
+# ---------------------------------------------------------------------------------------------
+
+
+def sse_event(payload: object, event: str | None = None) -> bytes:
+    """One server-sent event: an `event:` line when the client API names its events, then the JSON
+    (orjson writes no newline inside it, so one `data:` line holds it)."""
+    data = b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"event: " + event.encode() + b"\n" + data if event else data
+
+
+class AnswerStream:
+    """A client API's rendering of one streamed answer: parts in, the bytes of its events out.
+    Each client API subclasses it with the same members: `feed` (the parts of one read from
+    Kimi), `error` (a failure after the stream began) and `end` (after the last part, or after
+    an error); `opening`, the events that go out before the first of them; `KEEPALIVE`, what
+    keeps a silent stream open; and `headers`, set on the response when it starts."""
+
+    KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: every SDK's reader skips it
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+
+    def kept(self, chat_id: str) -> None:
+        """The answer lives in a chat the client keeps: its id goes out as a header too."""
+        self.headers[X_CONVERSATION_ID] = chat_id
+
+    def opening(self) -> bytes:
+        return b""
+
+    def feed(self, parts: list[Part]) -> bytes:
+        raise NotImplementedError
+
+    def error(self, error: ProxyError) -> bytes:
+        raise NotImplementedError
+
+    def end(self) -> bytes:
+        raise NotImplementedError
+
+
+class SSEStream:
+    """The client's event stream. Its headers go out late, with the first event or keep-alive,
+    so that anything failing before then still gets a real HTTP status."""
+
+    def __init__(self, request: web.Request, keepalive_interval: float, renderer: AnswerStream) -> None:
+        self._request = request
+        self._interval = keepalive_interval
+        self._renderer = renderer
+        self._loop = asyncio.get_running_loop()
+        self._last_write = self._loop.time()
+        self._start_lock = asyncio.Lock()
+        self.response = web.StreamResponse(headers={
+            hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+            hdrs.CACHE_CONTROL: "no-cache",
+            X_ACCEL_BUFFERING: "no",
+        })
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def send(self, data: bytes) -> None:
+        if not self.response.prepared:
+            async with self._start_lock:
+                if not self.response.prepared:
+                    self.response.headers.update(self._renderer.headers)
+                    await self.response.prepare(self._request)
+                    data = self._renderer.opening() + data
+        self._last_write = self._loop.time()
+        await self.response.write(data)
+
+    @asynccontextmanager
+    async def kept_alive(self) -> AsyncIterator[None]:
+        """Inside it, the renderer's keep-alive keeps a silent answer open."""
+        pinger = asyncio.ensure_future(self._keep_alive())
+        try:
+            yield
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+
+    async def _keep_alive(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._last_write + self._interval - self._loop.time())
+                if self._loop.time() - self._last_write >= self._interval:
+                    await self.send(self._renderer.KEEPALIVE)
+        except ConnectionError:
+            pass  # the client left; the answer finds out on its own write or by cancellation
+
+
+# ---------------------------------------------------------------------------------------------
+# §14 Client API: OpenAI Chat Completions (POST /v1/chat/completions)
+# ---------------------------------------------------------------------------------------------
+
+
+class ClientAPI:
+    """One client API in front of the core. Each subclass has the same members, in the same order
+    in its section: `parse` (its body -> a Request), `prepare` (what the Request needs from the
+    app before it is planned; most need nothing), `stream` (its AnswerStream renderer), `to_body`
+    (a folded Answer -> its answer body) and `error_body` (a failure before the stream -> its
+    status and error envelope)."""
+
+    def parse(self, body: dict, limits: Limits) -> Request:
+        raise NotImplementedError
+
+    def prepare(self, wanted: Request, app: web.Application) -> Request:
+        return wanted
+
+    def stream(self, wanted: Request) -> AnswerStream:
+        raise NotImplementedError
+
+    def to_body(self, answer: Answer, wanted: Request) -> dict:
+        raise NotImplementedError
+
+    def error_body(self, error: ProxyError) -> tuple[int, dict]:
+        raise NotImplementedError
+
+
+class ChatOptions(NamedTuple):
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    deprecated: bool     # asked with `functions`: answered with `function_call`
+
+
+ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+              "tool": "tool", "function": "tool"}
+TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
+ATTACHMENT_PARTS = {"image_url", "input_image", "file", "input_file"}
+NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed")
+
+
+def parse_chat(body: dict, limits: Limits) -> Request:
+    """Validate a Chat Completions request (lenient: unknown fields are ignored). Raises a 400
+    ProxyError naming the field."""
+    model = model_name(body.get("model"))
+    stream = bool(typed_field(body, "stream", bool))
+    stream_options = typed_field(body, "stream_options", dict) or {}
+    include_usage = stream and bool(typed_field(stream_options, "include_usage", bool, "stream_options.include_usage"))
+    n = typed_field(body, "n", int)
+    if n is not None and n != 1:
+        raise bad_request("Only n=1 is supported: Kimi gives one answer per request", "n")
+    tools, deprecated = to_chat_tools(body)
+    json_format = to_json_format(body.get("response_format"))
+    for field in NUMBER_FIELDS:
+        value = typed_field(body, field, (int, float))
+        if isinstance(value, bool):
+            raise bad_request(f"'{field}' must be a number", field)
+    for field in INTEGER_FIELDS:
+        typed_field(body, field, int)
+    reasoning_effort = typed_field(body, "reasoning_effort", str)
+    if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
+        raise bad_request(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+    conversation = conversation_field(body)
+    turns = to_chat_turns(body.get("messages"), limits)
+    check_last_turn(turns, conversation, "messages")
+    return Request(model=model, turns=turns, stream=stream, tools=tools, json_format=json_format,
+                   reasoning_effort=reasoning_effort, search=bool(typed_field(body, "use_search", bool)),
+                   conversation=conversation, options=ChatOptions(include_usage, deprecated))
+
+
+def to_chat_tools(body: dict) -> tuple[ToolUse | None, bool]:
+    """The request's functions (`tools`, or the deprecated `functions`) and its choice, and whether
+    it used the deprecated fields. Tools of other types than function are ignored."""
+    deprecated = body.get("tools") is None and body.get("functions") is not None
+    field, choice_field = ("functions", "function_call") if deprecated else ("tools", "tool_choice")
+    entries = body.get(field)
+    if entries is not None and not isinstance(entries, list):
+        raise bad_request(f"'{field}' must be an array", field)
+    functions = []
+    for index, entry in enumerate(entries or ()):
+        where = f"{field}[{index}]"
+        if not deprecated:
+            if not isinstance(entry, dict) or entry.get("type") != "function":
+                continue
+            entry, where = entry.get("function"), where + ".function"
+        if not isinstance(entry, dict):
+            raise bad_request(f"'{where}' must be an object", where)
+        functions.append((where, to_function(entry.get("name"), entry.get("description"), entry.get("parameters"),
+                                             where)))
+    required, only = to_chat_tool_choice(body.get(choice_field), choice_field, deprecated)
+    parallel = not deprecated and (not functions or typed_field(body, "parallel_tool_calls", bool) is not False)
+    return to_tool_use(functions, required, only, parallel, choice_field), deprecated
+
+
+def to_chat_tool_choice(choice: object, field: str, deprecated: bool) -> tuple[bool | None, str | None]:
+    """(must a function be called, the one named); (None, None) for "none"."""
+    if choice is None or choice == "auto":
+        return False, None
+    if choice == "none":
+        return None, None
+    name = None
+    if isinstance(choice, dict):
+        named = choice if deprecated else choice.get("function") if choice.get("type") == "function" else None
+        name = named.get("name") if isinstance(named, dict) else None
+    elif choice == "required" and not deprecated:
+        name = ""
+    if not isinstance(name, str):
+        shape = '{"name": ...}' if deprecated else '"required" or {"type": "function", "function": {"name": ...}}'
+        raise bad_request(f"'{field}' must be \"none\", \"auto\", {shape}", field)
+    return True, name or None
+
+
+def to_json_format(value: object) -> JsonFormat | None:
+    """response_format: text (nothing to do), json_object or json_schema."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat(None)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(schema, (dict, type(None))):
+            raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
+                              "response_format.json_schema")
+        return JsonFormat(schema)
+    raise bad_request("'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
+def to_chat_turns(messages: object, limits: Limits) -> tuple[Turn, ...]:
+    messages = count_turns(messages, "messages", limits)
+    last = len(messages) - 1
+    return tuple(to_chat_turn(message, index, index == last, limits.max_file_bytes)
+                 for index, message in enumerate(messages))
+
+
+def to_chat_turn(message: object, index: int, is_last: bool, max_file_bytes: int) -> Turn:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"'{where}' must be an object", where)
+    role = message.get("role")
+    role = ROLE_NAMES.get(role) if isinstance(role, str) else None
+    if role is None:
+        raise bad_request(f"'{where}.role' must be one of {', '.join(ROLE_NAMES)}", f"{where}.role")
+    content = message.get("content")
+    if content is None and role == "assistant":  # a tool-call turn replayed by the client
+        turn = Turn(role, "", where)
+    else:
+        turn = to_chat_content(role, content, where, is_last, max_file_bytes)
+    if role == "assistant":
+        return turn._replace(calls=to_chat_calls(message))
+    if role == "tool":
+        call_id, name = message.get("tool_call_id"), message.get("name")
+        return turn._replace(call_id=call_id if isinstance(call_id, str) else None,
+                             name=name if isinstance(name, str) else None)
+    return turn
+
+
+def to_chat_content(role: str, content: object, where: str, is_last: bool, max_file_bytes: int) -> Turn:
+    if isinstance(content, str):
+        return Turn(role, content, where)
+    if not isinstance(content, list):
+        raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
+    texts, attachments, has_attachment = [], [], False
+    for part_index, part in enumerate(content):
+        part_where = f"{where}.content[{part_index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None
+        if kind in TEXT_PARTS:
+            text = part.get(TEXT_PARTS[kind])
+            if not isinstance(text, str):
+                raise bad_request(f"'{part_where}.{TEXT_PARTS[kind]}' must be a string", part_where)
+            texts.append(text)
+        elif kind in ATTACHMENT_PARTS:
+            has_attachment = True
+            if is_last:
+                attachments.append(to_chat_attachment(part, kind, part_where, max_file_bytes))
+        else:
+            raise bad_request(f"'{part_where}.type' must be one of text, image_url, file", f"{part_where}.type")
+    return Turn(role, "\n".join(texts), where, attachments=tuple(attachments), has_attachment=has_attachment)
+
+
+def to_chat_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
+    """A file or image part, in any of the shapes Chat clients send (the Responses shapes too)."""
+    if kind in ("image_url", "input_image"):
+        source = part.get("image_url")
+        return to_attachment("image", source.get("url") if isinstance(source, dict) else source, None, where, max_bytes)
+    if "file_url" in part:
+        source = part["file_url"]
+        return to_attachment("file", source.get("url") if isinstance(source, dict) else source, None, where, max_bytes)
+    source = part.get("file", part)  # input_file puts the fields on the part itself
+    source = source if isinstance(source, dict) else {}
+    if "file_id" in source and "file_data" not in source:
+        raise file_id_refused(where)
+    return to_attachment("file", source.get("file_data") or source.get("file_url"), source.get("filename"), where,
+                         max_bytes)
+
+
+def to_chat_calls(message: dict) -> tuple[Call, ...]:
+    """The function calls of an assistant message the client replays (the deprecated
+    `function_call` too). Entries of another shape are left out."""
+    calls = message.get("tool_calls")
+    calls = [*(calls if isinstance(calls, list) else ()), {"function": message.get("function_call")}]
+    found = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            continue
+        call_id = call.get("id")
+        found.append(Call(call_id if isinstance(call_id, str) else "", function["name"],
+                          to_arguments_text(function.get("arguments"))))
+    return tuple(found)
+
+
+def to_arguments_text(arguments: object) -> str:
+    """A history call's arguments as JSON text, whether the client sent a string or an object."""
+    if arguments is None or isinstance(arguments, str):
+        return arguments or ""
+    return orjson.dumps(arguments).decode()
+
+
+def new_completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+CHAT_FINISH_REASONS = {"stop": "stop", "length": "length", "calls": "tool_calls", "stop_sequence": "stop"}
+
+
+def chat_finish_reason(finish: Finish, options: ChatOptions) -> str:
+    if finish.reason == "calls" and options.deprecated:
+        return "function_call"
+    return CHAT_FINISH_REASONS[finish.reason]
+
+
+def to_chat_message_calls(calls: tuple[Call, ...], options: ChatOptions) -> dict:
+    """An assistant message's calls: `tool_calls`, or with the deprecated `functions` the first
+    call as `function_call`."""
+    if options.deprecated:
+        return {"function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}
+    return {"tool_calls": [{"id": "call_" + call.id, "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments}} for call in calls]}
+
+
+class ChatStream(AnswerStream):
+    """Answer parts -> chat.completion.chunk events: the role first, then one chunk for each
+    part, then `data: [DONE]` (after an error too: clients read until it)."""
+
+    def __init__(self, wanted: Request) -> None:
+        super().__init__()
+        self._head = {"id": new_completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
+                      "model": wanted.model, "system_fingerprint": None}
+        self._options: ChatOptions = wanted.options
+        self._role_sent = False
+        self._calls = 0  # tool calls streamed so far: the index of the next
+
+    def kept(self, chat_id: str) -> None:
+        super().kept(chat_id)
+        self._head["conversation_id"] = chat_id
+
+    def feed(self, parts: list[Part]) -> bytes:
+        out = []
+        for kind, value in parts:
+            if kind == TEXT:
+                out.append(self._chunk({"content": value}))
+            elif kind == REASONING:
+                out.append(self._chunk({"reasoning_content": value}))
+            elif kind == CALLS:
+                out += [self._chunk(delta) for delta in self._call_deltas(value)]
+            elif kind == FINISH:
+                out.append(self._chunk({}, chat_finish_reason(value, self._options)))
+            elif kind == USAGE:
+                if self._options.include_usage:
+                    out.append(sse_event({**self._head, "choices": [], "usage": to_chat_usage(value)}))
+            elif kind == CHAT:
+                self.kept(value)
+        return b"".join(out)
+
+    def error(self, error: ProxyError) -> bytes:
+        return sse_event(openai_error(error))
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+        chunk = {**self._head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish_reason}]}
+        if self._options.include_usage:
+            chunk["usage"] = None
+        if self._role_sent:
+            return sse_event(chunk)
+        self._role_sent = True
+        return self._chunk({"role": "assistant", "content": ""}) + sse_event(chunk)
+
+    def _call_deltas(self, calls: tuple[Call, ...]) -> list[dict]:
+        """The deltas that stream calls: for each, its index, id, type and name first, then its
+        arguments (clients concatenate repeated fields, so each is sent once)."""
+        if self._options.deprecated:
+            call = calls[0]
+            return [{"function_call": {"name": call.name, "arguments": ""}},
+                    {"function_call": {"arguments": call.arguments}}]
+        deltas = []
+        for call in calls:
+            deltas += [{"tool_calls": [{"index": self._calls, "id": "call_" + call.id, "type": "function",
+                                        "function": {"name": call.name, "arguments": ""}}]},
+                       {"tool_calls": [{"index": self._calls, "function": {"arguments": call.arguments}}]}]
+            self._calls += 1
+        return deltas
+
+
+def to_chat_usage(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
+def to_chat_body(answer: Answer, wanted: Request) -> dict:
+    options: ChatOptions = wanted.options
+    message = {"role": "assistant", "content": answer.text, "refusal": None}
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
+    if answer.calls:
+        message.update(to_chat_message_calls(answer.calls, options))
+        message["content"] = answer.text or None
+    completion = {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
+                  "model": wanted.model, "system_fingerprint": None,
+                  "choices": [{"index": 0, "message": message, "logprobs": None,
+                               "finish_reason": chat_finish_reason(answer.finish, options)}],
+                  "usage": to_chat_usage(answer.usage)}
+    if answer.chat_id:
+        completion["conversation_id"] = answer.chat_id
+    return completion
 
 
 # OpenAI's error types by HTTP status (any other 4xx is invalid_request_error, any other 5xx server_error)
@@ -3144,63 +3565,38 @@ def openai_error(error: ProxyError) -> dict:
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
 
 
-class ChunkEncoder:
-    """Answer fields -> SSE bytes: one chat.completion.chunk per field, the role first."""
+class ChatCompletions(ClientAPI):
+    def parse(self, body: dict, limits: Limits) -> Request:
+        return parse_chat(body, limits)
 
-    DONE = b"data: [DONE]\n\n"
+    def stream(self, wanted: Request) -> AnswerStream:
+        return ChatStream(wanted)
 
-    def __init__(self, question: Question) -> None:
-        self._head = {"id": new_completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
-                      "model": question.model, "system_fingerprint": None}
-        self._include_usage = question.include_usage
-        self._role_sent = False
+    def to_body(self, answer: Answer, wanted: Request) -> dict:
+        return to_chat_body(answer, wanted)
 
-    def set_conversation(self, conversation_id: str) -> None:
-        self._head["conversation_id"] = conversation_id
+    def error_body(self, error: ProxyError) -> tuple[int, dict]:
+        return error.status, openai_error(error)
 
-    def encode(self, field: str, value: object) -> bytes:
-        if field == "usage":
-            return self._sse({**self._head, "choices": [], "usage": value}) if self._include_usage else b""
-        if field == "finish_reason":
-            chunk = self._chunk({}, value)
-        elif field in ("tool_calls", "function_call"):
-            chunk = b"".join(self._chunk(delta, None) for delta in call_deltas(field, value))
-        else:
-            chunk = self._chunk({field: value}, None)
-        if self._role_sent:
-            return chunk
-        self._role_sent = True
-        return self._chunk({"role": "assistant", "content": ""}, None) + chunk
 
-    def _chunk(self, delta: dict, finish_reason: str | None) -> bytes:
-        chunk = {**self._head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish_reason}]}
-        if self._include_usage:
-            chunk["usage"] = None
-        return self._sse(chunk)
-
-    @staticmethod
-    def _sse(chunk: dict) -> bytes:
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-    @staticmethod
-    def error(error: ProxyError) -> bytes:
-        return b"data: " + orjson.dumps(openai_error(error)) + b"\n\n"
+CHAT_COMPLETIONS = ChatCompletions()
 
 
 # ---------------------------------------------------------------------------------------------
-# Handlers
+# §17 HTTP: requests in flight, credentials, bodies, the answer handler, small endpoints, errors, logs
 # ---------------------------------------------------------------------------------------------
 
 
 class OpenRequests:
-    """The chat requests being answered: counted for /healthz, awaited at shutdown, and ended
-    (with an error the client can read) once the shutdown grace is over."""
+    """The requests in flight: all of them counted against MAX_OPEN_REQUESTS; those being
+    answered counted for /healthz, awaited at shutdown, and ended (with an error the client can
+    read) once the shutdown grace is over."""
 
     def __init__(self) -> None:
         self._deadlines: set[asyncio.Timeout] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.handling = 0  # requests of any kind being handled now (MAX_OPEN_REQUESTS counts these)
 
     @property
     def count(self) -> int:
@@ -3331,130 +3727,69 @@ def body_too_large(max_body_mb: float) -> ProxyError:
                       code="request_too_large")
 
 
-async def read_question(request: web.Request) -> Question:
-    """The request as a Question; the parsed body goes once planned, not held while the answer streams."""
-    config = request.app[CONFIG]
-    kimi = request.app[KIMI]
-    return to_question(await read_json_object(request), kimi.wraps_links, config.max_messages,
-                   int(config.max_file_mb * 2**20), kimi.chat_ids, kimi.chat_id_shape)
 
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def answer(request: web.Request, api: ClientAPI) -> web.StreamResponse:
+    """Every client API's answer: credentials, body, parse, plan, a Kimi session, the answer's
+    parts, written as the API's stream or folded into its body. The session closes (its chats
+    go) however the request ends."""
+    request[CLIENT_API] = api
     credentials = request_credentials(request)
-    question = await read_question(request)
-    request[MODEL] = question.model
-    session = KimiSession(request.app, credentials)
+    app = request.app
+    wanted = api.prepare(api.parse(await read_json_object(request), app[LIMITS]), app)
+    request[MODEL] = wanted.model
+    question = plan(wanted, app[KIMI])
+    session = KimiSession(app, credentials)
     try:
-        fields = answer_fields(session, question)
-        if question.stream:
-            return await stream_answer(request, question, fields)
-        async with request.app[OPEN_REQUESTS].track(), aclosing(fields):
-            completion = await fold_answer(fields, question)
+        parts = answer_parts(session, wanted, question)
+        if wanted.stream:
+            return await stream_answer(request, api.stream(wanted), parts, keep_alive=not wanted.must_call)
+        async with app[OPEN_REQUESTS].track(), aclosing(parts):
+            folded = await fold_answer(parts)
     except ProxyError:
         session.close(seen=False)  # an error answer names no chat, so no client can go on with it
         raise
     finally:
         session.close()
-    kept = completion.get("conversation_id")
-    return json_response(completion, headers={X_CONVERSATION_ID: kept} if kept else None)
+    return json_response(api.to_body(folded, wanted), headers={X_CONVERSATION_ID: folded.chat_id} if folded.chat_id else None)
 
 
-def answer_fields(session: KimiSession, question: Question) -> AsyncIterator[list[AnswerField]]:
-    if question.tools is None and question.json_format is None:
-        return to_answer_fields(session.ask(question), question)
-    return checked_answer_fields(session, question)
-
-
-class SSEStream:
-    """The client's event stream. Its headers go out late, with the first chunk or keep-alive,
-    so that anything failing before then still gets a real HTTP status."""
-
-    KEEPALIVE = b": keep-alive\n\n"
-
-    def __init__(self, request: web.Request, keepalive_interval: float) -> None:
-        self._request = request
-        self._interval = keepalive_interval
-        self._loop = asyncio.get_running_loop()
-        self._last_write = self._loop.time()
-        self._start_lock = asyncio.Lock()
-        self.response = web.StreamResponse(headers={
-            hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
-            hdrs.CACHE_CONTROL: "no-cache",
-            X_ACCEL_BUFFERING: "no",
-        })
-
-    @property
-    def started(self) -> bool:
-        return self.response.prepared
-
-    async def send(self, data: bytes) -> None:
-        if not self.response.prepared:
-            async with self._start_lock:
-                if not self.response.prepared:
-                    await self.response.prepare(self._request)
-        self._last_write = self._loop.time()
-        await self.response.write(data)
-
-    @asynccontextmanager
-    async def kept_alive(self) -> AsyncIterator[None]:
-        """Inside it, SSE comments keep a silent answer alive."""
-        pinger = asyncio.ensure_future(self._keep_alive())
-        try:
-            yield
-        finally:
-            pinger.cancel()
-            await asyncio.gather(pinger, return_exceptions=True)
-
-    async def _keep_alive(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self._last_write + self._interval - self._loop.time())
-                if self._loop.time() - self._last_write >= self._interval:
-                    await self.send(self.KEEPALIVE)
-        except ConnectionError:
-            pass  # the client left; the answer finds out on its own write or by cancellation
-
-
-async def stream_answer(request: web.Request, question: Question,
-                        batches: AsyncIterator[list[AnswerField]]) -> web.StreamResponse:
-    stream = SSEStream(request, request.app[CONFIG].keepalive_interval)
-    encoder = ChunkEncoder(question)
-    chunks = 0
+async def stream_answer(request: web.Request, renderer: AnswerStream, batches: AsyncIterator[list[Part]],
+                        keep_alive: bool) -> web.StreamResponse:
+    stream = SSEStream(request, request.app[CONFIG].keepalive_interval, renderer)
+    writes = 0
     try:
         try:
-            kept_alive = nullcontext() if question.must_call else stream.kept_alive()
+            kept_alive = stream.kept_alive() if keep_alive else nullcontext()
             async with request.app[OPEN_REQUESTS].track(), aclosing(batches), kept_alive:
-                async for fields in batches:
-                    encoded = []
-                    for field, value in fields:
-                        if field == "conversation_id":
-                            encoder.set_conversation(value)
-                            if not stream.started:
-                                stream.response.headers[X_CONVERSATION_ID] = value
-                        elif data := encoder.encode(field, value):
-                            encoded.append(data)
-                    if encoded:  # what one read from Kimi brought goes out in one write
-                        chunks += len(encoded)
-                        await stream.send(b"".join(encoded))
+                async for parts in batches:
+                    data = renderer.feed(parts)
+                    if data:  # what one read from Kimi brought goes out in one write
+                        writes += 1
+                        await stream.send(data)
         except ProxyError as error:
             if not stream.started:
                 raise
             log.warning("answer failed mid-stream: %s", error.message)
-            await stream.send(encoder.error(error))
+            await stream.send(renderer.error(error))
         except ConnectionError:
             raise
         except Exception:  # a bug: once the stream has begun, it still ends the way clients expect
             if not stream.started:
                 raise
             log.exception("unexpected error mid-stream in %s", loggable(request.path))
-            await stream.send(encoder.error(internal_error()))
-        await stream.send(encoder.DONE)
+            await stream.send(renderer.error(internal_error()))
+        ending = renderer.end()
+        if ending or not stream.started:
+            await stream.send(ending)
         await stream.response.write_eof()
     except ConnectionError:
         request[CLIENT_GONE] = True
     finally:
-        request[CHUNKS_SENT] = chunks
+        request[CHUNKS_SENT] = writes
     return stream.response
+
+
+CLIENT_APIS = {"/v1/chat/completions": CHAT_COMPLETIONS, "/chat/completions": CHAT_COMPLETIONS}
 
 
 async def model_ids(request: web.Request) -> list[str]:
@@ -3531,15 +3866,19 @@ def preflight(request: web.Request) -> web.Response:
     })
 
 
+
 def json_response(body: object, status: int = 200, headers: dict | None = None) -> web.Response:
     """Every JSON answer: completions, lists, errors (a newline ends it, for curl in a terminal)."""
     return web.Response(status=status, body=orjson.dumps(body) + b"\n", content_type="application/json",
                         headers=headers)
 
 
-def error_response(error: ProxyError) -> web.Response:
+def error_response(request: web.Request, error: ProxyError) -> web.Response:
+    """A failure before any answer, in the envelope of the client API the request was for
+    (OpenAI's where it was for none)."""
+    status, body = request.get(CLIENT_API, CHAT_COMPLETIONS).error_body(error)
     headers = {hdrs.RETRY_AFTER: str(error.retry_after)} if error.retry_after is not None else None
-    return json_response(openai_error(error), error.status, headers)
+    return json_response(body, status, headers)
 
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -3547,14 +3886,14 @@ HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 def from_http_exception(request: web.Request, error: web.HTTPException) -> web.Response:
     if error.status == 413:
-        return error_response(body_too_large(request.app[CONFIG].max_body_mb))
+        return error_response(request, body_too_large(request.app[CONFIG].max_body_mb))
     if error.status == 404:
         message = f"No such endpoint: {loggable(request.method)} {loggable(request.path)}"
     elif error.status == 405:
         message = f"Method {loggable(request.method)} is not allowed on {loggable(request.path)}"
     else:
         message = error.reason
-    response = error_response(ProxyError(error.status, message, code=HTTP_ERROR_CODES.get(error.status)))
+    response = error_response(request, ProxyError(error.status, message, code=HTTP_ERROR_CODES.get(error.status)))
     if "Allow" in error.headers:
         response.headers[hdrs.ALLOW] = error.headers[hdrs.ALLOW]
     return response
@@ -3569,28 +3908,28 @@ async def errors_and_logging(request: web.Request, handler) -> web.StreamRespons
         return preflight(request)  # browsers send no Authorization on a CORS preflight, for any path
     started = time.perf_counter()
     status = 500
-    handling = request.app[HANDLING]
-    handling[0] += 1
+    open_requests = request.app[OPEN_REQUESTS]
+    open_requests.handling += 1
     try:
         try:
-            if handling[0] > request.app[CONFIG].max_open_requests:
+            if open_requests.handling > request.app[CONFIG].max_open_requests:
                 raise ProxyError(503, "kimi_proxy is handling as many requests as it may (MAX_OPEN_REQUESTS); "
                                  "ask again shortly", code="server_is_overloaded", retry_after=1)
             response = await handler(request)
         except ProxyError as error:
-            response = error_response(error)
+            response = error_response(request, error)
         except web.HTTPException as error:
             response = from_http_exception(request, error)
         except Exception:
             log.exception("unexpected error in %s %s", loggable(request.method), loggable(request.path))
-            response = error_response(internal_error())
+            response = error_response(request, internal_error())
         status = 499 if request.get(CLIENT_GONE) else response.status
         return response
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
     finally:
-        handling[0] -= 1
+        open_requests.handling -= 1
         log.info("%s %s model=%s status=%d duration_ms=%.1f chunks=%d request_id=%s", loggable(request.method),
                  loggable(request.path), loggable(request.get(MODEL, "-")), status,
                  (time.perf_counter() - started) * 1000, request.get(CHUNKS_SENT, 0), request[REQUEST_ID])
@@ -3668,7 +4007,7 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
 
 
 CLEANUP_GRACE = 10.0  # seconds the shutdown waits for pending chat deletions
-CUT_GRACE = 5.0       # seconds cut answers get to send their error and close
+END_GRACE = 5.0       # seconds the answers ended at shutdown get to send their error and close
 
 
 async def finish_open_requests(app: web.Application) -> None:
@@ -3678,7 +4017,7 @@ async def finish_open_requests(app: web.Application) -> None:
     if not await open_requests.wait_idle(app[CONFIG].shutdown_grace):
         log.warning("ending %d open answers at shutdown", open_requests.count)
         open_requests.end_all_now()
-        await open_requests.wait_idle(CUT_GRACE)
+        await open_requests.wait_idle(END_GRACE)
 
 
 async def kimi_client(app: web.Application):
@@ -3709,12 +4048,13 @@ def create_app(config: Config) -> web.Application:
     app[TOKEN_HEALTH] = TokenHealth(config.kimi_tokens, config.max_streams_per_token, config.queue_timeout)
     app[OPEN_REQUESTS] = OpenRequests()
     app[STARTED_AT] = time.monotonic()
-    app[HANDLING] = [0]
+    app[LIMITS] = Limits(config.max_messages, int(config.max_file_mb * 2**20))
     app.cleanup_ctx.append(kimi_client)
     app.on_shutdown.append(finish_open_requests)
     app.on_response_prepare.append(add_common_headers)
+    for path, api in CLIENT_APIS.items():
+        app.router.add_post(path, functools.partial(answer, api=api))
     for prefix in ("/v1", ""):
-        app.router.add_post(prefix + "/chat/completions", chat_completions)
         app.router.add_get(prefix + "/models", list_models)
         app.router.add_get(prefix + "/models/{model_id:.+}", get_model)
     app.router.add_post("/token/check", check_token)
@@ -3728,15 +4068,7 @@ def runner_options(config: Config) -> dict:
     # Handlers are cancelled when their client disconnects, so Kimi stops generating at once;
     # the request log line replaces aiohttp's access log (which would print query strings).
     # (the shutdown grace itself is kept by finish_open_requests)
-    return {"access_log": None, "handler_cancellation": True, "shutdown_timeout": CUT_GRACE}
-
-
-async def start_server(config: Config) -> web.AppRunner:
-    """Start serving `config` in the running loop (used by tests and benchmarks)."""
-    runner = web.AppRunner(create_app(config), **runner_options(config))
-    await runner.setup()
-    await web.TCPSite(runner, config.host, config.port).start()
-    return runner
+    return {"access_log": None, "handler_cancellation": True, "shutdown_timeout": END_GRACE}
 
 
 # ---------------------------------------------------------------------------------------------

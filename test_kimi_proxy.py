@@ -415,6 +415,9 @@ def bulk_pieces(scenario: str) -> list | None:
     return [item for i in range(int(count)) for item in (*pause, f"片段{i} ")] + call
 
 
+K1_AGENT_ID = "crm40ee9e5jvhsn7ptcg"  # the Kimi+ id of the K1 reasoning model (KIMI_LEGACY_PROTOCOL.md)
+
+
 class FakeLegacyKimi(FakeKimiBase):
     """A strict stand-in for kimi.moonshot.cn (KIMI_LEGACY_PROTOCOL.md section 10)."""
 
@@ -507,7 +510,7 @@ class FakeLegacyKimi(FakeKimiBase):
         if not continuing:
             chat.question = body["messages"][0]["content"]
             self._record_completion(request, chat_id, user_id, body, chat.question.removesuffix("\n"),
-                                    body["use_search"], chat.kimiplus_id == kp.K1_AGENT_ID, body["refs"])
+                                    body["use_search"], chat.kimiplus_id == K1_AGENT_ID, body["refs"])
         else:
             self._record_completion(request, chat_id, user_id, body, None, False, False, [])
         segment_id = xid()
@@ -557,7 +560,7 @@ class FakeLegacyKimi(FakeKimiBase):
                      {"event": "search_plus", "msg": {"type": "start_res"}}]
             head += [{"event": "search_plus", "msg": {"successNum": n, "title": title, "type": "get_res", "url": url}}
                      for n, (title, url) in enumerate(SOURCES, 1)]
-        if chat.kimiplus_id == kp.K1_AGENT_ID:
+        if chat.kimiplus_id == K1_AGENT_ID:
             head += [{"event": "k1", "text": text} for text in THINKING]
         answer = [{"event": "cmpl", "idx_s": 0, "idx_z": 0, "text": text, "view": "cmpl"} for text in ANSWER]
         done = [{"event": "rename", "text": "长城简介"}, {"event": "all_done"}]
@@ -1047,6 +1050,14 @@ class FakeConnectKimi(FakeKimiBase):
 FAKES = {"legacy": FakeLegacyKimi, "connect": FakeConnectKimi}
 
 
+async def start_server(config: kp.Config) -> web.AppRunner:
+    """The proxy, started as main() starts it, in this test's loop."""
+    runner = web.AppRunner(kp.create_app(config), **kp.runner_options(config))
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    return runner
+
+
 async def start_app(app: web.Application, **options) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, handler_cancellation=True, **options)
     await runner.setup()
@@ -1117,7 +1128,7 @@ async def start_proxy(kimi):
     async def start(**settings: str) -> str:
         env = {"KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "HOST": "127.0.0.1", "PORT": "0", **settings}
         kimi.proxy_secrets += kp.split_list(settings.get("API_KEYS", "")) + kp.split_list(settings.get("KIMI_TOKENS", ""))
-        runner = await kp.start_server(kp.Config.from_env(env))
+        runner = await start_server(kp.Config.from_env(env))
         runners.append(runner)
         host, port = runner.addresses[0][:2]
         return f"http://{host}:{port}"
@@ -1148,6 +1159,19 @@ async def sdk(proxy, token):
     client = openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=token, max_retries=0)
     yield client
     await client.close()
+
+
+LIMITS = kp.Limits(1000, 100 * 2**20)
+
+
+def chat_request(body: dict) -> kp.Request:
+    return kp.parse_chat(body, LIMITS)
+
+
+def to_question(body: dict, dialect=kp.LegacyKimi) -> kp.Question:
+    """A Chat Completions body planned for a dialect, as the server does (legacy: 20-character chat
+    ids and links in the web app's markup)."""
+    return kp.plan(chat_request(body), dialect)
 
 
 def user(text: str) -> list[dict]:
@@ -1220,20 +1244,20 @@ def assert_envelope(body: dict, status_code: str | None = None, param: str | Non
     ("search0000000000000a", {"agent_id": "search0000000000000a", "search": False}),  # a Kimi+ agent id
 ])
 def test_model_flags(model, expected):
-    flags = kp.model_flags(model)
+    flags = kp.model_flags(model, kp.LegacyKimi)
     assert {key: flags[key] for key in expected} == expected
 
 
 @pytest.mark.parametrize("model, kimiplus_id", [
-    ("kimi", "kimi"), ("kimi-k1-search", kp.K1_AGENT_ID), ("kimi-thinking", kp.K1_AGENT_ID),
+    ("kimi", "kimi"), ("kimi-k1-search", K1_AGENT_ID), ("kimi-thinking", K1_AGENT_ID),
     ("crm40ee9e5jvhsn7pt00", "crm40ee9e5jvhsn7pt00"),
 ])
 def test_legacy_kimiplus_id(model, kimiplus_id):
-    assert kp.to_kimiplus_id(kp.to_question({"model": model, "messages": user("hi")})) == kimiplus_id
+    assert kp.to_kimiplus_id(to_question({"model": model, "messages": user("hi")})) == kimiplus_id
 
 
 def test_use_search_adds_search_and_keeps_other_flags():
-    question = kp.to_question({"model": "kimi-k1-silent", "use_search": True, "messages": user("hi")})
+    question = to_question({"model": "kimi-k1-silent", "use_search": True, "messages": user("hi")})
     assert (question.search, question.reasoning, question.silent) == (True, True, True)
 
 
@@ -1261,13 +1285,13 @@ def test_use_search_adds_search_and_keeps_other_flags():
 def test_folding_history_into_one_kimi_message(messages, prompt):
     body = {"model": "kimi", "messages": messages}
     untouched = copy.deepcopy(body)
-    assert kp.to_question(body, wrap_links=True).prompt + "\n" == prompt
-    assert kp.to_question(body).prompt == re.sub(r'<url id="" type="url" status="" title="" wc="">(.*?)</url>', r"\1", prompt[:-1])
+    assert to_question(body).prompt + "\n" == prompt
+    assert to_question(body, kp.ConnectKimi).prompt == re.sub(r'<url id="" type="url" status="" title="" wc="">(.*?)</url>', r"\1", prompt[:-1])
     assert body == untouched  # the caller's data is never mutated
 
 
 def test_continuing_a_chat_sends_only_the_newest_user_message():
-    question = kp.to_question({"conversation_id": "cr7p4ik2lq1s5t0u9v3g",
+    question = to_question({"conversation_id": "cr7p4ik2lq1s5t0u9v3g",
                        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "第二个问题"}]})
     assert (question.prompt, question.chat_id, question.keep) == ("第二个问题", "cr7p4ik2lq1s5t0u9v3g", True)
 
@@ -1309,16 +1333,57 @@ def test_continuing_a_chat_sends_only_the_newest_user_message():
 ])
 def test_bad_requests_name_the_field(body, param):
     with pytest.raises(kp.ProxyError) as caught:
-        kp.to_question(body)
+        to_question(body)
     assert (caught.value.status, caught.value.param) == (400, param)
 
 
 def test_lenient_fields_are_accepted():
-    question = kp.to_question({"messages": user("hi"), "model": None, "n": 1, "stream": None, "stream_options": None,
-                       "temperature": 0.2, "top_p": 1, "max_tokens": 5, "tool_choice": "auto", "tools": [{}],
-                       "top_k": 40, "conversation_id": None, "stream_options_extra": {}})
-    assert (question.model, question.stream, question.keep) == ("kimi", False, False)
-    assert kp.to_question({"messages": user("hi"), "stream_options": {"include_usage": True}}).include_usage is False
+    body = {"messages": user("hi"), "model": None, "n": 1, "stream": None, "stream_options": None, "temperature": 0.2,
+            "top_p": 1, "max_tokens": 5, "tool_choice": "auto", "tools": [{}], "top_k": 40, "conversation_id": None,
+            "stream_options_extra": {}}
+    wanted = chat_request(body)
+    assert (wanted.model, wanted.stream, wanted.tools, to_question(body).keep) == ("kimi", False, None, False)
+    assert chat_request({"messages": user("hi"), "stream_options": {"include_usage": True}}).options.include_usage is False
+
+
+def test_chat_bodies_become_neutral_requests():
+    wanted = chat_request({"model": "kimi-x", "stream": True, "stream_options": {"include_usage": True},
+                           "reasoning_effort": "low", "use_search": True, "conversation_id": "new",
+                           "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False,
+                           "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": None, "tool_calls": [
+                                            {"id": "c1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                                        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "18C"}]},
+                                        {"role": "user", "content": [{"type": "text", "text": "and"},
+                                                                     {"type": "image_url", "image_url": "https://a.example/i.png"}]}]})
+    assert (wanted.model, wanted.stream, wanted.reasoning_effort, wanted.search, wanted.conversation) == \
+        ("kimi-x", True, "low", True, "new")
+    assert wanted.options == kp.ChatOptions(include_usage=True, deprecated=False)
+    assert (list(wanted.tools.functions), wanted.tools.required, wanted.tools.only, wanted.tools.parallel) == \
+        (["get_weather"], True, None, False)
+    system, question, called, result, last = wanted.turns
+    assert (system.role, system.text, system.where) == ("system", "be brief", "messages[0]")
+    assert called.calls == (kp.Call("c1", "get_weather", '{"city":"Paris"}'),)
+    assert (result.role, result.text, result.call_id) == ("tool", "18C", "c1")
+    assert (last.text, last.has_attachment, [a.url for a in last.attachments]) == ("and", True, ["https://a.example/i.png"])
+
+
+@pytest.mark.parametrize("kimi_class, kept, wrapped", [
+    (kp.LegacyKimi, "cr7p4ik2lq1s5t0u9v3g", '<url id="" type="url" status="" title="" wc="">https://a.example</url>'),
+    (kp.ConnectKimi, "19fdf14e-bd52-88b5-8000-092152992fca", "https://a.example"),
+])
+def test_a_request_is_planned_in_the_dialects_terms(kimi_class, kept, wrapped):
+    body = {"model": "kimi-search", "messages": [{"role": "user", "content": "see https://a.example"}]}
+    question = to_question(body, kimi_class)
+    assert (question.prompt, question.search, question.chat_id, question.keep) == (f"see {wrapped}", True, None, False)
+    continued = to_question({**body, "conversation_id": kept}, kimi_class)
+    assert (continued.chat_id, continued.keep) == (kept, True)
+    other = "19fdf14e-bd52-88b5-8000-092152992fca" if kimi_class is kp.LegacyKimi else "cr7p4ik2lq1s5t0u9v3g"
+    with pytest.raises(kp.ProxyError) as caught:
+        to_question({**body, "conversation_id": other}, kimi_class)
+    assert (caught.value.status, caught.value.param) == (400, "conversation_id")
+    assert kimi_class.chat_id_shape in caught.value.message
 
 
 def fixed_ids(monkeypatch) -> None:
@@ -1335,12 +1400,11 @@ def choice(delta: bytes, finish: bytes = b"null", tail: bytes = b',"usage":null}
 
 def test_sse_output_byte_for_byte(monkeypatch):
     fixed_ids(monkeypatch)
-    question = kp.to_question({"model": "kimi", "stream": True, "stream_options": {"include_usage": True}, "messages": user("q")})
-    encoder = kp.ChunkEncoder(question)
-    out = b"".join([encoder.encode("reasoning_content", "想"), encoder.encode("content", '你好 "x"\n'),
-                    encoder.encode("finish_reason", "stop"),
-                    encoder.encode("usage", {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}),
-                    encoder.error(kp.upstream_error("Kimi stopped")), encoder.DONE])
+    stream = kp.ChatStream(chat_request({"model": "kimi", "stream": True, "stream_options": {"include_usage": True},
+                                         "messages": user("q")}))
+    out = b"".join([stream.opening(), stream.feed([kp.Part(kp.REASONING, "想"), kp.Part(kp.TEXT, '你好 "x"\n')]),
+                    stream.feed([kp.Part(kp.FINISH, kp.STOP), kp.Part(kp.USAGE, kp.Usage(1, 3))]),
+                    stream.error(kp.upstream_error("Kimi stopped")), stream.end()])
     assert out == (choice(b'{"role":"assistant","content":""}') + choice('{"reasoning_content":"想"}'.encode())
                    + choice('{"content":"你好 \\"x\\"\\n"}'.encode()) + choice(b"{}", b'"stop"')
                    + HEAD + b',"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}\n\n'
@@ -1351,9 +1415,10 @@ def test_sse_output_byte_for_byte(monkeypatch):
 
 def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
     fixed_ids(monkeypatch)
-    encoder = kp.ChunkEncoder(kp.to_question({"model": "kimi", "stream": True, "messages": user("q")}))
-    encoder.set_conversation("19fdf14e-bd52-88b5-8000-092152992fca")
-    out = encoder.encode("content", "a") + encoder.encode("finish_reason", "length") + encoder.encode("usage", {})
+    stream = kp.ChatStream(chat_request({"model": "kimi", "stream": True, "messages": user("q")}))
+    out = stream.feed([kp.Part(kp.CHAT, "19fdf14e-bd52-88b5-8000-092152992fca"), kp.Part(kp.TEXT, "a"),
+                       kp.Part(kp.FINISH, kp.LENGTH_FINISH), kp.Part(kp.USAGE, kp.Usage(0, 0))])
+    assert stream.headers == {"X-Conversation-Id": "19fdf14e-bd52-88b5-8000-092152992fca"}
     head = HEAD + b',"conversation_id":"19fdf14e-bd52-88b5-8000-092152992fca"'
     assert out == b"".join(head + b',"choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'
                            + finish + b"}]}\n\n" for delta, finish in (
@@ -1361,34 +1426,46 @@ def test_sse_output_without_usage_and_with_a_kept_chat(monkeypatch):
                                (b"{}", b'"length"')))
 
 
-@pytest.mark.parametrize("events, fields", [
+@pytest.mark.parametrize("events, parts", [
     ([kp.Event(kp.CHAT, "c1"), kp.Event(kp.REASONING, "想"), kp.Event(kp.TEXT, "答"), kp.DONE_EVENT],
-     [("conversation_id", "c1"), ("reasoning_content", "想"), ("content", "答"), ("finish_reason", "stop"),
-      ("usage", {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})]),
-    ([kp.Event(kp.SOURCE, "T", "https://u"), kp.Event(kp.TEXT, "a"), kp.LENGTH_EVENT, kp.DONE_EVENT, kp.Event(kp.TEXT, "x")],
-     [("content", "【检索 1】 [T](https://u)\n"), ("content", "\na"), ("finish_reason", "length"),
-      ("usage", {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9})]),
+     [kp.Part(kp.CHAT, "c1"), kp.Part(kp.REASONING, "想"), kp.Part(kp.TEXT, "答"), kp.Part(kp.FINISH, kp.STOP),
+      kp.Part(kp.USAGE, kp.Usage(1, 2, 1))]),
+    ([kp.Event(kp.SOURCE, "T", "https://u", 1), kp.Event(kp.TEXT, "a"), kp.LENGTH_EVENT, kp.DONE_EVENT,
+      kp.Event(kp.TEXT, "x")],
+     [kp.Part(kp.TEXT, "【检索 1】 [T](https://u)\n"), kp.Part(kp.CITATION, kp.Citation(1, "T", "https://u")),
+      kp.Part(kp.TEXT, "\na"), kp.Part(kp.FINISH, kp.LENGTH_FINISH), kp.Part(kp.USAGE, kp.Usage(1, 8))]),
 ])
-def test_events_become_answer_fields(events, fields):
-    question = kp.to_question({"model": "kimi", "messages": user("q"), "conversation_id": "new"})
+def test_events_become_answer_parts(events, parts):
+    question = to_question({"model": "kimi", "messages": user("q"), "conversation_id": "new"})
     translator = kp.AnswerTranslator(question)
-    assert translator.fields_of(events) == fields
+    assert translator.parts_of(events) == parts
     assert translator.finished == any(event.kind == kp.DONE for event in events[:4])
 
 
-async def test_answer_fields_fold_into_one_completion(monkeypatch):
+async def test_answer_parts_fold_into_one_completion(monkeypatch):
     fixed_ids(monkeypatch)
-    question = kp.to_question({"model": "kimi-thinking", "messages": user("q")})
+    wanted = chat_request({"model": "kimi-thinking", "messages": user("q")})
 
     async def batches():
-        yield [("conversation_id", "c1"), ("reasoning_content", "想"), ("content", "你")]
-        yield [("content", "好"), ("finish_reason", "stop"), ("usage", {"prompt_tokens": 1})]
+        yield [kp.Part(kp.CHAT, "c1"), kp.Part(kp.REASONING, "想"), kp.Part(kp.TEXT, "你")]
+        yield [kp.Part(kp.TEXT, "好"), kp.Part(kp.CITATION, kp.Citation(1, "T", "https://u")),
+               kp.Part(kp.FINISH, kp.STOP), kp.Part(kp.USAGE, kp.Usage(1, 0))]
 
-    assert await kp.fold_answer(batches(), question) == {
+    answer = await kp.fold_answer(batches())
+    assert answer == kp.Answer(text="你好", reasoning="想", citations=(kp.Citation(1, "T", "https://u"),),
+                               finish=kp.STOP, usage=kp.Usage(1, 0), chat_id="c1")
+    assert kp.to_chat_body(answer, wanted) == {
         "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "kimi-thinking",
-        "system_fingerprint": None, "conversation_id": "c1", "usage": {"prompt_tokens": 1},
+        "system_fingerprint": None, "conversation_id": "c1",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1},
         "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
                      "message": {"role": "assistant", "content": "你好", "refusal": None, "reasoning_content": "想"}}]}
+    calls = (kp.Call("abc", "f", '{"x":1}'),)
+    called = kp.to_chat_body(kp.Answer(calls=calls, finish=kp.CALLS_FINISH), wanted)
+    assert called["choices"][0]["finish_reason"] == "tool_calls"
+    assert called["choices"][0]["message"]["content"] is None
+    assert called["choices"][0]["message"]["tool_calls"] == [
+        {"id": "call_abc", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}}]
 
 
 @pytest.mark.parametrize("chunks", [
@@ -1407,8 +1484,8 @@ def test_sse_decoder_survives_any_split(chunks):
     (b'{"event":"cmpl","text":"a"}', kp.Event(kp.TEXT, "a")),
     (b'{"event":"cmpl","text":""}', None),
     (b'{"event":"k1","text":"t"}', kp.Event(kp.REASONING, "t")),
-    (b'{"event":"search_plus","msg":{"type":"get_res","title":"T","url":"https://u"}}', kp.Event(kp.SOURCE, "T", "https://u")),
-    (b'{"event":"search_plus","msg":{"type":"get_res","url":"https://u"}}', kp.Event(kp.SOURCE, "https://u", "https://u")),
+    (b'{"event":"search_plus","msg":{"type":"get_res","title":"T","url":"https://u"}}', kp.Event(kp.SOURCE, "T", "https://u", 1)),
+    (b'{"event":"search_plus","msg":{"type":"get_res","url":"https://u"}}', kp.Event(kp.SOURCE, "https://u", "https://u", 1)),
     (b'{"event":"search_plus","msg":{"type":"start"}}', None),
     (b'{"event":"zone_set"}', None),
     (b'not json', None),
@@ -2096,7 +2173,7 @@ async def test_deletion_does_not_delay_the_answer(http, proxy, token, kimi):
 async def test_chats_are_deleted_during_shutdown(kimi, token, http):
     settings = {"KIMI_BASE_URL": kimi.url, "KIMI_PROTOCOL": kimi.PROTOCOL, "HOST": "127.0.0.1", "PORT": "0",
                 "SHUTDOWN_GRACE": "0.3"}
-    runner = await kp.start_server(kp.Config.from_env(settings))
+    runner = await start_server(kp.Config.from_env(settings))
     proxy = "http://%s:%d" % runner.addresses[0][:2]
     kimi.hold_deletes = asyncio.Event()
     assert (await post_chat(http, proxy, token)).status == 200
@@ -2330,7 +2407,7 @@ def frames_to_events(*messages, silent=False) -> tuple[list, kp.ConnectState]:
      [kp.Event(kp.TEXT, "a"), kp.Event(kp.TEXT, "\nb")]),
     ([{"block": {"tool": {"contents": [{"searchResult": {"base": {"title": "T", "url": "https://u"}, "refIndex": "w:1#0"}}]}}},
       {"message": {"refs": {"searchChunks": [{"searchResult": {"base": {"title": "T", "url": "https://u"}, "refIndex": "w:1#0"}}]}}}],
-     [kp.Event(kp.SOURCE, "T", "https://u")]),
+     [kp.Event(kp.SOURCE, "T", "https://u", 1)]),
     ([(1, b"\x1f\x8b compressed")], []),
 ])
 def test_connect_frames_to_events(messages, expected):
@@ -2404,7 +2481,7 @@ def test_catalog_ids_and_resolution():
     assert kp.Catalog.from_rpc(kp.FALLBACK_CATALOG).model_ids() == catalog.model_ids()
 
     def resolved(model: str, **body) -> dict:
-        return kp.to_connect_chat(kp.to_question({"model": model, "messages": user("q"), **body}), catalog, None)
+        return kp.to_connect_chat(to_question({"model": model, "messages": user("q"), **body}), catalog, None)
 
     assert resolved("kimi")["options"] == {"thinking": False, "model": "k2d6-chat", "reasoning_effort": "REASONING_EFFORT_NONE"}
     assert resolved("kimi")["tools"] == []
@@ -2437,7 +2514,7 @@ def test_catalog_ids_and_resolution():
     ("kimi-k3", "high", "REASONING_EFFORT_HIGH"),         # MAX costs extra credits: never chosen for a client
 ])
 def test_reasoning_effort_maps_to_one_the_model_offers(model, effort, sent):
-    question = kp.to_question({"model": model, "messages": user("q"), "reasoning_effort": effort})
+    question = to_question({"model": model, "messages": user("q"), "reasoning_effort": effort})
     options = kp.to_connect_chat(question, kp.Catalog.from_rpc(CATALOG), None)["options"]
     assert options["reasoning_effort"] == sent and options["thinking"] == (sent != "REASONING_EFFORT_NONE")
     offered = [option["effort"] for option in CATALOG_ENTRIES[options["model"]]["reasoningEffortOptions"]]
@@ -3282,15 +3359,15 @@ async def test_a_long_model_name_is_refused(http, proxy, token, kimi):
 
 
 async def test_a_bug_mid_stream_still_ends_the_stream(http, proxy, token, kimi, monkeypatch):
-    real = kp.AnswerTranslator.fields_of
+    real = kp.AnswerTranslator.parts_of
 
     def fails_after_the_first_text(self, events):
-        fields = real(self, events)
-        if any(field == "content" for field, _ in fields):
-            self.fields_of = lambda events: 1 / 0
-        return fields
+        parts = real(self, events)
+        if any(kind == kp.TEXT for kind, _ in parts):
+            self.parts_of = lambda events: 1 / 0
+        return parts
 
-    monkeypatch.setattr(kp.AnswerTranslator, "fields_of", fails_after_the_first_text)
+    monkeypatch.setattr(kp.AnswerTranslator, "parts_of", fails_after_the_first_text)
     response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:pace"))
     raw = await response.read()
     assert response.status == 200 and b"HTTP/1.1" not in raw
@@ -3666,35 +3743,36 @@ def test_json_is_found_in_an_answer_and_must_parse(text, expected):
 ])
 def test_bad_tools_and_formats_name_the_field(extra, param):
     with pytest.raises(kp.ProxyError) as caught:
-        kp.to_question({"messages": user("hi"), **extra})
+        to_question({"messages": user("hi"), **extra})
     assert (caught.value.status, caught.value.param) == (400, param)
 
 
 def test_what_kimi_is_asked_with_tools_and_without():
-    plain = kp.to_question({"messages": user("hi"), "tools": [WEATHER], "tool_choice": "none"})
-    assert (plain.prompt, plain.tools) == ("hi", None)
-    asked = kp.to_question({"messages": user("hi"), "tools": [WEATHER, {"type": "web_search"}], "tool_choice": "required",
-                            "parallel_tool_calls": False})
+    plain = {"messages": user("hi"), "tools": [WEATHER], "tool_choice": "none"}
+    assert (to_question(plain).prompt, chat_request(plain).tools) == ("hi", None)
+    asked_body = {"messages": user("hi"), "tools": [WEATHER, {"type": "web_search"}], "tool_choice": "required",
+                  "parallel_tool_calls": False}
+    asked = to_question(asked_body)
     assert asked.prompt.startswith("system:You can call these functions")
     assert json.dumps(WEATHER["function"], separators=(",", ":")) in asked.prompt
     assert "<tool_call>" in asked.prompt and "must call at least one" in asked.prompt and "at most one" in asked.prompt
-    assert asked.prompt.endswith("\nuser:hi") and list(asked.tools.functions) == ["get_weather"]
-    named = kp.to_question({"messages": user("hi"), "functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}})
-    assert (named.tools.only, named.tools.deprecated, named.tools.parallel) == ("get_weather", True, False)
-    json_asked = kp.to_question({"messages": user("hi"), "response_format": {"type": "json_schema", "json_schema": {
+    assert asked.prompt.endswith("\nuser:hi") and list(chat_request(asked_body).tools.functions) == ["get_weather"]
+    named = chat_request({"messages": user("hi"), "functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}})
+    assert (named.tools.only, named.options.deprecated, named.tools.parallel) == ("get_weather", True, False)
+    json_asked = to_question({"messages": user("hi"), "response_format": {"type": "json_schema", "json_schema": {
         "name": "w", "schema": {"type": "object", "required": ["t"]}}}})
     assert "JSON only" in json_asked.prompt and '{"type":"object","required":["t"]}' in json_asked.prompt
 
 
 def test_arguments_may_come_as_a_json_string_and_thinking_is_never_read_for_calls():
-    question = kp.to_question({"messages": user("hi"), "tools": [WEATHER]})
-    reading = kp.AnswerReading(question, live=True)
-    assert reading.take([("reasoning_content", block()), ("content", "好。")]) == [("reasoning_content", block()),
-                                                                                   ("content", "好。")]
-    reading.take([("content", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>'),
-                  ("finish_reason", "stop"), ("usage", {})])
-    *_, (_, calls), (_, finish) = kp.judge(question, reading)
-    assert (calls[0]["arguments"], finish) == ('{"city":"Rome"}', "tool_calls")
+    wanted = chat_request({"messages": user("hi"), "tools": [WEATHER]})
+    reading = kp.AnswerReading(wanted, live=True)
+    thinking, prose = kp.Part(kp.REASONING, block()), kp.Part(kp.TEXT, "好。")
+    assert reading.take([thinking, prose]) == [thinking, prose]
+    reading.take([kp.Part(kp.TEXT, '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>'),
+                  kp.Part(kp.FINISH, kp.STOP), kp.Part(kp.USAGE, kp.Usage(1, 1))])
+    *_, (_, calls), (_, finish) = kp.judge(wanted, reading)
+    assert (calls[0].arguments, finish) == ('{"city":"Rome"}', kp.CALLS_FINISH)
 
 
 HISTORY = [{"role": "user", "content": "巴黎天气？"},
@@ -3704,17 +3782,17 @@ HISTORY = [{"role": "user", "content": "巴黎天气？"},
 
 
 def test_calls_and_their_results_are_folded_into_the_prompt_in_the_same_format():
-    prompt = kp.to_question({"messages": HISTORY, "tools": [WEATHER]}).prompt
+    prompt = to_question({"messages": HISTORY, "tools": [WEATHER]}).prompt
     assert prompt.endswith('user:巴黎天气？\nassistant:<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n'
                            '</tool_call>\nsystem:关注用户最新的消息\ntool:<tool_result name="get_weather">\n18C, sunny\n'
                            '</tool_result>')
     deprecated = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
                                                       "function_call": {"name": "f", "arguments": "{}"}},
                   {"role": "function", "name": "f", "content": [{"type": "text", "text": "42"}]}]
-    assert kp.to_question({"messages": deprecated}).prompt.endswith(
+    assert to_question({"messages": deprecated}).prompt.endswith(
         'assistant:<tool_call>\n{"name":"f","arguments":{}}\n</tool_call>\nsystem:关注用户最新的消息\n'
         'tool:<tool_result name="f">\n42\n</tool_result>')
-    kept = kp.to_question({"messages": HISTORY + [{"role": "tool", "tool_call_id": "x", "content": "more"}],
+    kept = to_question({"messages": HISTORY + [{"role": "tool", "tool_call_id": "x", "content": "more"}],
                            "conversation_id": "cr7p4ik2lq1s5t0u9v3g"})
     assert kept.prompt == 'tool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>\ntool:more'
 
