@@ -1,8 +1,8 @@
-"""kimi_proxy: an OpenAI-compatible Chat Completions server in front of Kimi's web chat.
+"""kimi_proxy: model APIs in front of Kimi's web chat (www.kimi.com).
 
-Paste a token of your Kimi web account (its ``refresh_token``, or with the default dialect its
-``kimi-auth`` access token) as the API key (several, joined by commas, are used in turn) and
-any OpenAI client can chat with Kimi through this server:
+Paste a token of your Kimi web account (its ``refresh_token``; several, joined by commas, are
+used in turn) as the API key, and a client of the OpenAI Chat Completions API can chat with Kimi
+through this server:
 
     pip install -r requirements.txt && python kimi_proxy.py        # serves on 0.0.0.0:8000
     curl -N localhost:8000/v1/chat/completions -H "Authorization: Bearer $KIMI_TOKEN" \
@@ -10,8 +10,26 @@ any OpenAI client can chat with Kimi through this server:
 
 Every Kimi chat the proxy creates for a request is deleted when that request ends, unless the
 client asked to keep it with ``"conversation_id": "new"``. Kimi's web chat has no functions of
-its own: OpenAI ``tools`` and ``response_format`` are emulated by prompting, and what Kimi answers
-is checked before a client sees it as a tool call or as JSON.
+its own: tools and JSON answers are emulated by prompting, and what Kimi answers is checked
+before a client sees it as a tool call or as JSON.
+
+How a request flows, and the sections below in that order (each uses only those above it):
+
+    client body -> Request -> Question -> KimiSession -> events -> parts -> client API
+
+    §1  Configuration            §11 The neutral answer: events -> parts -> Answer
+    §2  Errors                   §12 Tools and JSON answers (emulated, checked, repaired)
+    §3  App and request keys     §13 The core: plan (Request -> Question), answer parts
+    §4  Files                    §14 Server-sent events: framing, the writer, renderers
+    §5  Kimi over HTTP, shared   §15 Client API: Chat Completions
+    §6  The legacy dialect       §18 HTTP: credentials, bodies, the answer handler, errors, logs
+    §7  Connect: the wire        §19 App factory
+    §8  Connect: models, client  §20 main
+    §9  A request's use of Kimi
+    §10 The neutral request
+
+The Kimi side (§4-§9) never names a client API; a client API (§15) never names a dialect; the
+core (§10-§13) names neither wire format.
 
 Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     HOST, PORT                 where to listen (0.0.0.0, 8000)
@@ -44,8 +62,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextvars
 import binascii
+import contextvars
 import dataclasses
 import email.utils
 import fcntl
@@ -54,9 +72,9 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
+import logging
 import math
 import mimetypes
-import logging
 import os
 import random
 import re
@@ -83,7 +101,7 @@ log = logging.getLogger("kimi_proxy")
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# §1 Configuration: one frozen Config, read from the environment once
 # ---------------------------------------------------------------------------------------------
 
 PROTOCOLS = {"connect": "https://www.kimi.com", "legacy": "https://kimi.moonshot.cn"}
@@ -201,7 +219,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors
+# §2 Errors: what a client sees when something fails, in no client API's terms
 # ---------------------------------------------------------------------------------------------
 
 
@@ -297,7 +315,7 @@ def retry_after_seconds(value: str | None) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# App and request keys
+# §3 App and request keys, and the proxy's own headers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -323,7 +341,7 @@ X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", 
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: data URIs, and fetching what clients point at, safely
+# §4 Files: attachments, data URIs, and fetching what clients point at, safely
 # ---------------------------------------------------------------------------------------------
 
 
@@ -617,7 +635,7 @@ class KimiFile(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kimi over HTTP, shared by the dialects: events, the session, retries, access tokens, the token pool
+# §5 Kimi over HTTP, shared by the dialects: the question and its events, tokens, the pool, the client
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1038,7 +1056,13 @@ class KimiHTTP:
     ids), `mark_links` (user text as the web app sends it), `model_ids`, `check_token` and
     `converse` (ask a question: yields the events of each network read together, CHAT with the
     chat id as soon as a chat exists); and the hooks this class calls: `_grant` (a credential ->
-    a Grant), `_delete` (a chat), `_is_auth_failure` and `_failure` (what a non-2xx answer means)."""
+    a Grant), `_delete` (a chat), `_is_auth_failure` (whether a failed call means a rejected token),
+    `_error_for` (what else a failed call means) and `_token_rejection` (the TokenRejected to raise).
+    A token Kimi rejects is renewed once in three places, as the wire makes it show: a call's
+    HTTP status (`_call`), an error inside an answer stream (connect's `converse`) and an upload's
+    status (connect's `_upload_file`)."""
+
+    json_headers: dict = {}  # what the dialect's JSON calls carry besides the credentials
 
     agent_ids = XID
 
@@ -1057,12 +1081,12 @@ class KimiHTTP:
         self._refresh_tokens = store
         self.tokens = AccessTokens(self._grant)
 
-    def _rejected(self, credential: str) -> TokenRejected:
+    def _token_rejection(self, credential: str) -> TokenRejected:
         return TokenRejected()
 
-    def _refusal(self, response: aiohttp.ClientResponse, body: object) -> ProxyError:
-        """What a failed Kimi answer means for the client, and whether it rests the token."""
-        error = self._failure(response.status, body, response.headers.get("Retry-After"))
+    def _error_for_response(self, response: aiohttp.ClientResponse, body: object) -> ProxyError:
+        """What a failed Kimi answer means for the client (and for its token: a 5xx rests it)."""
+        error = self._error_for(response.status, body, response.headers.get("Retry-After"))
         if response.status >= 500:
             error.cool_down = OUTAGE_COOL_DOWN
         return error
@@ -1089,15 +1113,15 @@ class KimiHTTP:
         which both dialects use."""
         headers = {**self._headers, hdrs.AUTHORIZATION: f"Bearer {refresh_token}"}
         async with await self._send("GET", "/api/auth/token/refresh", headers) as response:
-            return self._renewed(response, await read_kimi_json(response), refresh_token)
+            return self._tokens_from_renewal(response, await read_kimi_json(response), refresh_token)
 
-    def _renewed(self, response: aiohttp.ClientResponse, body: object, refresh_token: str) -> tuple[str, str]:
+    def _tokens_from_renewal(self, response: aiohttp.ClientResponse, body: object, refresh_token: str) -> tuple[str, str]:
         """(access token, next refresh token) from a renewal's answer, REST or RPC, in either
         spelling. Only a definite answer kills a token: an auth error in Kimi's own JSON. A web page
         (a firewall in front of Kimi) or a body of the wrong shape is Kimi failing: 502, short rest."""
         status = response.status
         if status >= 500 or status == 429:
-            raise self._refusal(response, body)
+            raise self._error_for_response(response, body)
         tokens = body.get("data", body) if isinstance(body, dict) else None
         tokens = tokens if isinstance(tokens, dict) else {}
         access = tokens.get("access_token") or tokens.get("accessToken") or tokens.get("token")
@@ -1109,8 +1133,9 @@ class KimiHTTP:
         raise kimi_outage(f"Kimi's token renewal answered HTTP {status} without tokens")
 
     async def _json_call(self, credential: str, method: str, path: str, body: dict | None = None) -> object:
+        """An authenticated JSON call's answer (None when it is not JSON)."""
         data = None if body is None else json_body(body)
-        async with await self._call(credential, method, path, data) as response:
+        async with await self._call(credential, method, path, data, self.json_headers) as response:
             return await read_kimi_json(response)
 
     async def _call(self, credential: str, method: str, path: str, data: bytes | None = None,
@@ -1125,16 +1150,16 @@ class KimiHTTP:
                 failure = await read_kimi_json(response)
             if not self._is_auth_failure(response.status, failure):
                 log.warning("Kimi answered %s %s with HTTP %d", method, path, response.status)
-                raise self._refusal(response, failure)
+                raise self._error_for_response(response, failure)
             self.tokens.discard_if_current(credential, grant)
-        raise self._rejected(credential)
+        raise self._token_rejection(credential)
 
     async def _stream(self, credential: str, path: str, data: bytes, headers: dict) -> AsyncIterator[bytes]:
         """A streamed Kimi answer's bytes as they arrive; its transport failures become
         ProxyErrors, and the response is closed when reading ends, however it ends."""
         async with await self._call(credential, "POST", path, data, headers) as response:
             if response.content_type == "application/json":  # an error body with status 200 instead of a stream
-                raise self._failure(response.status, await read_kimi_json(response), None)
+                raise self._error_for(response.status, await read_kimi_json(response), None)
             try:
                 async for data in response.content.iter_any():
                     yield data
@@ -1300,7 +1325,7 @@ class SSEDecoder:
 
 
 # ---------------------------------------------------------------------------------------------
-# The legacy dialect (kimi.moonshot.cn): REST + server-sent events
+# §6 The legacy dialect (kimi.moonshot.cn): REST + server-sent events
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1394,7 +1419,7 @@ class LegacyKimi(KimiHTTP):
         async with await self._send("GET", "/api/user", headers) as response:
             user = await read_kimi_json(response)
         if response.status >= 500 or response.status == 429:
-            raise self._refusal(response, user)
+            raise self._error_for_response(response, user)
         user_id = user.get("id") if isinstance(user, dict) else None
         if response.status >= 300 or not isinstance(user_id, str) or not user_id:
             raise TokenRejected()
@@ -1405,7 +1430,7 @@ class LegacyKimi(KimiHTTP):
     def _is_auth_failure(self, status: int, body: object) -> bool:
         return status == 401 or (isinstance(body, dict) and body.get("error_type") == "auth.token.invalid")
 
-    def _failure(self, status: int, body: object, retry_after: str | None) -> ProxyError:
+    def _error_for(self, status: int, body: object, retry_after: str | None) -> ProxyError:
         return from_legacy_failure(status, body, retry_after)
 
     async def _check_research_quota(self, credential: str) -> None:
@@ -1511,7 +1536,7 @@ def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Connect-RPC dialect (www.kimi.com): framed JSON over HTTP
+# §7 The Connect dialect (www.kimi.com), on the wire: framing, uploads, errors, citations, events
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1529,229 +1554,6 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 EXPIRED_ACCESS_TOKEN = ("Kimi rejected this access token (kimi-auth) or it has expired, and an access token "
                         "cannot be renewed: send a fresh kimi-auth value, or your refresh_token so that the "
                         "proxy can renew access by itself")
-
-
-class UploadPathMissing(Exception):
-    """Kimi has no /apiv2-files/ upload here (404): the older pre-sign flow is used instead."""
-
-
-class ConnectKimi(KimiHTTP):
-    """Kimi's current dialect (www.kimi.com): Connect-RPC with 5-byte framed JSON messages.
-    The client may send a refresh token or an access token (the kimi-auth value)."""
-
-    chat_ids = UUID
-    chat_id_shape = "a UUID"
-
-    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
-                 store: TokenStore) -> None:
-        super().__init__(session, config, fetcher, store)
-        self._auth_base = config.kimi_auth_url
-        self._headers = {**self._headers, hdrs.REFERER: self._base + "/"}
-        self._parents = BoundedMap()       # chat id -> last assistant message id
-        self._catalog: Catalog | None = None
-        self._catalog_until = 0.0
-        self._catalog_lock = asyncio.Lock()
-        self._refresh_route: str | None = None  # "rpc" or "rest", once one has answered
-        self._presigned_uploads = False         # the /apiv2-files/ upload answered 404
-
-    async def model_ids(self, credential: str | None = None) -> list[str]:
-        return (await self._current_catalog(credential)).model_ids()
-
-    async def check_token(self, credential: str) -> bool:
-        try:
-            answer = await self._rpc(credential, SUBSCRIPTION_RPC, {})
-        except TokenRejected:
-            return False
-        return isinstance(answer, dict) and bool(answer.get("subscription"))
-
-    async def converse(self, credential: str, question: "Question") -> AsyncIterator[list[Event]]:
-        await self.tokens.get(credential)  # a token Kimi refuses fails here, not in the catalog call
-        catalog = await self._current_catalog(credential)
-        files = await self.upload_all(credential, question, None)
-        chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files)
-        request = frame_message(orjson.dumps(chat))
-        if question.chat_id:
-            yield [Event(CHAT, question.chat_id)]  # a continued chat's stream need not name it
-        for attempt in range(2):
-            state = ConnectState(silent=question.silent, chat_id=question.chat_id)
-            try:
-                async with aclosing(self._stream_chat(credential, request, state)) as batches:
-                    async for batch in batches:
-                        yield batch
-            except StreamUnauthenticated:
-                # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
-                if state.answered or attempt == 1 or is_access_token(credential):
-                    raise self._rejected(credential) from None
-                self.tokens.discard(credential)
-                continue
-            finally:
-                # for the chat's next turn (a kept chat's, or a repair); the consumer may stop
-                # reading at DONE, so this cannot wait until after the loop
-                if state.chat_id and state.message_id:
-                    self._parents[state.chat_id] = state.message_id
-            return
-
-    async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
-        decoder = FrameDecoder()
-
-        def to_events(data: bytes):
-            for flags, payload in decoder.feed(data):
-                yield from from_connect_frame(flags, payload, state)
-                if state.ended:
-                    return
-
-        async with aclosing(self._stream(credential, CHAT_RPC, request, {
-                hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})) as reads:
-            async with aclosing(self._read_events(reads, to_events, lambda: state.ended)) as batches:
-                async for batch in batches:
-                    yield batch
-        yield from_connect_ending(state)
-
-    async def _rpc(self, credential: str, path: str, body: dict) -> object:
-        async with await self._call(credential, "POST", path, json_body(body), {CONNECT_PROTOCOL_VERSION: "1"}) as answer:
-            return await read_kimi_json(answer)
-
-    async def _delete(self, credential: str, chat_id: str) -> None:
-        self._parents.pop(chat_id, None)
-        await self._rpc(credential, DELETE_CHAT_RPC, {"chat_id": chat_id})
-
-    # -- models --------------------------------------------------------------------------------------
-
-    async def _current_catalog(self, credential: str | None) -> "Catalog":
-        """Kimi's model catalog, fetched at most every 5 minutes; the built-in one when Kimi fails."""
-        loop = asyncio.get_running_loop()
-        async with self._catalog_lock:
-            if self._catalog is None or loop.time() >= self._catalog_until:
-                self._catalog = await self._fetch_catalog(credential) or self._catalog or Catalog.from_rpc(FALLBACK_CATALOG)
-                self._catalog_until = loop.time() + CATALOG_TTL
-            return self._catalog
-
-    async def _fetch_catalog(self, credential: str | None) -> "Catalog | None":
-        """The web app asks with the user's authorization; without a token at hand, anonymously."""
-        headers = self._headers
-        if credential:
-            try:
-                headers = (await self.tokens.get(credential)).headers
-            except ProxyError:
-                pass  # the request itself will say what is wrong with the token
-        try:
-            async with await self._send("POST", MODELS_RPC, {**headers, CONNECT_PROTOCOL_VERSION: "1"},
-                                        b"{}") as response:
-                answer = await read_kimi_json(response) if response.status == 200 else None
-        except ProxyError:
-            answer = None
-        catalog = Catalog.from_rpc(answer) if isinstance(answer, dict) else None
-        if catalog is None:
-            log.warning("could not read Kimi's model catalog; using the built-in one")
-        return catalog
-
-    # -- tokens --------------------------------------------------------------------------------------
-
-    async def _grant(self, credential: str) -> Grant:
-        now_wall, now_loop = time.time(), asyncio.get_running_loop().time()
-        if is_access_token(credential):
-            claims = jwt_claims(credential)
-            exp = claims.get("exp")
-            if isinstance(exp, (int, float)) and exp <= now_wall:
-                raise self._rejected(credential)
-            until = now_loop + (exp - now_wall if isinstance(exp, (int, float)) else ACCESS_TOKEN_DEFAULT_LIFETIME)
-            return self._new_grant(credential, str(claims.get("sub", "")), until)
-        async with self._refresh_tokens.renewing(credential) as refresh_token:
-            access_token, rotated = await self._renew(refresh_token)
-            self._refresh_tokens.save(credential, rotated)
-        log.debug("renewed a Kimi access token")
-        return self._new_grant(access_token, str(jwt_claims(access_token).get("sub", "")),
-                               renewal_time(access_token, now_wall, now_loop))
-
-    async def _renew(self, refresh_token: str) -> tuple[str, str]:
-        """(access token, next refresh token) from the 2026 RefreshToken RPC, or from the older
-        REST endpoint where the RPC does not exist; the route that worked is remembered."""
-        if self._refresh_route != "rest":
-            renewed = await self._refresh_by_rpc(refresh_token)
-            if renewed is not None:
-                if self._refresh_route is None:
-                    self._refresh_route = "rpc"
-                    log.info("renewing Kimi tokens at %s%s", self._auth_base, REFRESH_RPC)
-                return renewed
-            if self._refresh_route != "rest":
-                self._refresh_route = "rest"
-                log.warning("Kimi has no RefreshToken RPC at %s: renewing tokens at %s/api/auth/token/refresh",
-                            self._auth_base, self._base)
-        return await self._exchange(refresh_token)
-
-    async def _refresh_by_rpc(self, refresh_token: str) -> tuple[str, str] | None:
-        headers = {**self._headers, CONNECT_PROTOCOL_VERSION: "1"}
-        async with await self._send("POST", self._auth_base + REFRESH_RPC, headers,
-                                    json_body({"refresh_token": refresh_token})) as response:
-            body = await read_kimi_json(response)
-        if response.status in (404, 405) or connect_error_code(body) == "unimplemented":
-            return None
-        return self._renewed(response, body, refresh_token)
-
-    def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
-        headers = super()._auth_headers(access_token, user_id)
-        claims = jwt_claims(access_token)
-        for header, claim in ((X_MSH_DEVICE_ID, "device_id"), (X_MSH_SESSION_ID, "ssid")):
-            if isinstance(claims.get(claim), str):
-                headers[header] = claims[claim]
-        return headers
-
-    def _is_auth_failure(self, status: int, body: object) -> bool:
-        return status == 401 or connect_error_code(body) == "unauthenticated"
-
-    def _failure(self, status: int, body: object, retry_after: str | None) -> ProxyError:
-        error = body.get("error", body) if isinstance(body, dict) else None
-        return from_connect_error(error if isinstance(error, dict) else {"code": f"http_{status}"},
-                                  retry_after_seconds(retry_after), status)
-
-    def _rejected(self, credential: str) -> TokenRejected:
-        return TokenRejected(EXPIRED_ACCESS_TOKEN) if is_access_token(credential) else TokenRejected()
-
-    # -- files ---------------------------------------------------------------------------------------
-
-    async def _upload(self, credential: str, attachment: "Attachment", chat_id: str | None) -> KimiFile:
-        if not self._presigned_uploads:
-            try:
-                return await self._upload_file(credential, attachment)
-            except UploadPathMissing:
-                if not self._presigned_uploads:
-                    self._presigned_uploads = True
-                    log.warning("Kimi has no %s: uploading files through /api/pre-sign-url", UPLOAD_PATH)
-        return await super()._upload(credential, attachment, chat_id)
-
-    async def _upload_file(self, credential: str, attachment: "Attachment") -> KimiFile:
-        """One multipart POST, streamed from the source; then wait until Kimi has read the file."""
-        async with self._fetcher.source(attachment) as source:
-            content_type, size, body = to_multipart(source)
-            grant = await self.tokens.get(credential)
-            headers = {**grant.headers, hdrs.CONTENT_TYPE: content_type, hdrs.CONTENT_LENGTH: str(size)}
-            with upload_failures(attachment.part):
-                async with self._session.post(self._base + UPLOAD_PATH, data=body, headers=headers,
-                                              allow_redirects=False,
-                                              timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
-                    if response.status == 404:
-                        raise UploadPathMissing()
-                    answer = await read_kimi_json(not_a_web_page(response))
-        if self._is_auth_failure(response.status, answer):
-            self.tokens.discard_if_current(credential, grant)
-            raise self._rejected(credential)
-        if response.status >= 300:
-            raise self._refusal(response, answer)
-        file = answer.get("file") if isinstance(answer, dict) else None
-        if not isinstance(file, dict) or not isinstance(file.get("id"), str) or not file["id"]:
-            raise upstream_error(f"Kimi did not accept '{attachment.part}'")
-        await self._wait_until_read(credential, file["id"], attachment.part)
-        kind = "image" if source.mime.startswith("image/") else "file"
-        return KimiFile(file["id"], source.name, source.size, kind, file)
-
-    async def _parse_progress(self, credential: str, file_id: str) -> str | None:
-        answer = await self._rpc(credential, PARSE_PROGRESS_RPC, {"file_ids": [file_id]})
-        progresses = answer.get("progresses") if isinstance(answer, dict) else None
-        for progress in progresses if isinstance(progresses, list) else ():
-            if isinstance(progress, dict) and progress.get("fileId", progress.get("file_id")) == file_id:
-                status = progress.get("status")
-                return PARSE_STATUSES.get(status) if isinstance(status, (str, int)) else None
-        return None
 
 
 def to_multipart(source: FileBytes) -> tuple[str, int, AsyncIterator[bytes]]:
@@ -2067,7 +1869,9 @@ def from_connect_ending(state: ConnectState) -> list[Event]:
     return [Event(TEXT, rest), DONE_EVENT] if rest else [DONE_EVENT]
 
 
-# -- the connect model catalog --------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# §8 The Connect dialect: the model catalog, the Chat request, the client
+# ---------------------------------------------------------------------------------------------
 
 
 NO_REASONING = "REASONING_EFFORT_NONE"
@@ -2227,11 +2031,231 @@ def to_connect_chat(question: "Question", catalog: Catalog, parent_id: str | Non
     return chat
 
 
+class UploadPathMissing(Exception):
+    """Kimi has no /apiv2-files/ upload here (404): the older pre-sign flow is used instead."""
+
+
+class ConnectKimi(KimiHTTP):
+    """Kimi's current dialect (www.kimi.com): Connect-RPC with 5-byte framed JSON messages.
+    The client may send a refresh token or an access token (the kimi-auth value)."""
+
+    chat_ids = UUID
+    chat_id_shape = "a UUID"
+    json_headers = {CONNECT_PROTOCOL_VERSION: "1"}
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
+                 store: TokenStore) -> None:
+        super().__init__(session, config, fetcher, store)
+        self._auth_base = config.kimi_auth_url
+        self._headers = {**self._headers, hdrs.REFERER: self._base + "/"}
+        self._parents = BoundedMap()       # chat id -> last assistant message id
+        self._catalog: Catalog | None = None
+        self._catalog_until = 0.0
+        self._catalog_lock = asyncio.Lock()
+        self._refresh_route: str | None = None  # "rpc" or "rest", once one has answered
+        self._presigned_uploads = False         # the /apiv2-files/ upload answered 404
+
+    async def model_ids(self, credential: str | None = None) -> list[str]:
+        return (await self._current_catalog(credential)).model_ids()
+
+    async def check_token(self, credential: str) -> bool:
+        try:
+            answer = await self._json_call(credential, "POST", SUBSCRIPTION_RPC, {})
+        except TokenRejected:
+            return False
+        return isinstance(answer, dict) and bool(answer.get("subscription"))
+
+    async def converse(self, credential: str, question: "Question") -> AsyncIterator[list[Event]]:
+        await self.tokens.get(credential)  # a token Kimi refuses fails here, not in the catalog call
+        catalog = await self._current_catalog(credential)
+        files = await self.upload_all(credential, question, None)
+        chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files)
+        request = frame_message(orjson.dumps(chat))
+        if question.chat_id:
+            yield [Event(CHAT, question.chat_id)]  # a continued chat's stream need not name it
+        for attempt in range(2):
+            state = ConnectState(silent=question.silent, chat_id=question.chat_id)
+            try:
+                async with aclosing(self._stream_chat(credential, request, state)) as batches:
+                    async for batch in batches:
+                        yield batch
+            except StreamUnauthenticated:
+                # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
+                if state.answered or attempt == 1 or is_access_token(credential):
+                    raise self._token_rejection(credential) from None
+                self.tokens.discard(credential)
+                continue
+            finally:
+                # for the chat's next turn (a kept chat's, or a repair); the consumer may stop
+                # reading at DONE, so this cannot wait until after the loop
+                if state.chat_id and state.message_id:
+                    self._parents[state.chat_id] = state.message_id
+            return
+
+    async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
+        decoder = FrameDecoder()
+
+        def to_events(data: bytes):
+            for flags, payload in decoder.feed(data):
+                yield from from_connect_frame(flags, payload, state)
+                if state.ended:
+                    return
+
+        async with aclosing(self._stream(credential, CHAT_RPC, request, {
+                hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})) as reads:
+            async with aclosing(self._read_events(reads, to_events, lambda: state.ended)) as batches:
+                async for batch in batches:
+                    yield batch
+        yield from_connect_ending(state)
+
+    async def _delete(self, credential: str, chat_id: str) -> None:
+        self._parents.pop(chat_id, None)
+        await self._json_call(credential, "POST", DELETE_CHAT_RPC, {"chat_id": chat_id})
+
+    # -- models --------------------------------------------------------------------------------------
+
+    async def _current_catalog(self, credential: str | None) -> "Catalog":
+        """Kimi's model catalog, fetched at most every 5 minutes; the built-in one when Kimi fails."""
+        loop = asyncio.get_running_loop()
+        async with self._catalog_lock:
+            if self._catalog is None or loop.time() >= self._catalog_until:
+                self._catalog = await self._fetch_catalog(credential) or self._catalog or Catalog.from_rpc(FALLBACK_CATALOG)
+                self._catalog_until = loop.time() + CATALOG_TTL
+            return self._catalog
+
+    async def _fetch_catalog(self, credential: str | None) -> "Catalog | None":
+        """The web app asks with the user's authorization; without a token at hand, anonymously."""
+        headers = self._headers
+        if credential:
+            try:
+                headers = (await self.tokens.get(credential)).headers
+            except ProxyError:
+                pass  # the request itself will say what is wrong with the token
+        try:
+            async with await self._send("POST", MODELS_RPC, {**headers, CONNECT_PROTOCOL_VERSION: "1"},
+                                        b"{}") as response:
+                answer = await read_kimi_json(response) if response.status == 200 else None
+        except ProxyError:
+            answer = None
+        catalog = Catalog.from_rpc(answer) if isinstance(answer, dict) else None
+        if catalog is None:
+            log.warning("could not read Kimi's model catalog; using the built-in one")
+        return catalog
+
+    # -- tokens --------------------------------------------------------------------------------------
+
+    async def _grant(self, credential: str) -> Grant:
+        now_wall, now_loop = time.time(), asyncio.get_running_loop().time()
+        if is_access_token(credential):
+            claims = jwt_claims(credential)
+            exp = claims.get("exp")
+            if isinstance(exp, (int, float)) and exp <= now_wall:
+                raise self._token_rejection(credential)
+            until = now_loop + (exp - now_wall if isinstance(exp, (int, float)) else ACCESS_TOKEN_DEFAULT_LIFETIME)
+            return self._new_grant(credential, str(claims.get("sub", "")), until)
+        async with self._refresh_tokens.renewing(credential) as refresh_token:
+            access_token, rotated = await self._renew(refresh_token)
+            self._refresh_tokens.save(credential, rotated)
+        log.debug("renewed a Kimi access token")
+        return self._new_grant(access_token, str(jwt_claims(access_token).get("sub", "")),
+                               renewal_time(access_token, now_wall, now_loop))
+
+    async def _renew(self, refresh_token: str) -> tuple[str, str]:
+        """(access token, next refresh token) from the 2026 RefreshToken RPC, or from the older
+        REST endpoint where the RPC does not exist; the route that worked is remembered."""
+        if self._refresh_route != "rest":
+            renewed = await self._refresh_by_rpc(refresh_token)
+            if renewed is not None:
+                if self._refresh_route is None:
+                    self._refresh_route = "rpc"
+                    log.info("renewing Kimi tokens at %s%s", self._auth_base, REFRESH_RPC)
+                return renewed
+            if self._refresh_route != "rest":
+                self._refresh_route = "rest"
+                log.warning("Kimi has no RefreshToken RPC at %s: renewing tokens at %s/api/auth/token/refresh",
+                            self._auth_base, self._base)
+        return await self._exchange(refresh_token)
+
+    async def _refresh_by_rpc(self, refresh_token: str) -> tuple[str, str] | None:
+        headers = {**self._headers, CONNECT_PROTOCOL_VERSION: "1"}
+        async with await self._send("POST", self._auth_base + REFRESH_RPC, headers,
+                                    json_body({"refresh_token": refresh_token})) as response:
+            body = await read_kimi_json(response)
+        if response.status in (404, 405) or connect_error_code(body) == "unimplemented":
+            return None
+        return self._tokens_from_renewal(response, body, refresh_token)
+
+    def _auth_headers(self, access_token: str, user_id: str) -> dict[str, str]:
+        headers = super()._auth_headers(access_token, user_id)
+        claims = jwt_claims(access_token)
+        for header, claim in ((X_MSH_DEVICE_ID, "device_id"), (X_MSH_SESSION_ID, "ssid")):
+            if isinstance(claims.get(claim), str):
+                headers[header] = claims[claim]
+        return headers
+
+    def _is_auth_failure(self, status: int, body: object) -> bool:
+        return status == 401 or connect_error_code(body) == "unauthenticated"
+
+    def _error_for(self, status: int, body: object, retry_after: str | None) -> ProxyError:
+        error = body.get("error", body) if isinstance(body, dict) else None
+        return from_connect_error(error if isinstance(error, dict) else {"code": f"http_{status}"},
+                                  retry_after_seconds(retry_after), status)
+
+    def _token_rejection(self, credential: str) -> TokenRejected:
+        return TokenRejected(EXPIRED_ACCESS_TOKEN) if is_access_token(credential) else TokenRejected()
+
+    # -- files ---------------------------------------------------------------------------------------
+
+    async def _upload(self, credential: str, attachment: "Attachment", chat_id: str | None) -> KimiFile:
+        if not self._presigned_uploads:
+            try:
+                return await self._upload_file(credential, attachment)
+            except UploadPathMissing:
+                if not self._presigned_uploads:
+                    self._presigned_uploads = True
+                    log.warning("Kimi has no %s: uploading files through /api/pre-sign-url", UPLOAD_PATH)
+        return await super()._upload(credential, attachment, chat_id)
+
+    async def _upload_file(self, credential: str, attachment: "Attachment") -> KimiFile:
+        """One multipart POST, streamed from the source; then wait until Kimi has read the file."""
+        async with self._fetcher.source(attachment) as source:
+            content_type, size, body = to_multipart(source)
+            grant = await self.tokens.get(credential)
+            headers = {**grant.headers, hdrs.CONTENT_TYPE: content_type, hdrs.CONTENT_LENGTH: str(size)}
+            with upload_failures(attachment.part):
+                async with self._session.post(self._base + UPLOAD_PATH, data=body, headers=headers,
+                                              allow_redirects=False,
+                                              timeout=aiohttp.ClientTimeout(total=UPLOAD_DEADLINE)) as response:
+                    if response.status == 404:
+                        raise UploadPathMissing()
+                    answer = await read_kimi_json(not_a_web_page(response))
+        if self._is_auth_failure(response.status, answer):
+            self.tokens.discard_if_current(credential, grant)
+            raise self._token_rejection(credential)
+        if response.status >= 300:
+            raise self._error_for_response(response, answer)
+        file = answer.get("file") if isinstance(answer, dict) else None
+        if not isinstance(file, dict) or not isinstance(file.get("id"), str) or not file["id"]:
+            raise upstream_error(f"Kimi did not accept '{attachment.part}'")
+        await self._wait_until_read(credential, file["id"], attachment.part)
+        kind = "image" if source.mime.startswith("image/") else "file"
+        return KimiFile(file["id"], source.name, source.size, kind, file)
+
+    async def _parse_progress(self, credential: str, file_id: str) -> str | None:
+        answer = await self._json_call(credential, "POST", PARSE_PROGRESS_RPC, {"file_ids": [file_id]})
+        progresses = answer.get("progresses") if isinstance(answer, dict) else None
+        for progress in progresses if isinstance(progresses, list) else ():
+            if isinstance(progress, dict) and progress.get("fileId", progress.get("file_id")) == file_id:
+                status = progress.get("status")
+                return PARSE_STATUSES.get(status) if isinstance(status, (str, int)) else None
+        return None
+
+
 DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
 
 
 # ---------------------------------------------------------------------------------------------
-# A request's use of Kimi: the token turn, the session, the strongest refusal
+# §9 A request's use of Kimi: the token turn, the session, the strongest refusal
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2262,29 +2286,26 @@ class KimiSession:
 
     async def ask(self, question: Question) -> AsyncIterator[list[Event]]:
         """The answer's neutral events, a list for each network read."""
-        if self._credential is not None:
-            async with aclosing(self._turn(self._credential, question)) as batches:
-                async for batch in batches:
-                    yield batch
-            return
-        health = self._app[TOKEN_HEALTH]
-        candidates = credentials_in_turn(self._app, self._credentials, question)
+        candidates: list[str] = []
         tried: list[str] = []
         refusals: list[ProxyError] = []
-        self._keep = question.keep
         while True:
-            try:
-                self._credential = await health.acquire(candidates, tried)
-            except NoTokenLeft:
-                raise strongest_refusal(refusals) from None
-            tried.append(self._credential)
+            handing_over = self._credential is None  # the first question: any of the tokens may answer
+            if handing_over:
+                self._keep = question.keep
+                candidates = candidates or credentials_in_turn(self._app, self._credentials, question)
+                try:
+                    self._credential = await self._app[TOKEN_HEALTH].acquire(candidates, tried)
+                except NoTokenLeft:
+                    raise strongest_refusal(refusals) from None
+                tried.append(self._credential)
             try:
                 async with aclosing(self._turn(self._credential, question)) as batches:
                     async for batch in batches:
                         yield batch
                 return
             except (TokenRejected, RateLimited) as error:
-                if self._answered:
+                if self._answered or not handing_over:
                     raise
                 log.info("Kimi refused token %s (%s); trying another", fingerprint(self._credential), error.code)
                 refusals.append(error)
@@ -2335,7 +2356,7 @@ def strongest_refusal(refusals: list[ProxyError]) -> ProxyError:
 
 
 # ---------------------------------------------------------------------------------------------
-# §9 The neutral request: what every client API's parser produces
+# §10 The neutral request: what every client API's parser produces
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2499,7 +2520,7 @@ def to_tool_use(functions: list[tuple[str, Function]], required: bool | None, on
 
 
 # ---------------------------------------------------------------------------------------------
-# §10 The neutral answer: Kimi's events become answer parts, which streams write and answers fold
+# §11 The neutral answer: Kimi's events become parts, which streams write and answers fold
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2646,7 +2667,7 @@ async def fold_answer(batches: AsyncIterator[list[Part]]) -> Answer:
 
 
 # ---------------------------------------------------------------------------------------------
-# §11 Tools and JSON answers: Kimi's web chat has no functions, so they are emulated by prompting
+# §12 Tools and JSON answers: Kimi's web chat has no functions, so they are emulated by prompting
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3028,7 +3049,7 @@ def answer_as_written(wanted: Request, reading: AnswerReading, problem: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# §12 The core: a request planned into a Kimi question, and answered as parts
+# §13 The core: a request planned into a Kimi question, and answered as parts
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3132,7 +3153,7 @@ def answer_parts(session: KimiSession, wanted: Request, question: Question) -> A
 
 
 # ---------------------------------------------------------------------------------------------
-# §13 Server-sent events: the framing, the writer, and what a client API's stream renderer provides
+# §14 Server-sent events: the framing, the writer, and what a client API's stream renderer provides
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3224,7 +3245,7 @@ class SSEStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# §14 Client API: OpenAI Chat Completions (POST /v1/chat/completions)
+# §15 Client API: OpenAI Chat Completions (POST /v1/chat/completions)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3583,7 +3604,7 @@ CHAT_COMPLETIONS = ChatCompletions()
 
 
 # ---------------------------------------------------------------------------------------------
-# §17 HTTP: requests in flight, credentials, bodies, the answer handler, small endpoints, errors, logs
+# §18 HTTP: requests in flight, credentials, bodies, the answer handler, small endpoints, errors, logs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4002,7 +4023,7 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
 
 
 # ---------------------------------------------------------------------------------------------
-# App factory
+# §19 App factory: the one session to Kimi, routes, shutdown
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4072,7 +4093,7 @@ def runner_options(config: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# main
+# §20 main
 # ---------------------------------------------------------------------------------------------
 
 
