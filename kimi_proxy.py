@@ -22,13 +22,13 @@ How a request flows, and the sections below in that order (each uses only those 
     §3  App and request keys     §13 The core: plan (Request -> Question), answer parts
     §4  Files                    §14 Server-sent events: framing, the writer, renderers
     §5  Kimi over HTTP, shared   §15 Client API: Chat Completions
-    §6  The legacy dialect       §18 HTTP: credentials, bodies, the answer handler, errors, logs
-    §7  Connect: the wire        §19 App factory
-    §8  Connect: models, client  §20 main
-    §9  A request's use of Kimi
+    §6  The legacy dialect       §17 Client API: Anthropic Messages
+    §7  Connect: the wire        §18 HTTP: credentials, bodies, the answer handler, errors, logs
+    §8  Connect: models, client  §19 App factory
+    §9  A request's use of Kimi  §20 main
     §10 The neutral request
 
-The Kimi side (§4-§9) never names a client API; a client API (§15) never names a dialect; the
+The Kimi side (§4-§9) never names a client API; a client API (§15-§17) never names a dialect; the
 core (§10-§13) names neither wire format.
 
 Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
@@ -55,6 +55,7 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     MAX_FILE_MB                largest file or image a request may attach, in MiB (100)
     FILE_PARSE_TIMEOUT         seconds Kimi may take to read an attached document (120)
     ALLOW_PRIVATE_FILE_URLS    1: fetch file URLs on private and local networks too (0)
+    CLAUDE_MODEL               the Kimi model a claude-* model name means (kimi: the default model)
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ class Config:
     max_file_mb: float = setting("MAX_FILE_MB", 100.0, as_positive)
     file_parse_timeout: float = setting("FILE_PARSE_TIMEOUT", 120.0, as_positive)
     allow_private_file_urls: bool = setting("ALLOW_PRIVATE_FILE_URLS", False, as_flag)
+    claude_model: str = setting("CLAUDE_MODEL", "kimi", as_text)  # what a claude-* model name means
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
@@ -337,7 +339,8 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_API = web.RequestKey("client_api", "ClientAPI")  # the API a request's failures are written in
 # our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
 # last response (and its headers) until the next one is answered
-X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING = map(istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering"))
+X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING, X_API_KEY, REQUEST_ID_HEADER = map(
+    istr, ("X-Request-ID", "X-Conversation-Id", "X-Accel-Buffering", "X-Api-Key", "Request-Id"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +394,18 @@ def to_attachment(kind: str, url: object, filename: object, where: str, max_byte
                       "application/octet-stream", url=url)
 
 
+def to_base64_attachment(kind: str, data: object, media_type: object, filename: object, where: str,
+                         max_bytes: int) -> Attachment:
+    """An attachment given as bare base64 and its media type (Anthropic's sources)."""
+    if not isinstance(data, str) or not isinstance(media_type, str):
+        raise bad_request(f"'{where}' needs base64 'data' and a 'media_type'", where)
+    mime = to_media_type(media_type, where)
+    name = filename if isinstance(filename, str) and filename.strip() else None
+    kind = "image" if mime.startswith("image/") else kind
+    return Attachment(where, kind, to_file_name(name, None, mime, kind), mime,
+                      data=from_base64(data, 0, where, max_bytes))
+
+
 def file_id_refused(where: str) -> ProxyError:
     return bad_request(f"'{where}': a file_id needs a Files API this server does not have; send file_data or a "
                        "file_url", where)
@@ -403,19 +418,29 @@ def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]
     found = DATA_URI_HEADER.fullmatch(uri, 0, max(comma, 0))
     if found is None:
         raise bad_request(f"'{where}' must be a base64 data URI (data:<type>;base64,...)", where)
-    mime = found[1].strip().lower() or "application/octet-stream"
+    mime = to_media_type(found[1], where)
+    return from_base64(uri, comma + 1, where, max_bytes), mime
+
+
+def to_media_type(given: str, where: str) -> str:
+    mime = given.strip().lower() or "application/octet-stream"
     if not MEDIA_TYPE.fullmatch(mime):
         raise bad_request(f"'{where}' has a media type that is not one (type/subtype)", where)
-    start = comma + 1
-    if WHITESPACE.search(uri, start):  # line-wrapped base64: rare, and worth one copy
-        uri, start = WHITESPACE.sub("", uri[start:]), 0
-    if (len(uri) - start) * 3 // 4 > max_bytes + 3:
+    return mime
+
+
+def from_base64(text: str, start: int, where: str, max_bytes: int) -> bytearray:
+    """The bytes of the base64 in `text` from `start` on, decoded piece by piece into one buffer:
+    it may be most of a large request, so it is never copied whole."""
+    if WHITESPACE.search(text, start):  # line-wrapped base64: rare, and worth one copy
+        text, start = WHITESPACE.sub("", text[start:]), 0
+    if (len(text) - start) * 3 // 4 > max_bytes + 3:
         raise file_too_large(where, max_bytes)
-    data = bytearray((len(uri) - start) // 4 * 3 - (len(uri) - len(uri.rstrip("="))))  # filled, never grown
+    data = bytearray((len(text) - start) // 4 * 3 - (len(text) - len(text.rstrip("="))))  # filled, never grown
     try:
         filled = 0
-        for offset in range(start, len(uri), BASE64_PIECE):
-            piece = binascii.a2b_base64(uri[offset:offset + BASE64_PIECE], strict_mode=True)
+        for offset in range(start, len(text), BASE64_PIECE):
+            piece = binascii.a2b_base64(text[offset:offset + BASE64_PIECE], strict_mode=True)
             data[filled:filled + len(piece)] = piece
             filled += len(piece)
     except ValueError:
@@ -424,7 +449,7 @@ def from_data_uri(uri: str, where: str, max_bytes: int) -> tuple[bytearray, str]
         raise bad_request(f"'{where}' is not valid base64", where)
     if not data:
         raise bad_request(f"'{where}' is empty", where)
-    return data, mime
+    return data
 
 
 def to_file_name(given: str | None, path: str | None, mime: str, kind: str) -> str:
@@ -2378,6 +2403,7 @@ class Turn(NamedTuple):
     calls: tuple[Call, ...] = ()    # what an assistant turn called
     call_id: str | None = None      # the call a tool turn answers
     name: str | None = None         # ...and the function that gave it, when the client says so
+    error: bool = False             # a tool turn that reports the call failed
     attachments: tuple = ()         # files and images (read in the last turn only)
     has_attachment: bool = False    # the client attached something (read or not)
 
@@ -2423,6 +2449,7 @@ class Request:
     reasoning_effort: str | None = None  # none, minimal, low, medium or high
     search: bool = False
     conversation: str | None = None    # our kept-conversation field: None, "new" or a Kimi chat id
+    stop: tuple[str, ...] = ()         # stop sequences: the answer ends before the first of them
     options: object = None             # the client API's own rendering options (opaque to the core)
 
     @property
@@ -2562,19 +2589,57 @@ class Usage(NamedTuple):
 STOP, LENGTH_FINISH, CALLS_FINISH = Finish("stop"), Finish("length"), Finish("calls")
 
 
+def new_id() -> str:
+    """24 random letters and digits: the core of an answer's, a call's or a message's id, which
+    each client API writes with its own prefix."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+
+
 def estimate_tokens(text_bytes: int) -> int:
     """One token per 4 bytes of UTF-8 (about 4 English characters, or 1.3 Chinese characters),
     rounded up."""
     return (text_bytes + 3) // 4
 
 
+def prompt_tokens(question: Question) -> int:
+    """The estimate of what Kimi is asked (the folded prompt)."""
+    return estimate_tokens(len(question.prompt.encode()))
+
+
+class StopScanner:
+    """Answer text cut before the first stop sequence. A piece that ends in what could be the
+    start of one is held back until the next piece tells."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(the text that may go out, the stop sequence that ended the answer, if one did)."""
+        text, self._held = self._held + text, ""
+        found = min(((text.find(stop), stop) for stop in self._stops if stop in text), default=None)
+        if found is not None:
+            return text[:found[0]], found[1]
+        keep = max((size for stop in self._stops for size in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if text.endswith(stop[:size])), default=0)
+        if keep:
+            text, self._held = text[:-keep], text[-keep:]
+        return text, None
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
 class AnswerTranslator:
     """Neutral events -> answer parts, shared by streaming and folding. Pure: it writes each web
-    source as its documented line (and a CITATION beside it) and counts what usage is
-    estimated from, so that it can tell the usage of an answer that was not read to its end."""
+    source as its documented line (and a CITATION beside it), ends the answer at a stop sequence,
+    and counts what usage is estimated from, so that it can tell the usage of an answer that was
+    not read to its end."""
 
-    def __init__(self, question: Question) -> None:
+    def __init__(self, question: Question, stops: tuple[str, ...] = ()) -> None:
         self._question = question
+        self._stops = StopScanner(stops) if stops else None
         self._after_source = self._truncated = False
         self._received = 0               # UTF-8 bytes of answer, thinking and source lines
         self._reasoning = 0              # ...of which thinking
@@ -2587,8 +2652,11 @@ class AnswerTranslator:
             if kind == TEXT:
                 text = "\n" + event.text if self._after_source else event.text
                 self._after_source = False
-                self._received += len(text.encode())
-                parts.append(Part(TEXT, text))
+                if self._stops is not None:
+                    text, stop = self._stops.feed(text)
+                    if stop is not None:
+                        return parts + self._text(text) + self._end(Finish("stop_sequence", stop))
+                parts += self._text(text)
             elif kind == REASONING:
                 size = len(event.text.encode())
                 self._received += size
@@ -2605,21 +2673,30 @@ class AnswerTranslator:
                 if self._question.keep:
                     parts.append(Part(CHAT, event.text))
             elif kind == DONE:
-                self.finished = True
-                parts += [Part(FINISH, LENGTH_FINISH if self._truncated else STOP), Part(USAGE, self.usage())]
-                break
+                held = self._stops.flush() if self._stops is not None else ""
+                return parts + self._text(held) + self._end(LENGTH_FINISH if self._truncated else STOP)
         return parts
+
+    def _text(self, text: str) -> list[Part]:
+        if not text:
+            return []
+        self._received += len(text.encode())
+        return [Part(TEXT, text)]
+
+    def _end(self, finish: Finish) -> list[Part]:
+        self.finished = True
+        return [Part(FINISH, finish), Part(USAGE, self.usage())]
 
     def usage(self) -> Usage:
         """The estimate for what has been read so far."""
-        return Usage(estimate_tokens(len(self._question.prompt.encode())), estimate_tokens(self._received),
-                     estimate_tokens(self._reasoning))
+        return Usage(prompt_tokens(self._question), estimate_tokens(self._received), estimate_tokens(self._reasoning))
 
 
-async def to_answer_parts(batches: AsyncIterator[list[Event]], question: Question) -> AsyncIterator[list[Part]]:
+async def to_answer_parts(batches: AsyncIterator[list[Event]], question: Question,
+                          stops: tuple[str, ...] = ()) -> AsyncIterator[list[Part]]:
     """The answer's parts, a list for each list of events (a dialect ends an answer with DONE or
-    raises)."""
-    translator = AnswerTranslator(question)
+    raises); at a stop sequence, Kimi's answer is closed unread."""
+    translator = AnswerTranslator(question, stops)
     async with aclosing(batches):  # ending here ends the attempt too, so its chat goes at once
         async for batch in batches:
             parts = translator.parts_of(batch)
@@ -2710,9 +2787,13 @@ def to_call_block(call: Call) -> str:
     return f"<tool_call>\n{orjson.dumps({'name': call.name, 'arguments': arguments or {}}).decode()}\n</tool_call>"
 
 
-def to_tool_result(name: str | None, text: str) -> str:
-    """A function's result, verbatim, with the name of the function that gave it."""
-    return f'<tool_result name="{name}">\n{text}\n</tool_result>' if name is not None else text
+def to_tool_result(name: str | None, text: str, error: bool = False) -> str:
+    """A function's result, verbatim, with the name of the function that gave it (and whether the
+    call failed, where the client says so)."""
+    if name is None:
+        return text
+    failed = ' error="true"' if error else ""
+    return f'<tool_result name="{name}"{failed}>\n{text}\n</tool_result>'
 
 
 BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark -> closing mark
@@ -2821,12 +2902,7 @@ def to_tool_call(block: str, tools: ToolUse) -> tuple[Call | None, str | None]:
         schema_problem(arguments, tools.functions[name].parameters)
     if problem:
         return None, f"the arguments of {name}: {problem}"
-    return Call(new_call_id(), name, orjson.dumps(arguments).decode()), None
-
-
-def new_call_id() -> str:
-    """The random part of a call's id (each client API writes it with its own prefix)."""
-    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+    return Call(new_id(), name, orjson.dumps(arguments).decode()), None
 
 
 JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
@@ -2905,6 +2981,7 @@ class AnswerReading:
 
     def __init__(self, wanted: Request, live: bool) -> None:
         self.scanner = CallScanner(wanted.tools.parallel) if wanted.tools else None
+        self.stops = wanted.stop
         self.live = live
         self._text: list[str] = []
         self.prose = ""          # the text before the first block (all of it when there is none)
@@ -3025,7 +3102,7 @@ async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
                       reading: AnswerReading) -> AsyncIterator[list[Part]]:
     """Read one answer into `reading`, passing on what may go out at once. Once text follows the
     last call, Kimi's answer is closed unread: nothing after it is used."""
-    translator = AnswerTranslator(question)
+    translator = AnswerTranslator(question, reading.stops)
     async with aclosing(batches):
         async for batch in batches:
             out = reading.take(translator.parts_of(batch))
@@ -3111,7 +3188,7 @@ def to_kimi_turns(turns: tuple[Turn, ...], kimi: KimiHTTP) -> list[KimiTurn]:
                 called[call.id] = call.name
             text = "\n".join(filter(None, [text, *map(to_call_block, turn.calls)]))
         elif turn.role == "tool":
-            text = to_tool_result(called.get(turn.call_id) or turn.name, text)
+            text = to_tool_result(called.get(turn.call_id) or turn.name, text, turn.error)
         kimi_turns.append(KimiTurn(turn.role, text, turn.has_attachment))
     return kimi_turns
 
@@ -3148,7 +3225,7 @@ def answer_parts(session: KimiSession, wanted: Request, question: Question) -> A
     """The parts of the answer to a planned request: Kimi's answer as it comes, or, with tools or
     a JSON format, as checked (and repaired)."""
     if wanted.tools is None and wanted.json_format is None:
-        return to_answer_parts(session.ask(question), question)
+        return to_answer_parts(session.ask(question), question, wanted.stop)
     return checked_answer_parts(session, wanted, question)
 
 
@@ -3262,7 +3339,8 @@ class ClientAPI:
     def prepare(self, wanted: Request, app: web.Application) -> Request:
         return wanted
 
-    def stream(self, wanted: Request) -> AnswerStream:
+    def stream(self, wanted: Request, input_tokens: int) -> AnswerStream:
+        """The renderer of a streamed answer (`input_tokens`: the estimate of what Kimi is asked)."""
         raise NotImplementedError
 
     def to_body(self, answer: Answer, wanted: Request) -> dict:
@@ -3590,7 +3668,7 @@ class ChatCompletions(ClientAPI):
     def parse(self, body: dict, limits: Limits) -> Request:
         return parse_chat(body, limits)
 
-    def stream(self, wanted: Request) -> AnswerStream:
+    def stream(self, wanted: Request, input_tokens: int) -> AnswerStream:
         return ChatStream(wanted)
 
     def to_body(self, answer: Answer, wanted: Request) -> dict:
@@ -3601,6 +3679,402 @@ class ChatCompletions(ClientAPI):
 
 
 CHAT_COMPLETIONS = ChatCompletions()
+
+
+# ---------------------------------------------------------------------------------------------
+# §17 Client API: Anthropic Messages (POST /v1/messages, for Claude Code and the anthropic SDKs)
+# ---------------------------------------------------------------------------------------------
+
+
+class MessagesOptions(NamedTuple):
+    thinking: bool  # thinking blocks go out: the client enabled thinking and did not ask to omit it
+
+
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's metadata in `system`, not instructions
+ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def parse_messages(body: dict, limits: Limits) -> Request:
+    """Validate an Anthropic Messages request. Lenient as Claude Code needs: unknown fields, tool
+    keys and content blocks are accepted (it sends new ones every month), thinking blocks and
+    signatures in the history are dropped unread. Raises a 400 ProxyError naming the field."""
+    typed_field(body, "max_tokens", int)  # required by Anthropic, and meaningless for Kimi
+    messages = count_turns(body.get("messages"), "messages", limits)
+    references = tool_references(messages)
+    tools, search = to_messages_tools(body, references)
+    turns = (*to_system_turns(body.get("system"), "system"), *to_messages_turns(messages, limits))
+    conversation = conversation_field(body)
+    check_last_turn(turns, conversation, "messages")
+    reasoning, effort, shown = to_messages_thinking(body)
+    stop = typed_field(body, "stop_sequences", list) or []
+    if not all(isinstance(sequence, str) for sequence in stop):
+        raise bad_request("'stop_sequences' must be an array of strings", "stop_sequences")
+    return Request(model=model_name(body.get("model")), turns=turns, stream=bool(typed_field(body, "stream", bool)),
+                   tools=tools, json_format=to_messages_format(body), reasoning=reasoning, reasoning_effort=effort,
+                   search=search, conversation=conversation, stop=tuple(filter(None, stop)),
+                   options=MessagesOptions(thinking=shown))
+
+
+def to_messages_thinking(body: dict) -> tuple[bool, str | None, bool]:
+    """(thinking asked for, its effort, thinking shown) from `thinking` and `output_config.effort`:
+    enabled and adaptive ask Kimi to think, disabled asks it not to; `display: "omitted"` hides
+    what it thinks. Unknown types and displays are accepted and mean nothing."""
+    thinking = typed_field(body, "thinking", dict) or {}
+    kind = thinking.get("type")
+    config = typed_field(body, "output_config", dict) or {}
+    effort = ANTHROPIC_EFFORTS.get(config.get("effort")) if isinstance(config.get("effort"), str) else None
+    if kind == "disabled":
+        return False, "none", False
+    if kind not in ("enabled", "adaptive"):
+        return False, effort, False
+    budget = thinking.get("budget_tokens")
+    if effort is None and isinstance(budget, int) and not isinstance(budget, bool):
+        effort = "low" if budget <= 4096 else "medium" if budget <= 16384 else "high"
+    return True, effort, thinking.get("display") != "omitted"
+
+
+def to_messages_format(body: dict) -> JsonFormat | None:
+    """`output_config.format` (and the older `output_format`): a JSON schema the answer must fit."""
+    config = typed_field(body, "output_config", dict) or {}
+    spec = config.get("format") if config.get("format") is not None else body.get("output_format")
+    if spec is None:
+        return None
+    where = "output_config.format" if config.get("format") is not None else "output_format"
+    if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(spec.get("schema"), dict):
+        raise bad_request(f"'{where}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}", where)
+    return JsonFormat(spec["schema"])
+
+
+def tool_references(messages: list) -> set[str]:
+    """The tools that tool search has named in the history (`tool_reference` blocks): deferred
+    tools are described to Kimi only once named."""
+    found = set()
+    for message in messages:
+        for block in blocks_of(message):
+            for inner in blocks_of(block) if block.get("type") == "tool_result" else ():
+                if inner.get("type") == "tool_reference" and isinstance(inner.get("tool_name"), str):
+                    found.add(inner["tool_name"])
+    return found
+
+
+def blocks_of(holder: object) -> list[dict]:
+    """The content blocks of a message or a tool result (a string content is one text block)."""
+    content = holder.get("content") if isinstance(holder, dict) else None
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [block for block in content if isinstance(block, dict)] if isinstance(content, list) else []
+
+
+def to_messages_tools(body: dict, references: set[str]) -> tuple[ToolUse | None, bool]:
+    """(the client's tools, whether a web-search server tool turns Kimi's search on). Other
+    server tools are left out (with a log line); a deferred tool waits for a reference."""
+    entries = typed_field(body, "tools", list) or []
+    functions, search = [], False
+    for index, entry in enumerate(entries):
+        where = f"tools[{index}]"
+        if not isinstance(entry, dict):
+            raise bad_request(f"'{where}' must be an object", where)
+        kind = entry.get("type")
+        if kind not in (None, "custom"):  # Anthropic's own tools: web_search_20250305, bash_20250124, ...
+            searches = isinstance(kind, str) and kind.startswith("web_search")
+            search = search or searches
+            if not searches:
+                log.info("leaving out the server tool %s: Kimi's web chat cannot run it", loggable(str(kind), 64))
+            continue
+        if entry.get("defer_loading") is True and entry.get("name") not in references:
+            continue
+        functions.append((where, to_function(entry.get("name"), entry.get("description"), entry.get("input_schema"),
+                                             where)))
+    choice = typed_field(body, "tool_choice", dict) or {"type": "auto"}
+    kind = choice.get("type")
+    if kind not in ("auto", "any", "tool", "none") or (kind == "tool" and not isinstance(choice.get("name"), str)):
+        raise bad_request("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"none\"} or "
+                          "{\"type\": \"tool\", \"name\": ...}", "tool_choice")
+    required = None if kind == "none" else kind in ("any", "tool")
+    parallel = choice.get("disable_parallel_tool_use") is not True
+    return to_tool_use(functions, required, choice.get("name") if kind == "tool" else None, parallel,
+                       "tool_choice"), search
+
+
+def to_system_turns(system: object, where: str) -> tuple[Turn, ...]:
+    """`system` (a string or text blocks) as one system turn; Claude Code's billing line is left out."""
+    if system is None:
+        return ()
+    if isinstance(system, str):
+        texts = [system]
+    elif isinstance(system, list):
+        texts = [block.get("text") for block in system if isinstance(block, dict) and block.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise bad_request(f"'{where}' text blocks must hold a string 'text'", where)
+    else:
+        raise bad_request(f"'{where}' must be a string or an array of text blocks", where)
+    texts = [text for text in texts if text and not text.startswith(BILLING_HEADER)]
+    return (Turn("system", "\n".join(texts), where),) if texts else ()
+
+
+def to_messages_turns(messages: list, limits: Limits) -> list[Turn]:
+    turns: list[Turn] = []
+    for index, message in enumerate(messages):
+        turns += to_message_turns(message, index, index == len(messages) - 1, limits.max_file_bytes)
+    return turns
+
+
+def to_message_turns(message: object, index: int, is_last: bool, max_bytes: int) -> list[Turn]:
+    """One message as turns: a user message's tool results come first, one turn each, then its
+    text (with its files, read in the last message only)."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+        raise bad_request(f"'{where}.role' must be user, assistant or system", f"{where}.role")
+    role, content = message["role"], message.get("content")
+    if not isinstance(content, (str, list)):
+        raise bad_request(f"'{where}.content' must be a string or an array of content blocks", f"{where}.content")
+    if role == "system":
+        return list(to_system_turns(content, f"{where}.content"))
+    texts, calls, results, attachments, has_attachment = [], [], [], [], False
+    for block_index, block in enumerate(blocks_of(message)):
+        block_where = f"{where}.content[{block_index}]"
+        kind = block.get("type")
+        if kind == "tool_use" and role == "assistant":
+            calls.append(to_history_use(block, block_where))
+        elif kind == "tool_result" and role == "user":
+            result, found = to_tool_result_turn(block, block_where, is_last, max_bytes)
+            results.append(result)
+            attachments += found
+        elif kind in ("image", "document"):
+            has_attachment = True
+            read = to_messages_attachment(block, block_where, is_last, max_bytes)
+            texts += [read] if isinstance(read, str) else []
+            attachments += [read] if isinstance(read, Attachment) else []
+        else:
+            texts += filter(None, [to_block_text(block, block_where)])
+    turns = results
+    if texts or calls or role == "assistant" or not results:
+        turns.append(Turn(role, "\n".join(texts), where, calls=tuple(calls)))
+    turns[-1] = turns[-1]._replace(attachments=tuple(attachments), has_attachment=has_attachment or bool(attachments))
+    return turns
+
+
+def to_block_text(block: dict, where: str) -> str | None:
+    """What a block that is neither a file nor a call says, as text. Thinking and the blocks of
+    Anthropic's own server tools say nothing; unknown blocks are accepted and left out."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        if not isinstance(text, str):
+            raise bad_request(f"'{where}.text' must be a string", where)
+        return text
+    if kind == "search_result":
+        inner = "\n".join(filter(None, (to_block_text(b, where) for b in blocks_of(block))))
+        return "\n".join(filter(None, [block.get("title") if isinstance(block.get("title"), str) else None, inner]))
+    if kind == "tool_reference" and isinstance(block.get("tool_name"), str):
+        return f"The tool {block['tool_name']} is now available."
+    return None
+
+
+def to_history_use(block: dict, where: str) -> Call:
+    """A tool_use block of the history: the call, under the id its result names."""
+    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        raise bad_request(f"'{where}' must have a string 'id' and 'name'", where)
+    return Call(call_id, name, orjson.dumps(arguments).decode())
+
+
+def to_tool_result_turn(block: dict, where: str, is_last: bool, max_bytes: int) -> tuple[Turn, list[Attachment]]:
+    """A tool_result block as a tool turn (its images become files of the last message)."""
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str):
+        raise bad_request(f"'{where}.tool_use_id' must be a string", f"{where}.tool_use_id")
+    texts, attachments = [], []
+    for inner_index, inner in enumerate(blocks_of(block)):
+        inner_where = f"{where}.content[{inner_index}]"
+        if inner.get("type") in ("image", "document"):
+            read = to_messages_attachment(inner, inner_where, is_last, max_bytes)
+            texts += [read] if isinstance(read, str) else []
+            attachments += [read] if isinstance(read, Attachment) else []
+        else:
+            texts += filter(None, [to_block_text(inner, inner_where)])
+    return Turn("tool", "\n".join(texts), where, call_id=call_id, error=block.get("is_error") is True), attachments
+
+
+def to_messages_attachment(block: dict, where: str, is_last: bool, max_bytes: int) -> Attachment | str | None:
+    """An image or document block: a file for Kimi (in the last message; earlier ones Kimi has
+    seen or does not need), or, for a plain-text document, its text."""
+    source = block.get("source")
+    kind = "image" if block.get("type") == "image" else "file"
+    source_type = source.get("type") if isinstance(source, dict) else None
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    if source_type == "text":
+        text = source.get("data")
+        return "\n".join(filter(None, [title, text if isinstance(text, str) else None]))
+    if source_type == "content":
+        return "\n".join(filter(None, [title, *(to_block_text(b, where) for b in blocks_of(source))]))
+    if not is_last:
+        return None
+    if source_type == "base64":
+        return to_base64_attachment(kind, source.get("data"), source.get("media_type"), title, where, max_bytes)
+    if source_type == "url":
+        return to_attachment(kind, source.get("url"), title, where, max_bytes)
+    if source_type == "file":
+        raise file_id_refused(where)
+    raise bad_request(f"'{where}.source' must be base64, url, text or content", f"{where}.source")
+
+
+def thinking_signature(thinking: str) -> str:
+    """Kimi signs no thinking: a non-empty, plainly made-up value in its place (a history that holds
+    it cannot move to Anthropic's own API with its thinking blocks)."""
+    return "kimi-proxy." + hashlib.sha256(thinking.encode()).hexdigest()[:32]
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "calls": "tool_use", "stop_sequence": "stop_sequence"}
+
+
+def to_messages_usage(usage: Usage) -> dict:
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+class MessagesStream(AnswerStream):
+    """Answer parts -> Anthropic's events: message_start, then content blocks one at a time with
+    increasing indices (thinking, text, tool_use), then message_delta and message_stop; an error
+    ends the stream with an error event and nothing after it."""
+
+    KEEPALIVE = sse_event({"type": "ping"}, "ping")
+
+    def __init__(self, wanted: Request, input_tokens: int) -> None:
+        super().__init__()
+        self._options: MessagesOptions = wanted.options
+        self._message = {"id": "msg_" + new_id(), "type": "message", "role": "assistant", "model": wanted.model}
+        self._open: str | None = None    # the kind of the block open now
+        self._index = -1                 # the index of the last block started
+        self._thinking: list[str] = []   # what the open thinking block holds, for its signature
+        self._finish = STOP
+        self._usage = Usage(input_tokens, 0)
+        self._failed = False
+
+    def kept(self, chat_id: str) -> None:
+        super().kept(chat_id)
+        self._message["conversation_id"] = chat_id
+
+    def opening(self) -> bytes:
+        message = {**self._message, "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": to_messages_usage(self._usage)}
+        return sse_event({"type": "message_start", "message": message}, "message_start")
+
+    def feed(self, parts: list[Part]) -> bytes:
+        out = []
+        for kind, value in parts:
+            if kind == TEXT and value:
+                out += self._into("text", {"type": "text", "text": ""})
+                out.append(self._delta({"type": "text_delta", "text": value}))
+            elif kind == REASONING and value and self._options.thinking:
+                out += self._into("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                self._thinking.append(value)
+                out.append(self._delta({"type": "thinking_delta", "thinking": value}))
+            elif kind == CALLS:
+                for call in value:
+                    out += self._into("tool_use", {"type": "tool_use", "id": "toolu_" + call.id, "name": call.name,
+                                                   "input": {}})
+                    out.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
+                    out += self._close()
+            elif kind == FINISH:
+                out += self._close()
+                self._finish = value
+            elif kind == USAGE:
+                self._usage = value
+            elif kind == CHAT:
+                self.kept(value)
+        return b"".join(out)
+
+    def error(self, error: ProxyError) -> bytes:
+        self._failed = True
+        return sse_event(anthropic_error(error)[1], "error")
+
+    def end(self) -> bytes:
+        if self._failed:
+            return b""
+        delta = {"type": "message_delta", "delta": {"stop_reason": STOP_REASONS[self._finish.reason],
+                                                    "stop_sequence": self._finish.stop_sequence},
+                 "usage": to_messages_usage(self._usage)}
+        if "conversation_id" in self._message:
+            delta["conversation_id"] = self._message["conversation_id"]
+        return b"".join([*self._close(), sse_event(delta, "message_delta"),
+                         sse_event({"type": "message_stop"}, "message_stop")])
+
+    def _into(self, kind: str, block: dict) -> list[bytes]:
+        """Start a block of this kind unless one is open (a tool_use block is never continued)."""
+        if self._open == kind and kind != "tool_use":
+            return []
+        out = self._close()
+        self._open, self._index = kind, self._index + 1
+        return out + [sse_event({"type": "content_block_start", "index": self._index, "content_block": block},
+                                "content_block_start")]
+
+    def _delta(self, delta: dict) -> bytes:
+        return sse_event({"type": "content_block_delta", "index": self._index, "delta": delta}, "content_block_delta")
+
+    def _close(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        out = []
+        if self._open == "thinking":
+            out.append(self._delta({"type": "signature_delta", "signature": thinking_signature("".join(self._thinking))}))
+            self._thinking = []
+        self._open = None
+        return out + [sse_event({"type": "content_block_stop", "index": self._index}, "content_block_stop")]
+
+
+def to_messages_body(answer: Answer, wanted: Request) -> dict:
+    options: MessagesOptions = wanted.options
+    content: list[dict] = []
+    if answer.reasoning and options.thinking:
+        content.append({"type": "thinking", "thinking": answer.reasoning,
+                        "signature": thinking_signature(answer.reasoning)})
+    if answer.text:
+        content.append({"type": "text", "text": answer.text})
+    content += [{"type": "tool_use", "id": "toolu_" + call.id, "name": call.name,
+                 "input": orjson.Fragment(call.arguments.encode())} for call in answer.calls]
+    body = {"id": "msg_" + new_id(), "type": "message", "role": "assistant", "model": wanted.model, "content": content,
+            "stop_reason": STOP_REASONS[answer.finish.reason], "stop_sequence": answer.finish.stop_sequence,
+            "usage": to_messages_usage(answer.usage)}
+    if answer.chat_id:
+        body["conversation_id"] = answer.chat_id
+    return body
+
+
+# Anthropic's error types by HTTP status (any other 4xx is invalid_request_error, 5xx api_error);
+# Kimi being overloaded (our 503) is Anthropic's 529, which Claude Code waits out and retries.
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def anthropic_error(error: ProxyError) -> tuple[int, dict]:
+    status = 529 if error.status == 503 else error.status
+    kind = ANTHROPIC_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    return status, {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+class AnthropicMessages(ClientAPI):
+    def parse(self, body: dict, limits: Limits) -> Request:
+        return parse_messages(body, limits)
+
+    def prepare(self, wanted: Request, app: web.Application) -> Request:
+        """A Claude model name (Claude Code asks for its haiku, sonnet and opus tiers by name)
+        means CLAUDE_MODEL; Kimi's own names mean what they say."""
+        if wanted.model.lower().startswith("claude"):
+            return dataclasses.replace(wanted, kimi_model=app[CONFIG].claude_model)
+        return wanted
+
+    def stream(self, wanted: Request, input_tokens: int) -> AnswerStream:
+        return MessagesStream(wanted, input_tokens)
+
+    def to_body(self, answer: Answer, wanted: Request) -> dict:
+        return to_messages_body(answer, wanted)
+
+    def error_body(self, error: ProxyError) -> tuple[int, dict]:
+        return anthropic_error(error)
+
+
+ANTHROPIC_MESSAGES = AnthropicMessages()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3659,8 +4133,11 @@ class OpenRequests:
 
 
 def bearer_value(request: web.Request) -> str:
+    """The key a client sends: `Authorization: Bearer`, or Anthropic's `x-api-key`."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get(X_API_KEY, "").strip()
 
 
 def is_api_key(value: str, keys: tuple[str, ...]) -> bool:
@@ -3763,7 +4240,8 @@ async def answer(request: web.Request, api: ClientAPI) -> web.StreamResponse:
     try:
         parts = answer_parts(session, wanted, question)
         if wanted.stream:
-            return await stream_answer(request, api.stream(wanted), parts, keep_alive=not wanted.must_call)
+            renderer = api.stream(wanted, prompt_tokens(question))
+            return await stream_answer(request, renderer, parts, keep_alive=not wanted.must_call)
         async with app[OPEN_REQUESTS].track(), aclosing(parts):
             folded = await fold_answer(parts)
     except ProxyError:
@@ -3810,7 +4288,19 @@ async def stream_answer(request: web.Request, renderer: AnswerStream, batches: A
     return stream.response
 
 
-CLIENT_APIS = {"/v1/chat/completions": CHAT_COMPLETIONS, "/chat/completions": CHAT_COMPLETIONS}
+CLIENT_APIS = {"/v1/chat/completions": CHAT_COMPLETIONS, "/chat/completions": CHAT_COMPLETIONS,
+               "/v1/messages": ANTHROPIC_MESSAGES}
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """Anthropic's token count: the usage estimate of the prompt the request would fold, without
+    asking Kimi."""
+    request[CLIENT_API] = ANTHROPIC_MESSAGES
+    request_credentials(request)
+    app = request.app
+    wanted = ANTHROPIC_MESSAGES.prepare(ANTHROPIC_MESSAGES.parse(await read_json_object(request), app[LIMITS]), app)
+    request[MODEL] = wanted.model
+    return json_response({"input_tokens": prompt_tokens(plan(wanted, app[KIMI]))})
 
 
 async def model_ids(request: web.Request) -> list[str]:
@@ -3824,7 +4314,10 @@ async def model_ids(request: web.Request) -> list[str]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": [to_model_card(name) for name in await model_ids(request)]})
+    """One list both the openai and the anthropic SDK read (the paths are the same for both)."""
+    ids = await model_ids(request)
+    return json_response({"object": "list", "data": [to_model_card(name) for name in ids], "has_more": False,
+                          "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -3835,10 +4328,13 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 MODELS_CREATED = 1710000000  # when the original Kimi web API models appeared (2024-03)
+MODELS_CREATED_AT = "2024-03-09T16:00:00Z"
 
 
 def to_model_card(model_id: str) -> dict:
-    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "moonshot-kimi-web"}
+    """A model as OpenAI's list has it, with the fields of Anthropic's beside them."""
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "moonshot-kimi-web",
+            "type": "model", "display_name": model_id, "created_at": MODELS_CREATED_AT}
 
 
 async def check_token(request: web.Request) -> web.Response:
@@ -4018,8 +4514,8 @@ def guard_server_logs() -> None:
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and a request id on every response, streams and errors included."""
     response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*"
-    response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Request-ID, Retry-After, X-Conversation-Id"
-    response.headers[X_REQUEST_ID] = request.get(REQUEST_ID) or request_id_of(request)
+    response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Request-ID, Request-Id, Retry-After, X-Conversation-Id"
+    response.headers[X_REQUEST_ID] = response.headers[REQUEST_ID_HEADER] = request.get(REQUEST_ID) or request_id_of(request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4075,6 +4571,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_common_headers)
     for path, api in CLIENT_APIS.items():
         app.router.add_post(path, functools.partial(answer, api=api))
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     for prefix in ("/v1", ""):
         app.router.add_get(prefix + "/models", list_models)
         app.router.add_get(prefix + "/models/{model_id:.+}", get_model)

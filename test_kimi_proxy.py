@@ -1096,6 +1096,9 @@ def no_retry_backoff(monkeypatch):
     monkeypatch.setattr(kp, "RETRY_BACKOFF", (0.0, 0.0))
 
 
+CLIENT_LOGGERS = ("anthropic", "openai", "httpx", "httpcore", "agents")
+
+
 @pytest.fixture(autouse=True)
 def logs_hold_no_secrets(request, caplog):
     """Every test that talks to a fake Kimi runs with DEBUG logging, and afterwards its logs must
@@ -1107,10 +1110,11 @@ def logs_hold_no_secrets(request, caplog):
     caplog.set_level(logging.DEBUG)
     yield
     # (caplog.text would hold only this teardown's records: read every phase of the test)
-    # every logger's records, aiohttp's and asyncio's too, with any traceback they carry
+    # every logger's records, aiohttp's and asyncio's too, with any traceback they carry; only the
+    # client SDKs' own debug lines (which show what the test sent) are not the proxy's
     formatter = logging.Formatter()
     logged = "\n".join(formatter.format(record) for when in ("setup", "call", "teardown")
-                        for record in caplog.get_records(when))
+                        for record in caplog.get_records(when) if not record.name.startswith(CLIENT_LOGGERS))
     secrets_seen = [secret for secret in (*fake.users, *fake.access, *fake.proxy_secrets)
                     if len(secret) >= 8 and secret in logged]
     assert not secrets_seen, "a token or key reached the log"
@@ -4097,6 +4101,475 @@ async def test_langchain_bind_tools_invoke_and_stream(proxy, token, kimi):
     assert [(c["name"], c["args"]) for c in gathered.tool_calls] == [("get_weather", {"city": "Rome"})]
     assert gathered.content == "" and message.content == "我查一下。"
     await kimi.wait_deleted(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic Messages (/v1/messages): the anthropic SDK, raw events, Claude Code
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def claude(proxy, token):
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(base_url=proxy, api_key=token, max_retries=0)
+    yield client
+    await client.close()
+
+
+def anthropic_events(raw: bytes) -> list[dict]:
+    """The events of an Anthropic stream, checking what its SDKs and Claude Code rely on: an
+    `event:` line naming every event as its JSON `type` does, message_start first, one content
+    block open at a time with indices 0, 1, 2..., each started and stopped once, a tool's input
+    only in input_json_delta pieces that join into one JSON object, message_stop last (or an error
+    and nothing after it)."""
+    assert b"\r" not in raw and raw.endswith(b"\n\n")
+    events = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        if block.startswith(":"):
+            continue
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), block
+        event = json.loads(data[len("data: "):])
+        assert event["type"] == name[len("event: "):]
+        events.append(event)
+    kinds = [event["type"] for event in events if event["type"] != "ping"]
+    assert kinds[0] == "message_start" and events[0]["type"] == "message_start"
+    start = events[0]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and isinstance(start["usage"]["input_tokens"], int)
+    assert re.fullmatch(r"msg_[A-Za-z0-9]{24}", start["id"])
+    if kinds[-1] == "error":
+        assert "message_stop" not in kinds and "message_delta" not in kinds
+        return events
+    assert kinds[-2:] == ["message_delta", "message_stop"]
+    open_index, next_index, inputs = None, 0, {}
+    for event in events:
+        if event["type"] == "content_block_start":
+            assert open_index is None and event["index"] == next_index
+            open_index, next_index = event["index"], next_index + 1
+            block = event["content_block"]
+            if block["type"] == "tool_use":
+                assert block["input"] == {} and re.fullmatch(r"toolu_[A-Za-z0-9]{24}", block["id"])
+                inputs[open_index] = ""
+            if block["type"] == "text":
+                assert block["text"] == ""
+        elif event["type"] == "content_block_delta":
+            assert event["index"] == open_index
+            if event["delta"]["type"] == "input_json_delta":
+                inputs[open_index] += event["delta"]["partial_json"]
+        elif event["type"] == "content_block_stop":
+            assert event["index"] == open_index
+            open_index = None
+    assert open_index is None
+    assert all(isinstance(json.loads(joined), dict) for joined in inputs.values())
+    return events
+
+
+def anthropic_blocks(events: list[dict]) -> list[dict]:
+    """The content blocks a stream's events put together, as the SDK's accumulator does."""
+    blocks: list[dict] = []
+    for event in events:
+        if event["type"] == "content_block_start":
+            blocks.append({**event["content_block"], **({"input": ""} if event["content_block"]["type"] == "tool_use" else {})})
+        elif event["type"] == "content_block_delta":
+            delta, block = event["delta"], blocks[event["index"]]
+            field = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "input"}.get(delta["type"])
+            if field:
+                block[field] += delta["text" if field == "text" else "thinking" if field == "thinking" else "partial_json"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
+    for block in blocks:
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(block["input"])
+    return blocks
+
+
+async def post_messages(http, proxy, token, *, auth_header: str = "x-api-key", **body) -> aiohttp.ClientResponse:
+    body.setdefault("model", "claude-sonnet-4-5")
+    body.setdefault("max_tokens", 1024)
+    body.setdefault("messages", user("用一句话介绍长城"))
+    headers = {"x-api-key": token} if auth_header == "x-api-key" else auth(token)
+    return await http.post(proxy + "/v1/messages?beta=true", json=body,
+                           headers={**headers, "anthropic-version": "2023-06-01"})
+
+
+CLAUDE_TOOL = {"name": "get_weather", "description": "The weather in a city now",
+               "input_schema": WEATHER["function"]["parameters"], "cache_control": {"type": "ephemeral"}}
+
+
+@BOTH_DIALECTS
+async def test_anthropic_sdk_messages_create(claude, kimi, token):
+    message = await claude.messages.create(model="claude-sonnet-4-5", max_tokens=1024, system="你是导游",
+                                           messages=user("用一句话介绍长城"))
+    assert re.fullmatch(r"msg_[A-Za-z0-9]{24}", message.id) and message.type == "message" and message.role == "assistant"
+    assert message.model == "claude-sonnet-4-5" and message.stop_reason == "end_turn" and message.stop_sequence is None
+    assert [(block.type, block.text) for block in message.content] == [("text", "".join(ANSWER))]
+    assert message.usage.output_tokens == kp.estimate_tokens(len("".join(ANSWER).encode()))
+    (seen,) = kimi.completions
+    assert seen["prompt"] == "system:你是导游\nsystem:关注用户最新的消息\nuser:用一句话介绍长城"
+    assert message.usage.input_tokens == kp.estimate_tokens(len(seen["prompt"].encode()))
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
+
+
+async def test_claude_model_names_mean_the_claude_model_setting(start_proxy, http, kimi, token):
+    proxy = await start_proxy(CLAUDE_MODEL="kimi-k3")
+    for model in ("claude-haiku-4-5-20251001", "claude-opus-4-1", "kimi-k2.6"):
+        response = await post_messages(http, proxy, token, model=model)
+        assert response.status == 200 and (await response.json())["model"] == model
+    assert [c["body"]["options"]["model"] for c in kimi.completions] == ["k3-agent", "k3-agent", "k2d6-chat"]
+
+
+async def test_anthropic_stream_with_a_tool_call_through_the_sdk(claude, kimi, http, proxy, token):
+    kimi.replies, kimi.reply_piece = ["我查一下。\n" + block(unit="C")], 3
+    async with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=1024, tools=[CLAUDE_TOOL],
+                                      messages=user(ASK)) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    text, use = final.content
+    assert (text.type, text.text) == ("text", "我查一下。")
+    assert (use.type, use.name, use.input) == ("tool_use", "get_weather", {"city": "Paris", "unit": "C"})
+    assert re.fullmatch(r"toolu_[A-Za-z0-9]{24}", use.id)
+    kimi.replies = ["我查一下。\n" + block(unit="C")]
+    response = await post_messages(http, proxy, token, stream=True, tools=[CLAUDE_TOOL], messages=user(ASK))
+    assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    events = anthropic_events(await response.read())
+    assert [(b["type"], b.get("text") or b.get("input")) for b in anthropic_blocks(events)] == \
+        [("text", "我查一下。"), ("tool_use", {"city": "Paris", "unit": "C"})]
+    assert events[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert events[-2]["usage"]["output_tokens"] > 0
+    await kimi.wait_deleted(2)
+    assert kimi.live_chats == []
+
+
+async def test_a_tool_result_round_trip(claude, kimi):
+    history = [{"role": "user", "content": ASK},
+               {"role": "assistant", "content": [
+                   {"type": "thinking", "thinking": "想想", "signature": "sig-from-anyone"},
+                   {"type": "text", "text": "我查一下。"},
+                   {"type": "tool_use", "id": "toolu_01abc", "name": "get_weather", "input": {"city": "Paris"}}]},
+               {"role": "user", "content": [
+                   {"type": "tool_result", "tool_use_id": "toolu_01abc", "content": [{"type": "text", "text": "18C"}],
+                    "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "那罗马呢？"}]}]
+    kimi.replies = ["巴黎 18 度。"]
+    message = await claude.messages.create(model="claude-sonnet-4-5", max_tokens=1024, tools=[CLAUDE_TOOL],
+                                           messages=history)
+    assert message.content[0].text == "巴黎 18 度。" and message.stop_reason == "end_turn"
+    prompt = kimi.completions[0]["prompt"]
+    assert (f'user:{ASK}\nassistant:我查一下。\n<tool_call>\n{{"name":"get_weather","arguments":{{"city":"Paris"}}}}\n'
+            '</tool_call>\ntool:<tool_result name="get_weather">\n18C\n</tool_result>\nsystem:关注用户最新的消息\n'
+            'user:那罗马呢？') in prompt
+    assert "想想" not in prompt and "sig-from-anyone" not in prompt
+    failed = history[:2] + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01abc",
+                                                         "content": "<tool_use_error>no</tool_use_error>",
+                                                         "is_error": True}]}]
+    kimi.replies = ["好的。"]
+    await claude.messages.create(model="claude-sonnet-4-5", max_tokens=1024, tools=[CLAUDE_TOOL], messages=failed)
+    assert kimi.completions[1]["prompt"].endswith(
+        'tool:<tool_result name="get_weather" error="true">\n<tool_use_error>no</tool_use_error>\n</tool_result>')
+    await kimi.wait_deleted(2)
+
+
+@BOTH_DIALECTS
+async def test_anthropic_thinking_blocks(claude, kimi, http, proxy, token):
+    message = await claude.messages.create(model="kimi-k1", max_tokens=4096, messages=user("9.11和9.9哪个大"),
+                                           thinking={"type": "enabled", "budget_tokens": 2048})
+    thinking, text = message.content
+    assert (thinking.type, thinking.thinking, text.text) == ("thinking", "".join(THINKING), "".join(ANSWER))
+    assert thinking.signature.startswith("kimi-proxy.")
+    response = await post_messages(http, proxy, token, model="kimi-k1", stream=True, thinking={"type": "adaptive"})
+    blocks = anthropic_blocks(anthropic_events(await response.read()))
+    assert [b["type"] for b in blocks] == ["thinking", "text"] and blocks[0]["signature"] == thinking.signature
+    for hidden in ({"type": "adaptive", "display": "omitted"}, {"type": "disabled"}, None):
+        extra = {"thinking": hidden} if hidden else {}
+        response = await post_messages(http, proxy, token, model="kimi-k1", stream=True, **extra)
+        assert [b["type"] for b in anthropic_blocks(anthropic_events(await response.read()))] == ["text"]
+    await kimi.wait_deleted(5)
+
+
+async def test_anthropic_thinking_maps_to_kimis_reasoning(http, proxy, token, kimi):
+    for thinking, effort in (({"type": "enabled", "budget_tokens": 20000}, "REASONING_EFFORT_LOW"),
+                             ({"type": "adaptive", "display": "summarized"}, "REASONING_EFFORT_LOW"),
+                             ({"type": "disabled"}, "REASONING_EFFORT_NONE"), (None, "REASONING_EFFORT_NONE")):
+        extra = {"thinking": thinking} if thinking else {}
+        assert (await post_messages(http, proxy, token, model="kimi-k2.6", **extra)).status == 200
+        assert kimi.completions[-1]["body"]["options"]["reasoning_effort"] == effort
+    response = await post_messages(http, proxy, token, model="kimi-k3", thinking={"type": "enabled", "budget_tokens": 2048},
+                                   output_config={"effort": "max"})
+    assert response.status == 200 and kimi.completions[-1]["body"]["options"]["reasoning_effort"] == "REASONING_EFFORT_HIGH"
+
+
+async def test_what_claude_code_sends_is_accepted(http, proxy, token, kimi):
+    """The fields of Claude Code 2.1's first request (CLIENT_APIS.md §3.2), new and old."""
+    body = {
+        "model": "claude-opus-4-1", "max_tokens": 128000, "stream": True,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.337"},
+                   {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                                                  {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+                     {"role": "system", "content": "environment: linux"},
+                     {"role": "user", "content": "scenario:plain 你好"}],
+        "tools": [CLAUDE_TOOL, {**TIME["function"], "input_schema": {"type": "object"}, "defer_loading": True},
+                  {"name": "DeferredToolPlaceholder", "input_schema": {"type": "object"}, "defer_loading": True},
+                  {"type": "web_search_20250305", "name": "web_search", "max_uses": 8},
+                  {"type": "bash_20250124", "name": "bash"}, {"type": "mcp_toolset", "mcp_server_name": "x"}],
+        "metadata": {"user_id": '{"device_id":"d","session_id":"s"}'},
+        "thinking": {"type": "adaptive", "display": "omitted", "updates": True},
+        "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+        "output_config": {"effort": "high"}, "speed": "fast", "service_tier": "auto", "diagnostics": {},
+        "container": None, "inference_geo": "us", "cache_control": {"type": "ephemeral"}, "temperature": 1,
+    }
+    response = await http.post(proxy + "/v1/messages?beta=true", json=body, headers={
+        "Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27",
+        "x-app": "cli", "X-Claude-Code-Session-Id": "s1"})
+    assert response.status == 200, await response.text()
+    assert response.headers["request-id"] == response.headers["X-Request-ID"]
+    anthropic_events(await response.read())
+    (seen,) = kimi.completions
+    assert seen["prompt"].startswith("system:You can call these functions") and "x-anthropic-billing-header" not in seen["prompt"]
+    assert '"name":"get_weather"' in seen["prompt"]
+    assert "get_time" not in seen["prompt"] and "DeferredToolPlaceholder" not in seen["prompt"]  # deferred, never named
+    assert "system:You are Claude Code.\nuser:<system-reminder>ctx</system-reminder>\nhi\nsystem:environment: linux" in seen["prompt"]
+    assert seen["search"] is True
+    # once tool search names a deferred tool, it is described
+    body["stream"] = False
+    body["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ToolSearch",
+                                                            "input": {"query": "time"}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                       "content": [{"type": "tool_reference", "tool_name": "get_time"}]}]}]
+    response = await http.post(proxy + "/v1/messages", json=body, headers={"x-api-key": token})
+    assert response.status == 200
+    prompt = kimi.completions[1]["prompt"]
+    assert '"name":"get_time"' in prompt and "The tool get_time is now available." in prompt
+    assert "DeferredToolPlaceholder" not in prompt
+    await kimi.wait_deleted(2)
+
+
+async def test_anthropic_images_documents_and_text_documents(claude, kimi):
+    pdf = base64.b64encode(PDF).decode()
+    content = [{"type": "text", "text": "读一下"},
+               {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}},
+               {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf},
+                "title": "report.pdf"},
+               {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "纯文本内容"},
+                "title": "notes"}]
+    await claude.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=[{"role": "user", "content": content}])
+    (seen,) = kimi.completions
+    assert seen["prompt"] == "读一下\nnotes\n纯文本内容"
+    assert sorted(kimi.files[f]["name"] for f in seen["files"]) == ["image.png", "report.pdf"]
+    assert sorted(bytes(kimi.uploads[kimi.files[f]["object_name"]]) for f in seen["files"]) == sorted([PNG, PDF])
+    await kimi.wait_deleted(1)
+
+
+async def test_anthropic_stop_sequences_and_json_answers(claude, kimi):
+    message = await claude.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=user("用一句话介绍长城"),
+                                           stop_sequences=["修建"])
+    assert message.content[0].text == "长城是中国古代" and message.stop_reason == "stop_sequence"
+    assert message.stop_sequence == "修建"
+    kimi.replies = ['```json\n{"title": "长城"}\n```']
+    titled = await claude.messages.create(model="claude-haiku-4-5", max_tokens=64, messages=user(ASK),
+                                          extra_body={"output_config": {"format": {"type": "json_schema", "schema": {
+                                              "type": "object", "properties": {"title": {"type": "string"}},
+                                              "required": ["title"]}}}})
+    assert json.loads(titled.content[0].text) == {"title": "长城"}
+    assert "JSON only" in kimi.completions[-1]["prompt"]
+    await kimi.wait_deleted(2)
+
+
+async def test_anthropic_count_tokens_and_models(claude, kimi, http, proxy, token):
+    body = {"model": "claude-sonnet-4-5", "system": "你是导游", "messages": user("用一句话介绍长城"), "tools": [CLAUDE_TOOL]}
+    counted = await claude.messages.count_tokens(**body)
+    counts = await asyncio.gather(*(http.post(proxy + "/v1/messages/count_tokens?beta=true", json=body,
+                                              headers={"x-api-key": token}) for _ in range(25)))
+    assert {(await response.json())["input_tokens"] for response in counts} == {counted.input_tokens}
+    assert kimi.calls == []  # nothing asked of Kimi
+    kimi.replies = ["好。"]
+    message = await claude.messages.create(max_tokens=16, **body)
+    assert message.usage.input_tokens == counted.input_tokens
+    models = [model async for model in claude.models.list()]
+    assert [model.id for model in models][:2] == ["kimi-k2.6", "kimi-k2.6-thinking"]
+    assert all(model.type == "model" and model.display_name and model.created_at for model in models)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_errors_come_in_anthropics_envelope(http, proxy, token, kimi, stream):
+    import anthropic
+
+    response = await http.post(proxy + "/v1/messages", json={"messages": user("hi"), "max_tokens": 1, "stream": stream})
+    assert response.status == 401
+    assert await response.json() == {"type": "error", "error": {"type": "authentication_error",
+                                                                "message": (await response.json())["error"]["message"]}}
+    response = await post_messages(http, proxy, token, stream=stream, messages=[{"role": "robot", "content": "hi"}])
+    assert response.status == 400 and (await response.json())["error"]["type"] == "invalid_request_error"
+    response = await post_messages(http, proxy, token, stream=stream, messages=user("scenario:error_first"))
+    assert response.status == 502 and (await response.json())["error"]["type"] == "api_error"
+    response = await post_messages(http, proxy, token, stream=stream, messages=user("scenario:overloaded_first"))
+    assert response.status == 529 and (await response.json())["error"]["type"] == "overloaded_error"
+    assert response.headers["Retry-After"]
+    kimi.rate_limited.add(kimi.user_of(token))
+    response = await post_messages(http, proxy, token, stream=stream)
+    assert response.status == 429 and (await response.json())["error"]["type"] == "rate_limit_error"
+    assert response.headers["Retry-After"] == "7"
+    kimi.rate_limited.clear()
+    client = anthropic.AsyncAnthropic(base_url=proxy, api_key="not-a-kimi-token", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        await client.messages.create(model="claude-sonnet-4-5", max_tokens=1, messages=user("hi"))
+    await client.close()
+    await kimi.wait_deleted(len(kimi.created))
+
+
+async def test_a_failure_mid_stream_is_an_error_event(claude, kimi, http, proxy, token):
+    import anthropic
+
+    response = await post_messages(http, proxy, token, stream=True, messages=user("scenario:error"))
+    events = anthropic_events(await response.read())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "api_error"
+    assert "Kimi 现在有点累了" in events[-1]["error"]["message"]
+    with pytest.raises(anthropic.APIStatusError):
+        async with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=user("scenario:error")) as stream:
+            await stream.get_final_message()
+    await kimi.wait_deleted(2)
+
+
+async def test_anthropic_pings_keep_a_silent_stream_open(start_proxy, http, token, kimi):
+    proxy = await start_proxy(KEEPALIVE_INTERVAL="0.2")
+    response = await post_messages(http, proxy, token, stream=True, messages=user("scenario:slow"))
+    raw = await response.read()
+    assert raw.startswith(b"event: message_start\n") and b"event: ping\ndata: {\"type\":\"ping\"}\n\n" in raw
+    assert [b["text"] for b in anthropic_blocks(anthropic_events(raw))] == ["".join(ANSWER)]
+
+
+def test_anthropic_stream_bytes_exactly(monkeypatch):
+    monkeypatch.setattr(kp, "new_id", lambda: "A" * 24)
+    wanted = kp.parse_messages({"model": "claude-x", "messages": user("q"), "thinking": {"type": "enabled"}}, LIMITS)
+    stream = kp.MessagesStream(wanted, 3)
+    out = stream.opening() + stream.feed([kp.Part(kp.REASONING, "想"), kp.Part(kp.TEXT, "好"),
+                                          kp.Part(kp.CALLS, (kp.Call("B" * 24, "f", '{"a":1}'),)),
+                                          kp.Part(kp.FINISH, kp.CALLS_FINISH), kp.Part(kp.USAGE, kp.Usage(3, 2))]) + stream.end()
+    signature = kp.thinking_signature("想")
+
+    def event(name: str, payload: str) -> bytes:
+        return f"event: {name}\ndata: {payload}\n\n".encode()
+
+    usage = '"cache_creation_input_tokens":0,"cache_read_input_tokens":0}'
+    assert out == b"".join([
+        event("message_start", '{"type":"message_start","message":{"id":"msg_' + "A" * 24 + '","type":"message",'
+              '"role":"assistant","model":"claude-x","content":[],"stop_reason":null,"stop_sequence":null,'
+              '"usage":{"input_tokens":3,"output_tokens":0,' + usage + '}}'),
+        event("content_block_start", '{"type":"content_block_start","index":0,"content_block":{"type":"thinking",'
+              '"thinking":"","signature":""}}'),
+        event("content_block_delta", '{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"想"}}'),
+        event("content_block_delta", '{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta",'
+              f'"signature":"{signature}"}}}}'),
+        event("content_block_stop", '{"type":"content_block_stop","index":0}'),
+        event("content_block_start", '{"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}'),
+        event("content_block_delta", '{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"好"}}'),
+        event("content_block_stop", '{"type":"content_block_stop","index":1}'),
+        event("content_block_start", '{"type":"content_block_start","index":2,"content_block":{"type":"tool_use",'
+              '"id":"toolu_' + "B" * 24 + '","name":"f","input":{}}}'),
+        event("content_block_delta", '{"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta",'
+              '"partial_json":"{\\"a\\":1}"}}'),
+        event("content_block_stop", '{"type":"content_block_stop","index":2}'),
+        event("message_delta", '{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},'
+              '"usage":{"input_tokens":3,"output_tokens":2,' + usage + '}'),
+        event("message_stop", '{"type":"message_stop"}'),
+    ])
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": 1}]}]},
+     "messages[0].content[0].tool_use_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                            "data": "@@"}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": user("hi"), "tools": [{"name": "has space", "input_schema": {}}]}, "tools[0].name"),
+    ({"messages": user("hi"), "tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"messages": user("hi"), "tool_choice": {"type": "sometimes"}}, "tool_choice"),
+    ({"messages": user("hi"), "max_tokens": "lots"}, "max_tokens"),
+    ({"messages": user("hi"), "stop_sequences": [1]}, "stop_sequences"),
+    ({"messages": user("hi"), "output_config": {"format": {"type": "xml"}}}, "output_config.format"),
+    ({"messages": user("hi"), "system": 5}, "system"),
+])
+def test_bad_anthropic_bodies_name_the_field(body, param):
+    with pytest.raises(kp.ProxyError) as caught:
+        kp.parse_messages(body, LIMITS)
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_anthropic_bodies_become_neutral_requests():
+    wanted = kp.parse_messages({
+        "model": "claude-x", "system": [{"type": "text", "text": "be brief"}], "stop_sequences": ["END", ""],
+        "tools": [CLAUDE_TOOL], "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        "messages": [{"role": "user", "content": "q"},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "P"}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "18C"},
+                                                  {"type": "text", "text": "more"}]}]}, LIMITS)
+    assert (wanted.tools.only, wanted.tools.required, wanted.tools.parallel, wanted.stop) == ("get_weather", True, False, ("END",))
+    assert [(t.role, t.text, t.call_id) for t in wanted.turns] == [
+        ("system", "be brief", None), ("user", "q", None), ("assistant", "", None), ("tool", "18C", "t1"), ("user", "more", None)]
+    assert wanted.turns[2].calls == (kp.Call("t1", "get_weather", '{"city":"P"}'),)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real coding agents: Claude Code and Codex, installed from npm (pinned) by .ci/run
+# ---------------------------------------------------------------------------------------------
+
+
+CLI_DIR = os.environ.get("KIMI_PROXY_CLI_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ci-cache",
+                                                               "npm", "node_modules", ".bin")
+CLI_PACKAGES = "@anthropic-ai/claude-code@2.1.337 @openai/codex@0.171.0"
+
+
+def real_client(name: str) -> str:
+    """The path of a pinned CLI; in CI it must be there, elsewhere the test says how to get it."""
+    path = os.path.join(CLI_DIR, name)
+    if not os.access(path, os.X_OK):
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: .ci/run installs it with npm")
+        pytest.skip(f"{name} is not installed: npm install --prefix .ci-cache/npm {CLI_PACKAGES}")
+    return path
+
+
+async def run_client(argv: list[str], env: dict, cwd: str, timeout: float = 120) -> tuple[int, str, str]:
+    """Run a CLI in this test's loop (the proxy and the fake Kimi answer it meanwhile)."""
+    process = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def test_claude_code_runs_a_tool_kimi_calls_and_finishes(proxy, token, kimi, tmp_path):
+    claude_code = real_client("claude")
+    command = "echo kimi-was-here | tee proof.txt"
+    kimi.replies = [f'我来运行。\n<tool_call>\n{{"name": "Bash", "arguments": {{"command": "{command}", '
+                    '"description": "Write the proof"}}\n</tool_call>', "文件已写好。"]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": proxy, "ANTHROPIC_AUTH_TOKEN": token,
+           "ANTHROPIC_MODEL": "kimi", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
+           "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_DISABLE_EXPERIMENTAL_BETAS": "1"}
+    code, out, err = await run_client([claude_code, "-p", "scenario:reply 把 kimi-was-here 写进 proof.txt",
+                                       "--output-format", "json", "--allowedTools", "Bash"], env, str(tmp_path))
+    assert code == 0, err[-2000:]
+    result = json.loads(out)
+    assert (result["is_error"], result["num_turns"], result["result"]) == (False, 2, "文件已写好。"), result
+    assert (tmp_path / "proof.txt").read_text() == "kimi-was-here\n"
+    first, second = [c for c in kimi.completions if "scenario:reply" in c["prompt"]]
+    assert '"name":"Bash"' in first["prompt"]
+    assert '<tool_result name="Bash">' in second["prompt"] and "kimi-was-here" in second["prompt"]
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
 
 
 # ---------------------------------------------------------------------------------------------
