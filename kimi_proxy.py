@@ -22,7 +22,8 @@ How a request flows, and the sections below in that order (each uses only those 
     §3  App and request keys     §13 The core: plan (Request -> Question), answer parts
     §4  Files                    §14 Server-sent events: framing, the writer, renderers
     §5  Kimi over HTTP, shared   §15 Client API: Chat Completions
-    §6  The legacy dialect       §17 Client API: Anthropic Messages
+    §6  The legacy dialect       §16 Client API: Responses
+                                 §17 Client API: Anthropic Messages
     §7  Connect: the wire        §18 HTTP: credentials, bodies, the answer handler, errors, logs
     §8  Connect: models, client  §19 App factory
     §9  A request's use of Kimi  §20 main
@@ -56,6 +57,8 @@ Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     FILE_PARSE_TIMEOUT         seconds Kimi may take to read an attached document (120)
     ALLOW_PRIVATE_FILE_URLS    1: fetch file URLs on private and local networks too (0)
     CLAUDE_MODEL               the Kimi model a claude-* model name means (kimi: the default model)
+    RESPONSES_STORE            most responses kept in memory for previous_response_id (200)
+    RESPONSES_TTL              seconds a kept response lives (3600)
 """
 
 from __future__ import annotations
@@ -99,6 +102,13 @@ from aiohttp import hdrs, web
 from multidict import istr
 
 log = logging.getLogger("kimi_proxy")
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """A client's string as it may appear in a log line: control characters escaped (no forged
+    lines), cut to a sane length."""
+    text = text[:limit]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +212,8 @@ class Config:
     file_parse_timeout: float = setting("FILE_PARSE_TIMEOUT", 120.0, as_positive)
     allow_private_file_urls: bool = setting("ALLOW_PRIVATE_FILE_URLS", False, as_flag)
     claude_model: str = setting("CLAUDE_MODEL", "kimi", as_text)  # what a claude-* model name means
+    responses_store: int = setting("RESPONSES_STORE", 200, as_count)
+    responses_ttl: float = setting("RESPONSES_TTL", 3600.0, as_positive)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Config":
@@ -331,12 +343,14 @@ TOKEN_STORE = web.AppKey("token_store", "TokenStore")
 OPEN_REQUESTS = web.AppKey("open_requests", "OpenRequests")
 STARTED_AT = web.AppKey("started_at", float)
 LIMITS = web.AppKey("limits", "Limits")  # what parsers enforce from the settings
+RESPONSES = web.AppKey("responses", "ResponseStore")  # recent responses, for previous_response_id
 # what the request log line reports
 MODEL = web.RequestKey("model", str)
 CHUNKS_SENT = web.RequestKey("chunks_sent", int)
 CLIENT_GONE = web.RequestKey("client_gone", bool)
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_API = web.RequestKey("client_api", "ClientAPI")  # the API a request's failures are written in
+CALLER = web.RequestKey("caller", str)  # a hash of the key a request came with: who owns what it stores
 # our own response headers, as istr like the Kimi ones: aiohttp keeps each keep-alive connection's
 # last response (and its headers) until the next one is answered
 X_REQUEST_ID, X_CONVERSATION_ID, X_ACCEL_BUFFERING, X_API_KEY, REQUEST_ID_HEADER = map(
@@ -2601,6 +2615,11 @@ def estimate_tokens(text_bytes: int) -> int:
     return (text_bytes + 3) // 4
 
 
+def source_line(citation: Citation) -> str:
+    """How a web source is shown in the answer text (the documented `【检索 N】` line)."""
+    return f"【检索 {citation.number}】 [{citation.title}]({citation.url})\n"
+
+
 def prompt_tokens(question: Question) -> int:
     """The estimate of what Kimi is asked (the folded prompt)."""
     return estimate_tokens(len(question.prompt.encode()))
@@ -2663,10 +2682,11 @@ class AnswerTranslator:
                 self._reasoning += size
                 parts.append(Part(REASONING, event.text))
             elif kind == SOURCE:
-                line = f"【检索 {event.number}】 [{event.text}]({event.url})\n"
+                citation = Citation(event.number, event.text, event.url)
+                line = source_line(citation)
                 self._after_source = True
                 self._received += len(line.encode())
-                parts += [Part(TEXT, line), Part(CITATION, Citation(event.number, event.text, event.url))]
+                parts += [Part(TEXT, line), Part(CITATION, citation)]
             elif kind == LENGTH:
                 self._truncated = True
             elif kind == CHAT:
@@ -3252,6 +3272,7 @@ class AnswerStream:
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
+        self.result: dict | None = None  # what the stream ended with, for an API that remembers it
 
     def kept(self, chat_id: str) -> None:
         """The answer lives in a chat the client keeps: its id goes out as a header too."""
@@ -3329,14 +3350,15 @@ class SSEStream:
 class ClientAPI:
     """One client API in front of the core. Each subclass has the same members, in the same order
     in its section: `parse` (its body -> a Request), `prepare` (what the Request needs from the
-    app before it is planned; most need nothing), `stream` (its AnswerStream renderer), `to_body`
-    (a folded Answer -> its answer body) and `error_body` (a failure before the stream -> its
-    status and error envelope)."""
+    server before it is planned; most need nothing), `stream` (its AnswerStream renderer),
+    `to_body` (a folded Answer -> its answer body), `remember` (what the server keeps of an
+    answer; most keep nothing) and `error_body` (a failure before the stream -> its status and
+    error envelope)."""
 
     def parse(self, body: dict, limits: Limits) -> Request:
         raise NotImplementedError
 
-    def prepare(self, wanted: Request, app: web.Application) -> Request:
+    def prepare(self, wanted: Request, request: web.Request) -> Request:
         return wanted
 
     def stream(self, wanted: Request, input_tokens: int) -> AnswerStream:
@@ -3345,6 +3367,9 @@ class ClientAPI:
 
     def to_body(self, answer: Answer, wanted: Request) -> dict:
         raise NotImplementedError
+
+    def remember(self, request: web.Request, wanted: Request, result: dict) -> None:
+        """`result`: the answer body, or the final response object a stream ended with."""
 
     def error_body(self, error: ProxyError) -> tuple[int, dict]:
         raise NotImplementedError
@@ -3679,6 +3704,513 @@ class ChatCompletions(ClientAPI):
 
 
 CHAT_COMPLETIONS = ChatCompletions()
+
+
+# ---------------------------------------------------------------------------------------------
+# §16 Client API: OpenAI Responses (POST /v1/responses, for Codex, the Agents SDK, responses.*)
+# ---------------------------------------------------------------------------------------------
+
+
+class ResponsesOptions(NamedTuple):
+    """What a response object echoes of its request, and what the stored response needs."""
+
+    echo: dict                       # instructions, tools, tool_choice, text, reasoning ... as sent
+    namespaces: dict[str, str]       # function name -> the namespace tool it came from
+    store: bool                      # keep the response for previous_response_id, GET and DELETE
+    previous_response_id: str | None
+    instructions: int = 0            # how many leading turns are `instructions` (not carried over)
+
+
+RESPONSE_ECHO = ("instructions", "max_output_tokens", "metadata", "temperature", "top_p", "reasoning", "text",
+                 "truncation", "service_tier")
+WEB_SEARCH_TOOLS = {"web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11"}
+
+
+def parse_responses(body: dict, limits: Limits) -> Request:
+    """Validate a Responses request. Lenient as Codex and the Agents SDK need: unknown fields, item
+    types and built-in tools are accepted (or left out), never refused. Raises a 400 ProxyError
+    naming the field."""
+    for field, why in (("background", "background responses"), ("conversation", "OpenAI's conversations")):
+        if body.get(field):
+            raise bad_request(f"'{field}': {why} are not supported here; send the history, or use "
+                              "previous_response_id or conversation_id", field)
+    instructions = typed_field(body, "instructions", str)
+    typed_field(body, "max_output_tokens", int)
+    tools, namespaces, search = to_responses_tools(body)
+    items = body.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    turns = to_responses_turns(count_turns(items, "input", limits), limits.max_file_bytes)
+    conversation = conversation_field(body)
+    check_last_turn(turns, conversation, "input")
+    reasoning = typed_field(body, "reasoning", dict) or {}
+    effort = reasoning.get("effort")
+    effort = {"xhigh": "high"}.get(effort, effort) if isinstance(effort, str) else None
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad_request(f"'reasoning.effort' must be one of {', '.join(REASONING_EFFORTS)} or xhigh", "reasoning.effort")
+    previous = typed_field(body, "previous_response_id", str)
+    echo = {field: body.get(field) for field in RESPONSE_ECHO}
+    echo.update(tools=body.get("tools") or [], tool_choice=body.get("tool_choice") or "auto",
+                parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+                text=body.get("text") or {"format": {"type": "text"}}, truncation=body.get("truncation") or "disabled")
+    head = (Turn("system", instructions, "instructions"),) if instructions else ()
+    return Request(model=model_name(body.get("model")), turns=(*head, *turns),
+                   stream=bool(typed_field(body, "stream", bool)), tools=tools,
+                   json_format=to_responses_format(body), reasoning_effort=effort, search=search,
+                   conversation=conversation,
+                   options=ResponsesOptions(echo, namespaces, body.get("store") is not False, previous, len(head)))
+
+
+def to_responses_tools(body: dict) -> tuple[ToolUse | None, dict[str, str], bool]:
+    """(the functions, the namespace each came from, whether web search is on): flat functions and
+    the functions of namespace tools; web search turns Kimi's search on; other built-in tools are
+    left out with a log line."""
+    entries = typed_field(body, "tools", list) or []
+    functions, namespaces, search = [], {}, False
+    for index, entry in enumerate(entries):
+        where = f"tools[{index}]"
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind == "function":
+            functions.append((where, to_function(entry.get("name"), entry.get("description"), entry.get("parameters"),
+                                                 where)))
+        elif kind == "namespace":
+            for inner_index, inner in enumerate(entry.get("tools") if isinstance(entry.get("tools"), list) else ()):
+                inner_where = f"{where}.tools[{inner_index}]"
+                if isinstance(inner, dict) and inner.get("type", "function") == "function":
+                    functions.append((inner_where, to_function(inner.get("name"), inner.get("description"),
+                                                               inner.get("parameters"), inner_where)))
+                    if isinstance(entry.get("name"), str):
+                        namespaces[inner["name"]] = entry["name"]
+        elif kind in WEB_SEARCH_TOOLS:
+            search = True
+        else:
+            log.info("leaving out the %s tool: Kimi's web chat cannot run it", loggable(str(kind), 64))
+    required, only, allowed = to_responses_tool_choice(body.get("tool_choice"))
+    if allowed is not None:
+        functions = [(where, function) for where, function in functions if function.name in allowed]
+    parallel = typed_field(body, "parallel_tool_calls", bool) is not False
+    return to_tool_use(functions, required, only, parallel, "tool_choice"), namespaces, search
+
+
+def to_responses_tool_choice(choice: object) -> tuple[bool | None, str | None, set[str] | None]:
+    """(must a function be called, the one named, the functions allowed) from `tool_choice`:
+    auto, none, required, a function, or allowed_tools (a built-in tool's choice means auto)."""
+    if choice is None or choice == "auto":
+        return False, None, None
+    if choice == "none":
+        return None, None, None
+    if choice == "required":
+        return True, None, None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function" and isinstance(choice.get("name"), str):
+        return True, choice["name"], None
+    if kind == "allowed_tools" and isinstance(choice.get("tools"), list) and choice.get("mode", "auto") in ("auto", "required"):
+        allowed = {tool.get("name") for tool in choice["tools"] if isinstance(tool, dict)}
+        return choice.get("mode") == "required", None, allowed
+    if isinstance(kind, str) and kind not in ("function", "allowed_tools"):
+        return False, None, None
+    raise bad_request("'tool_choice' must be \"auto\", \"none\", \"required\", {\"type\": \"function\", \"name\": ...} "
+                      "or {\"type\": \"allowed_tools\", \"mode\": ..., \"tools\": [...]}", "tool_choice")
+
+
+def to_responses_format(body: dict) -> JsonFormat | None:
+    """`text.format`: text (nothing to do), json_object or json_schema."""
+    text = typed_field(body, "text", dict) or {}
+    spec = text.get("format")
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if spec is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonFormat(None)
+    if kind == "json_schema" and isinstance(spec.get("schema"), dict):
+        return JsonFormat(spec["schema"])
+    raise bad_request("'text.format' must be text, json_object or json_schema (with a 'schema' object)", "text.format")
+
+
+RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+RESPONSES_TEXT_PARTS = {"input_text", "output_text", "text", "refusal", "summary_text"}
+
+
+def to_responses_turns(items: list, max_bytes: int) -> tuple[Turn, ...]:
+    last = len(items) - 1
+    turns = (to_item_turn(item, f"input[{index}]", index == last, max_bytes) for index, item in enumerate(items))
+    return tuple(turn for turn in turns if turn is not None)
+
+
+def to_item_turn(item: object, where: str, is_last: bool, max_bytes: int) -> Turn | None:
+    """One input item as a turn: a message (its `type` may be missing), a function call or its
+    output. Reasoning items and the items of built-in tools are left out."""
+    if not isinstance(item, dict):
+        raise bad_request(f"'{where}' must be an object", where)
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = RESPONSES_ROLES.get(item.get("role")) if isinstance(item.get("role"), str) else None
+        if role is None:
+            raise bad_request(f"'{where}.role' must be user, assistant, system or developer", f"{where}.role")
+        text, attachments, has_attachment = to_item_content(item.get("content"), f"{where}.content", is_last, max_bytes)
+        return Turn(role, text, where, attachments=attachments, has_attachment=has_attachment)
+    if kind in ("function_call", "custom_tool_call"):
+        call_id, name = item.get("call_id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad_request(f"'{where}' must have a string 'call_id' and 'name'", where)
+        arguments = item.get("arguments") if kind == "function_call" else orjson.dumps({"input": item.get("input")}).decode()
+        return Turn("assistant", "", where, calls=(Call(call_id, name, to_arguments_text(arguments)),))
+    if kind in ("function_call_output", "custom_tool_call_output"):
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str):
+            raise bad_request(f"'{where}.call_id' must be a string", f"{where}.call_id")
+        text, attachments, has_attachment = to_item_content(item.get("output"), f"{where}.output", is_last, max_bytes)
+        return Turn("tool", text, where, call_id=call_id, attachments=attachments, has_attachment=has_attachment)
+    return None
+
+
+def to_item_content(content: object, where: str, is_last: bool, max_bytes: int) -> tuple[str, tuple, bool]:
+    """(text, files, whether there were files) of a message's content or a call's output: a
+    string, or parts. Parts of other types are left out."""
+    if isinstance(content, str):
+        return content, (), False
+    if not isinstance(content, list):
+        raise bad_request(f"'{where}' must be a string or an array of parts", where)
+    texts, attachments, has_attachment = [], [], False
+    for index, part in enumerate(content):
+        part_where = f"{where}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in RESPONSES_TEXT_PARTS:
+            text = part.get("refusal" if kind == "refusal" else "text")
+            if not isinstance(text, str):
+                raise bad_request(f"'{part_where}.text' must be a string", part_where)
+            texts.append(text)
+        elif kind in ("input_image", "input_file"):
+            has_attachment = True
+            if is_last:
+                attachments.append(to_item_attachment(part, kind, part_where, max_bytes))
+    return "\n".join(texts), tuple(attachments), has_attachment
+
+
+def to_item_attachment(part: dict, kind: str, where: str, max_bytes: int) -> Attachment:
+    if part.get("file_id") is not None and not (part.get("image_url") or part.get("file_data") or part.get("file_url")):
+        raise file_id_refused(where)
+    if kind == "input_image":
+        return to_attachment("image", part.get("image_url"), None, where, max_bytes)
+    return to_attachment("file", part.get("file_data") or part.get("file_url"), part.get("filename"), where, max_bytes)
+
+
+def to_response_usage(usage: Usage | None) -> dict | None:
+    """Responses' own names (Codex refuses Chat's)."""
+    if usage is None:
+        return None
+    return {"input_tokens": usage.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.output_tokens, "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+            "total_tokens": usage.input_tokens + usage.output_tokens}
+
+
+def to_response(wanted: Request, response_id: str, created_at: int, status: str, output: list[dict],
+                usage: Usage | None = None, error: dict | None = None, chat_id: str | None = None) -> dict:
+    """The whole response object: what the stream's lifecycle events carry and what the
+    non-streamed body is, from one place."""
+    options: ResponsesOptions = wanted.options
+    response = {"id": response_id, "object": "response", "created_at": created_at, "status": status, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "model": wanted.model, "output": output, "previous_response_id": options.previous_response_id,
+                "store": options.store, "usage": to_response_usage(usage), **options.echo}
+    if chat_id:
+        response["conversation_id"] = chat_id
+    return response
+
+
+def response_status(finish: Finish) -> str:
+    return "incomplete" if finish.reason == "length" else "completed"
+
+
+def to_reasoning_item(item_id: str, text: str) -> dict:
+    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else []}
+
+
+def to_message_item(item_id: str, text: str, annotations: list[dict], status: str = "completed") -> dict:
+    return {"type": "message", "id": item_id, "role": "assistant", "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}] if text
+            or status == "completed" else []}
+
+
+def to_call_item(call: Call, options: ResponsesOptions, status: str = "completed") -> dict:
+    item = {"type": "function_call", "id": "fc_" + call.id, "call_id": "call_" + call.id, "name": call.name,
+            "arguments": call.arguments if status == "completed" else "", "status": status}
+    if call.name in options.namespaces:
+        item["namespace"] = options.namespaces[call.name]
+    return item
+
+
+def to_annotation(text: str, citation: Citation, start: int = 0) -> dict | None:
+    """A web source as a url_citation over its source line in the text (None if it is not there)."""
+    line = source_line(citation).rstrip("\n")
+    at = text.find(line, start)
+    if at < 0:
+        return None
+    return {"type": "url_citation", "url": citation.url, "title": citation.title, "start_index": at,
+            "end_index": at + len(line)}
+
+
+def to_output(answer: Answer, options: ResponsesOptions) -> list[dict]:
+    """A folded answer's output items: its thinking, its text (with citations), its calls."""
+    output = []
+    if answer.reasoning:
+        output.append(to_reasoning_item("rs_" + new_id(), answer.reasoning))
+    if answer.text:
+        annotations = [found for found in (to_annotation(answer.text, citation) for citation in answer.citations) if found]
+        output.append(to_message_item("msg_" + new_id(), answer.text, annotations))
+    return output + [to_call_item(call, options) for call in answer.calls]
+
+
+def response_error(error: ProxyError) -> dict:
+    """A failure as the `error` of a failed response, with the codes Codex acts on."""
+    message = error.message
+    if error.code == "insufficient_quota" or error.code == "context_length_exceeded":
+        code = error.code
+    elif error.status == 429:
+        code = "rate_limit_exceeded"
+        message += f" Please try again in {error.retry_after or 1}s."
+    else:
+        code = "server_error"
+    return {"code": code, "message": message}
+
+
+class ResponsesStream(AnswerStream):
+    """Answer parts -> Responses events, each with a sequence_number from 0: response.created and
+    response.in_progress, then each output item (reasoning, message, function_call) added, its
+    parts and deltas, done; then exactly one terminal event (completed, incomplete or failed)."""
+
+    def __init__(self, wanted: Request) -> None:
+        super().__init__()
+        self._wanted = wanted
+        self._options: ResponsesOptions = wanted.options
+        self._id = "resp_" + new_id()
+        self._created_at = int(time.time())
+        self._sequence = itertools.count()
+        self._output: list[dict] = []     # the items done
+        self._open: str | None = None     # "reasoning" or "message": the item open now
+        self._item_id = ""
+        self._text: list[str] = []        # what the open item holds
+        self._annotations: list[dict] = []
+        self._finish = STOP
+        self._usage: Usage | None = None
+        self._chat_id: str | None = None
+        self._failed = False
+        response = self._response("in_progress")  # (numbered first, though it goes out with the first event)
+        self._opening = self._event("response.created", response=response) + \
+            self._event("response.in_progress", response=response)
+
+    def kept(self, chat_id: str) -> None:
+        super().kept(chat_id)
+        self._chat_id = chat_id
+
+    def opening(self) -> bytes:
+        return self._opening
+
+    def feed(self, parts: list[Part]) -> bytes:
+        out = []
+        for kind, value in parts:
+            if kind == TEXT and value:
+                out += self._into("message")
+                self._text.append(value)
+                out.append(self._event("response.output_text.delta", item_id=self._item_id, output_index=self._index,
+                                       content_index=0, delta=value, logprobs=[]))
+            elif kind == REASONING and value:
+                out += self._into("reasoning")
+                self._text.append(value)
+                out.append(self._event("response.reasoning_summary_text.delta", item_id=self._item_id,
+                                       output_index=self._index, summary_index=0, delta=value))
+            elif kind == CITATION and self._open == "message":
+                out += self._annotate(value)
+            elif kind == CALLS:
+                out += self._close()
+                out += [event for call in value for event in self._call_events(call)]
+            elif kind == FINISH:
+                out += self._close()
+                self._finish = value
+            elif kind == USAGE:
+                self._usage = value
+            elif kind == CHAT:
+                self.kept(value)
+        return b"".join(out)
+
+    def error(self, error: ProxyError) -> bytes:
+        self._failed = True
+        return self._event("response.failed", response=self._response("failed", error=response_error(error)))
+
+    def end(self) -> bytes:
+        if self._failed:  # response.failed was the terminal event
+            return b""
+        out = self._close()
+        status = response_status(self._finish)
+        self.result = self._response(status)
+        return b"".join(out) + self._event(f"response.{status}", response=self.result)
+
+    @property
+    def _index(self) -> int:
+        return len(self._output)  # the open item's output_index
+
+    def _response(self, status: str, error: dict | None = None) -> dict:
+        usage = self._usage if status in ("completed", "incomplete") else None
+        return to_response(self._wanted, self._id, self._created_at, status, list(self._output), usage, error,
+                           self._chat_id)
+
+    def _event(self, kind: str, **fields) -> bytes:
+        return sse_event({"type": kind, "sequence_number": next(self._sequence), **fields}, kind)
+
+    def _into(self, kind: str) -> list[bytes]:
+        """Open an item of this kind unless it is open: its added event and its first part."""
+        if self._open == kind:
+            return []
+        out = self._close()
+        self._open, self._text, self._annotations = kind, [], []
+        if kind == "reasoning":
+            self._item_id = "rs_" + new_id()
+            return out + [self._added(to_reasoning_item(self._item_id, "")),
+                          self._event("response.reasoning_summary_part.added", item_id=self._item_id,
+                                      output_index=self._index, summary_index=0, part={"type": "summary_text", "text": ""})]
+        self._item_id = "msg_" + new_id()
+        return out + [self._added(to_message_item(self._item_id, "", [], "in_progress")),
+                      self._event("response.content_part.added", item_id=self._item_id, output_index=self._index,
+                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+
+    def _annotate(self, citation: Citation) -> list[bytes]:
+        text = "".join(self._text)
+        start = self._annotations[-1]["end_index"] if self._annotations else 0
+        annotation = to_annotation(text, citation, start)
+        if annotation is None:
+            return []
+        self._annotations.append(annotation)
+        return [self._event("response.output_text.annotation.added", item_id=self._item_id, output_index=self._index,
+                            content_index=0, annotation_index=len(self._annotations) - 1, annotation=annotation)]
+
+    def _close(self) -> list[bytes]:
+        """End the open item: its text done, its part done, the item done with all it holds."""
+        if self._open is None:
+            return []
+        text, item_id, index = "".join(self._text), self._item_id, self._index
+        if self._open == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            item = to_reasoning_item(item_id, text)
+            out = [self._event("response.reasoning_summary_text.done", item_id=item_id, output_index=index,
+                               summary_index=0, text=text),
+                   self._event("response.reasoning_summary_part.done", item_id=item_id, output_index=index,
+                               summary_index=0, part=part)]
+        else:
+            item = to_message_item(item_id, text, self._annotations)
+            out = [self._event("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
+                               text=text, logprobs=[]),
+                   self._event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
+                               part=item["content"][0])]
+        self._open = None
+        return out + [self._done(item)]
+
+    def _call_events(self, call: Call) -> list[bytes]:
+        item = to_call_item(call, self._options)
+        return [self._added(to_call_item(call, self._options, "in_progress")),
+                self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=self._index,
+                            delta=call.arguments),
+                self._event("response.function_call_arguments.done", item_id=item["id"], output_index=self._index,
+                            name=call.name, arguments=call.arguments),
+                self._done(item)]
+
+    def _added(self, item: dict) -> bytes:
+        return self._event("response.output_item.added", output_index=self._index, item=item)
+
+    def _done(self, item: dict) -> bytes:
+        event = self._event("response.output_item.done", output_index=self._index, item=item)
+        self._output.append(item)
+        return event
+
+
+def to_responses_body(answer: Answer, wanted: Request) -> dict:
+    return to_response(wanted, "resp_" + new_id(), int(time.time()), response_status(answer.finish),
+                       to_output(answer, wanted.options), answer.usage, chat_id=answer.chat_id)
+
+
+class StoredResponse(NamedTuple):
+    owner: str              # a hash of the key that asked for it: nobody else may read or continue it
+    response: dict          # what GET answers
+    turns: tuple[Turn, ...]  # its input and its output: what a response that continues it goes on from
+    expires: float          # loop time
+
+
+class ResponseStore:
+    """The most recent responses (RESPONSES_STORE of them, each for RESPONSES_TTL seconds), in
+    memory: lost on restart. Each holds its conversation's text (files are not kept)."""
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self._responses = BoundedMap(size)
+        self._ttl = ttl
+
+    def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        stored = self._responses.get(response_id)
+        if stored is None or stored.owner != owner or stored.expires < asyncio.get_running_loop().time():
+            return None
+        return stored
+
+    def put(self, owner: str, response: dict, turns: tuple[Turn, ...]) -> None:
+        expires = asyncio.get_running_loop().time() + self._ttl
+        self._responses[response["id"]] = StoredResponse(owner, response, turns, expires)
+
+    def delete(self, response_id: str, owner: str) -> bool:
+        return self.get(response_id, owner) is not None and self._responses.pop(response_id, None) is not None
+
+
+def response_turns(response: dict, options: ResponsesOptions) -> list[Turn]:
+    """A response's output items as the turns of the conversation that continues it."""
+    turns = []
+    for item in response["output"]:
+        if item["type"] == "message":
+            turns.append(Turn("assistant", "".join(part["text"] for part in item["content"]), "output"))
+        elif item["type"] == "function_call":
+            call = Call(item["call_id"], item["name"], item["arguments"])
+            if turns and turns[-1].role == "assistant":
+                turns[-1] = turns[-1]._replace(calls=turns[-1].calls + (call,))
+            else:
+                turns.append(Turn("assistant", "", "output", calls=(call,)))
+    return turns
+
+
+def response_not_found(response_id: str, param: str | None = None) -> ProxyError:
+    if param:
+        return ProxyError(400, f"Previous response with id '{loggable(response_id, 64)}' not found.",
+                          code="previous_response_not_found", param=param)
+    return ProxyError(404, f"No response with id '{loggable(response_id, 64)}' is stored here (they are kept "
+                      "for RESPONSES_TTL seconds, in memory)", code="not_found")
+
+
+class OpenAIResponses(ClientAPI):
+    def parse(self, body: dict, limits: Limits) -> Request:
+        return parse_responses(body, limits)
+
+    def prepare(self, wanted: Request, request: web.Request) -> Request:
+        """A request that continues a stored response goes on from its input and output
+        (`instructions` are not carried over)."""
+        options: ResponsesOptions = wanted.options
+        if options.previous_response_id is None:
+            return wanted
+        stored = request.app[RESPONSES].get(options.previous_response_id, request[CALLER])
+        if stored is None:
+            raise response_not_found(options.previous_response_id, "previous_response_id")
+        head, rest = wanted.turns[:options.instructions], wanted.turns[options.instructions:]
+        return dataclasses.replace(wanted, turns=(*head, *stored.turns, *rest))
+
+    def stream(self, wanted: Request, input_tokens: int) -> AnswerStream:
+        return ResponsesStream(wanted)
+
+    def to_body(self, answer: Answer, wanted: Request) -> dict:
+        return to_responses_body(answer, wanted)
+
+    def remember(self, request: web.Request, wanted: Request, result: dict) -> None:
+        options: ResponsesOptions = wanted.options
+        if options.store:
+            history = tuple(turn._replace(attachments=()) for turn in wanted.turns[options.instructions:])
+            request.app[RESPONSES].put(request[CALLER], result, history + tuple(response_turns(result, options)))
+
+    def error_body(self, error: ProxyError) -> tuple[int, dict]:
+        return error.status, openai_error(error)
+
+
+OPENAI_RESPONSES = OpenAIResponses()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4057,11 +4589,11 @@ class AnthropicMessages(ClientAPI):
     def parse(self, body: dict, limits: Limits) -> Request:
         return parse_messages(body, limits)
 
-    def prepare(self, wanted: Request, app: web.Application) -> Request:
+    def prepare(self, wanted: Request, request: web.Request) -> Request:
         """A Claude model name (Claude Code asks for its haiku, sonnet and opus tiers by name)
         means CLAUDE_MODEL; Kimi's own names mean what they say."""
         if wanted.model.lower().startswith("claude"):
-            return dataclasses.replace(wanted, kimi_model=app[CONFIG].claude_model)
+            return dataclasses.replace(wanted, kimi_model=request.app[CONFIG].claude_model)
         return wanted
 
     def stream(self, wanted: Request, input_tokens: int) -> AnswerStream:
@@ -4158,6 +4690,7 @@ def request_credentials(request: web.Request) -> list[str]:
     client's own comma-separated tokens."""
     config = request.app[CONFIG]
     value = bearer_value(request)
+    request[CALLER] = token_key(value)
     if config.kimi_tokens:
         if value and is_api_key(value, config.api_keys):
             return list(config.kimi_tokens)
@@ -4233,7 +4766,7 @@ async def answer(request: web.Request, api: ClientAPI) -> web.StreamResponse:
     request[CLIENT_API] = api
     credentials = request_credentials(request)
     app = request.app
-    wanted = api.prepare(api.parse(await read_json_object(request), app[LIMITS]), app)
+    wanted = api.prepare(api.parse(await read_json_object(request), app[LIMITS]), request)
     request[MODEL] = wanted.model
     question = plan(wanted, app[KIMI])
     session = KimiSession(app, credentials)
@@ -4241,7 +4774,10 @@ async def answer(request: web.Request, api: ClientAPI) -> web.StreamResponse:
         parts = answer_parts(session, wanted, question)
         if wanted.stream:
             renderer = api.stream(wanted, prompt_tokens(question))
-            return await stream_answer(request, renderer, parts, keep_alive=not wanted.must_call)
+            response = await stream_answer(request, renderer, parts, keep_alive=not wanted.must_call)
+            if renderer.result is not None:
+                api.remember(request, wanted, renderer.result)
+            return response
         async with app[OPEN_REQUESTS].track(), aclosing(parts):
             folded = await fold_answer(parts)
     except ProxyError:
@@ -4249,7 +4785,9 @@ async def answer(request: web.Request, api: ClientAPI) -> web.StreamResponse:
         raise
     finally:
         session.close()
-    return json_response(api.to_body(folded, wanted), headers={X_CONVERSATION_ID: folded.chat_id} if folded.chat_id else None)
+    body = api.to_body(folded, wanted)
+    api.remember(request, wanted, body)
+    return json_response(body, headers={X_CONVERSATION_ID: folded.chat_id} if folded.chat_id else None)
 
 
 async def stream_answer(request: web.Request, renderer: AnswerStream, batches: AsyncIterator[list[Part]],
@@ -4289,7 +4827,27 @@ async def stream_answer(request: web.Request, renderer: AnswerStream, batches: A
 
 
 CLIENT_APIS = {"/v1/chat/completions": CHAT_COMPLETIONS, "/chat/completions": CHAT_COMPLETIONS,
-               "/v1/messages": ANTHROPIC_MESSAGES}
+               "/v1/responses": OPENAI_RESPONSES, "/v1/messages": ANTHROPIC_MESSAGES}
+
+
+async def get_response(request: web.Request) -> web.Response:
+    """A stored response, to the key that asked for it."""
+    request[CLIENT_API] = OPENAI_RESPONSES
+    request_credentials(request)
+    response_id = request.match_info["response_id"]
+    stored = request.app[RESPONSES].get(response_id, request[CALLER])
+    if stored is None:
+        raise response_not_found(response_id)
+    return json_response(stored.response)
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    request[CLIENT_API] = OPENAI_RESPONSES
+    request_credentials(request)
+    response_id = request.match_info["response_id"]
+    if not request.app[RESPONSES].delete(response_id, request[CALLER]):
+        raise response_not_found(response_id)
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
 async def count_tokens(request: web.Request) -> web.Response:
@@ -4298,7 +4856,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     request[CLIENT_API] = ANTHROPIC_MESSAGES
     request_credentials(request)
     app = request.app
-    wanted = ANTHROPIC_MESSAGES.prepare(ANTHROPIC_MESSAGES.parse(await read_json_object(request), app[LIMITS]), app)
+    wanted = ANTHROPIC_MESSAGES.prepare(ANTHROPIC_MESSAGES.parse(await read_json_object(request), app[LIMITS]), request)
     request[MODEL] = wanted.model
     return json_response({"input_tokens": prompt_tokens(plan(wanted, app[KIMI]))})
 
@@ -4377,7 +4935,7 @@ def preflight(request: web.Request) -> web.Response:
     requested = request.headers.get("Access-Control-Request-Headers", "")
     allowed = {"authorization", "content-type"} | {h.strip().lower() for h in requested.split(",") if h.strip()}
     return web.Response(status=204, headers={
-        hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, OPTIONS",
+        hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
         hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(sorted(allowed)),
         hdrs.ACCESS_CONTROL_MAX_AGE: "86400",
     })
@@ -4471,13 +5029,6 @@ class RequestIdOnRecords(logging.Filter):
         return True
 
 
-def loggable(text: str, limit: int = 200) -> str:
-    """A client's string as it may appear in a log line: control characters escaped (no forged
-    lines), cut to a sane length."""
-    text = text[:limit]
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 class ServerLogGuard(logging.Filter):
     """On aiohttp's and asyncio's own loggers: no client bytes in a log line (aiohttp puts a
     malformed request's header line, token and all, into its exception message), and one message
@@ -4566,12 +5117,15 @@ def create_app(config: Config) -> web.Application:
     app[OPEN_REQUESTS] = OpenRequests()
     app[STARTED_AT] = time.monotonic()
     app[LIMITS] = Limits(config.max_messages, int(config.max_file_mb * 2**20))
+    app[RESPONSES] = ResponseStore(config.responses_store, config.responses_ttl)
     app.cleanup_ctx.append(kimi_client)
     app.on_shutdown.append(finish_open_requests)
     app.on_response_prepare.append(add_common_headers)
     for path, api in CLIENT_APIS.items():
         app.router.add_post(path, functools.partial(answer, api=api))
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
     for prefix in ("/v1", ""):
         app.router.add_get(prefix + "/models", list_models)
         app.router.add_get(prefix + "/models/{model_id:.+}", get_model)

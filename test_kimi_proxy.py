@@ -4517,6 +4517,415 @@ def test_anthropic_bodies_become_neutral_requests():
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI Responses (/v1/responses): the openai SDK, the Agents SDK, raw events, Codex
+# ---------------------------------------------------------------------------------------------
+
+
+TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+def responses_events(raw: bytes) -> list[dict]:
+    """The events of a Responses stream, checking what the openai SDK's helper and Codex rely on:
+    an `event:` line naming each event as its `type` does, sequence numbers 0, 1, 2..., created
+    then in_progress first with one response id throughout, every item added before its deltas
+    and done after them (same id and type), output indices 0, 1, 2..., a message's part added
+    before its text, and exactly one terminal event, last, whose output is every item done."""
+    assert b"\r" not in raw and raw.endswith(b"\n\n")
+    events = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        if block.startswith(":"):
+            continue
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), block
+        event = json.loads(data[len("data: "):])
+        assert event["type"] == name[len("event: "):]
+        events.append(event)
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    assert [event["type"] for event in events[:2]] == ["response.created", "response.in_progress"]
+    response_id = events[0]["response"]["id"]
+    assert re.fullmatch(r"resp_[A-Za-z0-9]{24}", response_id) and events[0]["response"]["output"] == []
+    assert events[0]["response"]["status"] == "in_progress"
+    terminal = [event for event in events if event["type"] in TERMINAL]
+    assert len(terminal) == 1 and terminal[0] is events[-1] and terminal[0]["response"]["id"] == response_id
+    added, done, parts = {}, [], set()
+    for event in events[2:-1]:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            assert event["output_index"] == len(added) == len(done)
+            assert event["item"]["type"] == "reasoning" or event["item"]["status"] == "in_progress"
+            added[event["output_index"]] = event["item"]
+        elif kind == "response.output_item.done":
+            item, first = event["item"], added[event["output_index"]]
+            assert (item["type"], item["id"], item.get("call_id")) == (first["type"], first["id"], first.get("call_id"))
+            done.append(item)
+        elif kind == "response.content_part.added":
+            parts.add(event["item_id"])
+        elif kind in ("response.output_text.delta", "response.output_text.done"):
+            assert event["item_id"] in parts and event["output_index"] == len(done) and event["content_index"] == 0
+        elif kind.startswith("response.function_call_arguments") or kind.startswith("response.reasoning_summary"):
+            assert event["output_index"] == len(done) and event["item_id"] == added[len(done)]["id"]
+    assert len(added) == len(done)
+    if terminal[0]["type"] != "response.failed":
+        assert terminal[0]["response"]["output"] == done
+        usage = terminal[0]["response"]["usage"]
+        assert set(usage) == {"input_tokens", "input_tokens_details", "output_tokens", "output_tokens_details", "total_tokens"}
+        assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
+    return events
+
+
+async def post_responses(http, proxy, token, **body) -> aiohttp.ClientResponse:
+    body.setdefault("model", "kimi")
+    body.setdefault("input", "用一句话介绍长城")
+    return await http.post(proxy + "/v1/responses", json=body, headers=auth(token))
+
+
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city now",
+                  "parameters": WEATHER["function"]["parameters"], "strict": False}
+
+
+@BOTH_DIALECTS
+async def test_responses_create_through_the_sdk(sdk, kimi):
+    response = await sdk.responses.create(model="kimi", instructions="你是导游", input="用一句话介绍长城")
+    assert re.fullmatch(r"resp_[A-Za-z0-9]{24}", response.id) and response.object == "response"
+    assert response.status == "completed" and response.output_text == "".join(ANSWER)
+    (message,) = response.output
+    assert message.type == "message" and message.id.startswith("msg_") and message.content[0].type == "output_text"
+    (seen,) = kimi.completions
+    assert seen["prompt"] == "system:你是导游\nsystem:关注用户最新的消息\nuser:用一句话介绍长城"
+    assert response.usage.input_tokens == kp.estimate_tokens(len(seen["prompt"].encode()))
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    await kimi.wait_deleted(1)
+    assert kimi.live_chats == []
+
+
+async def test_responses_stream_with_reasoning_text_and_a_call(sdk, kimi, http, proxy, token):
+    kimi.replies = ["我查一下。\n" + block(unit="C")]
+    async with sdk.responses.stream(model="kimi-thinking", input=ASK, tools=[RESPONSES_TOOL]) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_response()
+    kinds = [item.type for item in final.output]
+    assert kinds == ["reasoning", "message", "function_call"], kinds
+    reasoning, message, call = final.output
+    assert reasoning.summary[0].text == "".join(THINKING) and message.content[0].text == "我查一下。"
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris", "unit": "C"})
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_") and call.status == "completed"
+    kimi.replies = ["我查一下。\n" + block(unit="C")]
+    response = await post_responses(http, proxy, token, model="kimi-thinking", input=ASK, tools=[RESPONSES_TOOL],
+                                    stream=True)
+    assert response.status == 200
+    events = responses_events(await response.read())
+    assert events[-1]["type"] == "response.completed"
+    await kimi.wait_deleted(2)
+
+
+async def test_a_function_call_output_round_trip(sdk, kimi):
+    kimi.replies = [block()]
+    first = await sdk.responses.create(model="kimi", input=ASK, tools=[RESPONSES_TOOL], store=False)
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    kimi.replies = ["巴黎 18 度，晴。"]
+    history = [{"role": "user", "content": ASK},
+               {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments,
+                "id": call.id, "status": "completed"},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "18C, sunny"}]
+    final = await sdk.responses.create(model="kimi", input=history, tools=[RESPONSES_TOOL], store=False)
+    assert final.output_text == "巴黎 18 度，晴。"
+    prompt = kimi.completions[1]["prompt"]
+    assert (f'user:{ASK}\nassistant:<tool_call>\n{{"name":"get_weather","arguments":{{"city":"Paris"}}}}\n</tool_call>\n'
+            'system:关注用户最新的消息\ntool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>') in prompt
+    await kimi.wait_deleted(2)
+
+
+async def test_responses_json_schema_answers(sdk, kimi):
+    kimi.replies = ['{"city": "巴黎", "temp": "18"}', '{"city": "巴黎", "temp": 18}']
+    schema = SCHEMA_FORMAT["json_schema"]["schema"]
+    response = await sdk.responses.create(model="kimi", input=ASK, text={"format": {
+        "type": "json_schema", "name": "weather", "schema": schema, "strict": True}})
+    assert json.loads(response.output_text) == {"city": "巴黎", "temp": 18}
+    assert "'temp' must be integer" in kimi.completions[1]["prompt"]
+    await kimi.wait_deleted(1)
+
+
+async def test_previous_response_id_get_and_delete(sdk, kimi):
+    import openai as openai_module
+
+    first = await sdk.responses.create(model="kimi", instructions="只说中文", input="用一句话介绍长城")
+    kimi.replies = ["是的。"]
+    second = await sdk.responses.create(model="kimi", input="scenario:reply 它长吗？", previous_response_id=first.id)
+    assert second.previous_response_id == first.id and second.output_text == "是的。"
+    prompt = kimi.completions[1]["prompt"]
+    assert prompt == f"user:用一句话介绍长城\nassistant:{''.join(ANSWER)}\nsystem:关注用户最新的消息\nuser:scenario:reply 它长吗？"
+    assert (await sdk.responses.retrieve(first.id)).output_text == "".join(ANSWER)
+    deleted = await sdk.with_raw_response.responses.delete(first.id)
+    assert deleted.http_response.json() == {"id": first.id, "object": "response.deleted", "deleted": True}
+    with pytest.raises(openai_module.NotFoundError):
+        await sdk.responses.retrieve(first.id)
+    with pytest.raises(openai_module.BadRequestError) as caught:
+        await sdk.responses.create(model="kimi", input="再说一次", previous_response_id=first.id)
+    assert (caught.value.code, caught.value.param) == ("previous_response_not_found", "previous_response_id")
+    unstored = await sdk.responses.create(model="kimi", input="hi", store=False)
+    with pytest.raises(openai_module.NotFoundError):
+        await sdk.responses.retrieve(unstored.id)
+    await kimi.wait_deleted(3)
+    assert kimi.live_chats == []
+
+
+async def test_a_stored_response_belongs_to_the_key_that_asked(http, proxy, kimi, token):
+    other = kimi.add_user()
+    body = await (await post_responses(http, proxy, token)).json()
+    assert (await http.get(f"{proxy}/v1/responses/{body['id']}", headers=auth(token))).status == 200
+    assert (await http.get(f"{proxy}/v1/responses/{body['id']}", headers=auth(other))).status == 404
+    response = await post_responses(http, proxy, other, previous_response_id=body["id"])
+    assert response.status == 400
+    assert_envelope(await response.json(), "previous_response_not_found", "previous_response_id")
+
+
+async def test_what_codex_sends_is_accepted(http, proxy, token, kimi):
+    """The shape of Codex 0.171's first request (CLIENT_APIS.md §4): developer messages, a
+    namespace, web search and tools Kimi cannot run, reasoning and text options, store false."""
+    body = {"model": "kimi", "instructions": None, "stream": True, "store": False, "parallel_tool_calls": True,
+            "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+                      {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "scenario:reply 列出文件"}]}],
+            "tools": [{"type": "function", "name": "exec_command", "description": "Runs a command", "strict": False,
+                       "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}},
+                      {"type": "namespace", "name": "multi_agent_v1", "description": "agents",
+                       "tools": [{"type": "function", "name": "spawn_agent", "parameters": {"type": "object"}}]},
+                      {"type": "web_search", "external_web_access": False},
+                      {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark"}},
+                      {"type": "tool_search"}],
+            "tool_choice": "auto", "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"],
+            "prompt_cache_key": "k", "client_metadata": {"x": "y"}, "text": {"verbosity": "low"}, "truncation": "auto",
+            "service_tier": "auto", "metadata": {}, "temperature": 1, "top_p": 1}
+    kimi.replies = ['<tool_call>\n{"name": "spawn_agent", "arguments": {}}\n</tool_call>']
+    response = await http.post(proxy + "/v1/responses", json=body, headers={
+        **auth(token), "session-id": "s", "originator": "codex_exec", "Accept": "text/event-stream"})
+    assert response.status == 200
+    events = responses_events(await response.read())
+    (call,) = [item for item in events[-1]["response"]["output"] if item["type"] == "function_call"]
+    assert (call["name"], call["namespace"], call["arguments"]) == ("spawn_agent", "multi_agent_v1", "{}")
+    (seen,) = kimi.completions
+    assert seen["search"] is True and '"name":"exec_command"' in seen["prompt"] and "apply_patch" not in seen["prompt"]
+    assert "system:You are Codex." in seen["prompt"]
+
+
+async def test_responses_tool_choice_forms(http, proxy, token, kimi):
+    for choice, expected in (("required", "must call at least one"), ({"type": "function", "name": "get_time"},
+                                                                        "must call the function get_time"),
+                             ({"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]},
+                              "must call at least one")):
+        kimi.replies = [block("get_time")]
+        response = await post_responses(http, proxy, token, input=ASK, tool_choice=choice,
+                                        tools=[RESPONSES_TOOL, {"type": "function", **TIME["function"]}])
+        assert response.status == 200 and (await response.json())["output"][0]["name"] == "get_time"
+        assert expected in kimi.completions[-1]["prompt"]
+    assert '"name":"get_weather"' not in kimi.completions[-1]["prompt"]  # allowed_tools leaves the others out
+    kimi.replies = ["不用工具。"]
+    response = await post_responses(http, proxy, token, input=ASK, tools=[RESPONSES_TOOL], tool_choice="none")
+    assert response.status == 200 and "<tool_call>" not in kimi.completions[-1]["prompt"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": 5}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input[0].content[0]"),
+    ({"input": [{"type": "function_call_output", "call_id": 5, "output": "x"}]}, "input[0].call_id"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}, "input[0].content[0]"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "has space"}]}, "tools[0].name"),
+    ({"input": "hi", "tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
+    ({"input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+    ({"input": "hi", "instructions": 5}, "instructions"),
+])
+def test_bad_responses_bodies_name_the_field(body, param):
+    with pytest.raises(kp.ProxyError) as caught:
+        kp.parse_responses(body, LIMITS)
+    assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_responses_bodies_become_neutral_requests():
+    wanted = kp.parse_responses({
+        "model": "kimi-x", "instructions": "be brief", "reasoning": {"effort": "xhigh", "summary": "auto"},
+        "parallel_tool_calls": False, "tools": [RESPONSES_TOOL], "tool_choice": {"type": "function", "name": "get_weather"},
+        "input": [{"content": "q", "role": "user"},
+                  {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"P"}'},
+                  {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_text", "text": "18C"}]},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and"},
+                                                                   {"type": "input_image", "image_url": "https://a.example/i.png"}]}]},
+        LIMITS)
+    assert (wanted.reasoning_effort, wanted.tools.only, wanted.tools.parallel) == ("high", "get_weather", False)
+    assert [(t.role, t.text, t.call_id) for t in wanted.turns] == [
+        ("system", "be brief", None), ("user", "q", None), ("assistant", "", None), ("tool", "18C", "c1"), ("user", "and", None)]
+    assert wanted.turns[2].calls == (kp.Call("c1", "get_weather", '{"city":"P"}'),)
+    assert [a.url for a in wanted.turns[-1].attachments] == ["https://a.example/i.png"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_errors(http, proxy, token, kimi, stream):
+    response = await http.post(proxy + "/v1/responses", json={"model": "kimi", "input": "hi", "stream": stream})
+    assert response.status == 401 and assert_envelope(await response.json(), "invalid_api_key")
+    response = await post_responses(http, proxy, token, stream=stream, input="scenario:error_first")
+    assert response.status == 502 and assert_envelope(await response.json(), "upstream_error")
+    kimi.rate_limited.add(kimi.user_of(token))
+    response = await post_responses(http, proxy, token, stream=stream)
+    assert response.status == 429 and response.headers["Retry-After"] == "7"
+    kimi.rate_limited.clear()
+    await kimi.wait_deleted(len(kimi.created))
+
+
+async def test_a_failure_mid_stream_is_a_failed_response(sdk, http, proxy, token, kimi):
+    response = await post_responses(http, proxy, token, stream=True, input="scenario:error")
+    events = responses_events(await response.read())
+    failed = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and failed["status"] == "failed"
+    assert failed["error"]["code"] == "server_error" and "Kimi 现在有点累了" in failed["error"]["message"]
+    assert kp.response_error(kp.RateLimited("Kimi is rate limiting this account", 12)) == {
+        "code": "rate_limit_exceeded", "message": "Kimi is rate limiting this account Please try again in 12s."}
+    assert kp.response_error(kp.QuotaExhausted("used up"))["code"] == "insufficient_quota"
+    await kimi.wait_deleted(1)
+
+
+async def test_responses_keep_alive_and_citations(start_proxy, http, token, kimi):
+    proxy = await start_proxy(KEEPALIVE_INTERVAL="0.2")
+    response = await post_responses(http, proxy, token, stream=True, input="scenario:slow")
+    raw = await response.read()
+    assert b": keep-alive\n\n" in raw
+    responses_events(raw)
+    body = await (await post_responses(http, proxy, token, model="kimi-search", input="今天杭州天气怎么样")).json()
+    (message,) = body["output"]
+    text, annotations = message["content"][0]["text"], message["content"][0]["annotations"]
+    assert [(a["type"], a["url"], a["title"]) for a in annotations] == [("url_citation", url, title) for title, url in SOURCES]
+    assert [text[a["start_index"]:a["end_index"]] for a in annotations] == [
+        f"【检索 {n}】 [{title}]({url})" for n, (title, url) in enumerate(SOURCES, 1)]
+    streamed = responses_events(await (await post_responses(http, proxy, token, model="kimi-search", stream=True,
+                                                            input="今天杭州天气怎么样")).read())
+    added = [event["annotation"] for event in streamed if event["type"] == "response.output_text.annotation.added"]
+    assert added == streamed[-1]["response"]["output"][0]["content"][0]["annotations"] == annotations
+
+
+def test_responses_stream_bytes_exactly(monkeypatch):
+    ids = iter(f"{n:024d}" for n in range(1, 10))
+    monkeypatch.setattr(kp, "new_id", lambda: next(ids))
+    monkeypatch.setattr(kp.time, "time", lambda: 1700000000.5)
+    wanted = kp.parse_responses({"model": "kimi", "input": "q", "store": False}, LIMITS)
+    stream = kp.ResponsesStream(wanted)
+    out = stream.opening() + stream.feed([kp.Part(kp.REASONING, "想"), kp.Part(kp.TEXT, "好"),
+                                          kp.Part(kp.CALLS, (kp.Call("c" * 24, "f", '{"a":1}'),)),
+                                          kp.Part(kp.FINISH, kp.CALLS_FINISH), kp.Part(kp.USAGE, kp.Usage(3, 2, 1))]) \
+        + stream.end()
+    echo = ('"previous_response_id":null,"store":false,"usage":{usage},"instructions":null,"max_output_tokens":null,'
+            '"metadata":null,"temperature":null,"top_p":null,"reasoning":null,"text":{"format":{"type":"text"}},'
+            '"truncation":"disabled","service_tier":null,"tools":[],"tool_choice":"auto","parallel_tool_calls":true')
+    resp = "resp_" + f"{1:024d}"
+    rs, msg, fc, call = "rs_" + f"{2:024d}", "msg_" + f"{3:024d}", "fc_" + "c" * 24, "call_" + "c" * 24
+
+    def response(status: str, output: str, usage: str = "null") -> str:
+        return ('{"id":"' + resp + '","object":"response","created_at":1700000000,"status":"' + status + '","error":null,'
+                '"incomplete_details":null,"model":"kimi","output":[' + output + '],' + echo.replace("{usage}", usage) + "}")
+
+    reasoning = '{"type":"reasoning","id":"' + rs + '","summary":[{"type":"summary_text","text":"想"}]}'
+    message = ('{"type":"message","id":"' + msg + '","role":"assistant","status":"completed","content":[{"type":'
+               '"output_text","text":"好","annotations":[],"logprobs":[]}]}')
+    function = ('{"type":"function_call","id":"' + fc + '","call_id":"' + call + '","name":"f","arguments":"{\\"a\\":1}",'
+                '"status":"completed"}')
+    events = [
+        ("response.created", '"response":' + response("in_progress", "")),
+        ("response.in_progress", '"response":' + response("in_progress", "")),
+        ("response.output_item.added", '"output_index":0,"item":{"type":"reasoning","id":"' + rs + '","summary":[]}'),
+        ("response.reasoning_summary_part.added", '"item_id":"' + rs + '","output_index":0,"summary_index":0,'
+         '"part":{"type":"summary_text","text":""}'),
+        ("response.reasoning_summary_text.delta", '"item_id":"' + rs + '","output_index":0,"summary_index":0,"delta":"想"'),
+        ("response.reasoning_summary_text.done", '"item_id":"' + rs + '","output_index":0,"summary_index":0,"text":"想"'),
+        ("response.reasoning_summary_part.done", '"item_id":"' + rs + '","output_index":0,"summary_index":0,'
+         '"part":{"type":"summary_text","text":"想"}'),
+        ("response.output_item.done", '"output_index":0,"item":' + reasoning),
+        ("response.output_item.added", '"output_index":1,"item":{"type":"message","id":"' + msg + '","role":"assistant",'
+         '"status":"in_progress","content":[]}'),
+        ("response.content_part.added", '"item_id":"' + msg + '","output_index":1,"content_index":0,'
+         '"part":{"type":"output_text","text":"","annotations":[]}'),
+        ("response.output_text.delta", '"item_id":"' + msg + '","output_index":1,"content_index":0,"delta":"好","logprobs":[]'),
+        ("response.output_text.done", '"item_id":"' + msg + '","output_index":1,"content_index":0,"text":"好","logprobs":[]'),
+        ("response.content_part.done", '"item_id":"' + msg + '","output_index":1,"content_index":0,'
+         '"part":{"type":"output_text","text":"好","annotations":[],"logprobs":[]}'),
+        ("response.output_item.done", '"output_index":1,"item":' + message),
+        ("response.output_item.added", '"output_index":2,"item":{"type":"function_call","id":"' + fc + '","call_id":"'
+         + call + '","name":"f","arguments":"","status":"in_progress"}'),
+        ("response.function_call_arguments.delta", '"item_id":"' + fc + '","output_index":2,"delta":"{\\"a\\":1}"'),
+        ("response.function_call_arguments.done", '"item_id":"' + fc + '","output_index":2,"name":"f","arguments":"{\\"a\\":1}"'),
+        ("response.output_item.done", '"output_index":2,"item":' + function),
+        ("response.completed", '"response":' + response("completed", ",".join([reasoning, message, function]),
+                                                        '{"input_tokens":3,"input_tokens_details":{"cached_tokens":0},'
+                                                        '"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1},'
+                                                        '"total_tokens":5}')),
+    ]
+    assert out.decode() == "".join(f'event: {name}\ndata: {{"type":"{name}","sequence_number":{n},{fields}}}\n\n'
+                                   for n, (name, fields) in enumerate(events))
+
+
+async def test_the_agents_sdk_runs_a_function_tool(proxy, token, kimi):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)  # else it uploads traces to OpenAI, with the Kimi token as the key
+    client = openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=token, max_retries=0)
+    ran = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        ran.append(city)
+        return "18C, sunny"
+
+    agent = agents.Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather],
+                         model=agents.OpenAIResponsesModel(model="kimi", openai_client=client))
+    kimi.replies = [block(), "巴黎 18 度，晴。"]
+    result = await agents.Runner.run(agent, ASK)
+    assert result.final_output == "巴黎 18 度，晴。" and ran == ["Paris"]
+    second = kimi.completions[1]["prompt"]
+    assert second.startswith("system:Answer with the tool.") or "system:Answer with the tool." in second
+    assert '<tool_result name="get_weather">\n18C, sunny\n</tool_result>' in second
+    kimi.replies = [block(city="Rome"), "罗马 20 度。"]
+    streamed = agents.Runner.run_streamed(agent, ASK)
+    async for _ in streamed.stream_events():
+        pass
+    assert streamed.final_output == "罗马 20 度。" and ran == ["Paris", "Rome"]
+    await client.close()
+    await kimi.wait_deleted(4)
+    assert kimi.live_chats == []
+
+
+async def test_codex_runs_a_command_kimi_calls_and_finishes(proxy, token, kimi, tmp_path):
+    codex = real_client("codex")
+    home = tmp_path / "codex"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        'model = "kimi"\nmodel_provider = "kimi"\ncheck_for_update_on_startup = false\n'
+        '[analytics]\nenabled = false\n'
+        f'[model_providers.kimi]\nname = "Kimi"\nbase_url = "{proxy}/v1"\nenv_key = "KIMI_TOKEN"\nwire_api = "responses"\n'
+        'request_max_retries = 0\nstream_max_retries = 0\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    kimi.replies = ['我来运行。\n<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo kimi-was-here | tee proof.txt"}}\n'
+                    '</tool_call>', "文件已写好。"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CODEX_HOME": str(home), "KIMI_TOKEN": token}
+    code, out, err = await run_client([codex, "exec", "--skip-git-repo-check", "--json", "-s", "workspace-write",
+                                       "scenario:reply 把 kimi-was-here 写进 proof.txt"], env, str(work))
+    assert code == 0, (out[-2000:], err[-2000:])
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    messages = [e["item"]["text"] for e in events if e.get("type") == "item.completed" and e["item"].get("type") == "agent_message"]
+    # (Codex offers web search, so the fake Kimi's answer starts with its sources)
+    assert messages[-1].endswith("文件已写好。") and any(e.get("type") == "turn.completed" for e in events)
+    assert (work / "proof.txt").read_text() == "kimi-was-here\n"
+    first, second = [c for c in kimi.completions if "scenario:reply" in c["prompt"]]
+    assert '"name":"exec_command"' in first["prompt"]
+    assert '<tool_result name="exec_command">' in second["prompt"] and "kimi-was-here" in second["prompt"]
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+# ---------------------------------------------------------------------------------------------
 # The real coding agents: Claude Code and Codex, installed from npm (pinned) by .ci/run
 # ---------------------------------------------------------------------------------------------
 
