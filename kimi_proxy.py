@@ -3928,7 +3928,7 @@ def to_reasoning_item(item_id: str, text: str) -> dict:
 def to_message_item(item_id: str, text: str, annotations: list[dict], status: str = "completed") -> dict:
     return {"type": "message", "id": item_id, "role": "assistant", "status": status,
             "content": [{"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}] if text
-            or status == "completed" else []}
+            or status != "in_progress" else []}
 
 
 def to_call_item(call: Call, options: ResponsesOptions, status: str = "completed") -> dict:
@@ -4033,8 +4033,10 @@ class ResponsesStream(AnswerStream):
         return b"".join(out)
 
     def error(self, error: ProxyError) -> bytes:
+        """The open item ends incomplete, then the response fails (its terminal event)."""
         self._failed = True
-        return self._event("response.failed", response=self._response("failed", error=response_error(error)))
+        out = self._close("incomplete")
+        return b"".join(out) + self._event("response.failed", response=self._response("failed", error=response_error(error)))
 
     def end(self) -> bytes:
         if self._failed:  # response.failed was the terminal event
@@ -4082,7 +4084,7 @@ class ResponsesStream(AnswerStream):
         return [self._event("response.output_text.annotation.added", item_id=self._item_id, output_index=self._index,
                             content_index=0, annotation_index=len(self._annotations) - 1, annotation=annotation)]
 
-    def _close(self) -> list[bytes]:
+    def _close(self, status: str = "completed") -> list[bytes]:
         """End the open item: its text done, its part done, the item done with all it holds."""
         if self._open is None:
             return []
@@ -4095,7 +4097,7 @@ class ResponsesStream(AnswerStream):
                    self._event("response.reasoning_summary_part.done", item_id=item_id, output_index=index,
                                summary_index=0, part=part)]
         else:
-            item = to_message_item(item_id, text, self._annotations)
+            item = to_message_item(item_id, text, self._annotations, status)
             out = [self._event("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
                                text=text, logprobs=[]),
                    self._event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
