@@ -2165,6 +2165,24 @@ async def test_client_disconnect_closes_kimi_stream_and_deletes_chat(http, proxy
     assert len(kimi.completions) == 1
 
 
+API_BODIES = {  # one streamed question in each client API's shape
+    "/v1/chat/completions": lambda text: {"model": "kimi", "stream": True, "messages": user(text)},
+    "/v1/responses": lambda text: {"model": "kimi", "stream": True, "input": text},
+    "/v1/messages": lambda text: {"model": "kimi", "stream": True, "max_tokens": 64, "messages": user(text)},
+}
+
+
+@pytest.mark.parametrize("path", API_BODIES)
+async def test_every_client_api_deletes_the_chat_when_its_client_leaves(http, proxy, token, kimi, path):
+    response = await http.post(proxy + path, json=API_BODIES[path]("scenario:endless"), headers=auth(token))
+    async for line in response.content:
+        if b'0 ' in line:
+            break
+    response.close()
+    await kimi.wait_deleted(1, timeout=2)
+    assert kimi.closed_streams == kimi.created
+
+
 async def test_deletion_does_not_delay_the_answer(http, proxy, token, kimi):
     kimi.hold_deletes = asyncio.Event()
     response = await post_chat(http, proxy, token)
@@ -4984,6 +5002,40 @@ async def test_claude_code_runs_a_tool_kimi_calls_and_finishes(proxy, token, kim
 # ---------------------------------------------------------------------------------------------
 # The benchmark (its numbers are for people to read; here it only has to run)
 # ---------------------------------------------------------------------------------------------
+
+
+def test_each_section_of_the_module_uses_only_the_sections_above_it():
+    """The module reads top-down: a name defined in a numbered section is used only by that
+    section and the ones below it (annotations aside: they are strings)."""
+    import ast
+
+    with open(kp.__file__, encoding="utf-8") as module:
+        source = module.read()
+    starts = [(number, int(match[1])) for number, line in enumerate(source.split("\n"), 1)
+              if (match := re.match(r"# §(\d+) ", line))]
+    assert [section for _, section in starts] == list(range(1, len(starts) + 1))
+
+    def section_of(line: int) -> int:
+        return max([section for start, section in starts if start <= line], default=0)
+
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", node)]
+        for target in targets:
+            for name in ([target.name] if hasattr(target, "name") else
+                         [n.id for n in ([target] if isinstance(target, ast.Name) else getattr(target, "elts", []))
+                          if isinstance(n, ast.Name)]):
+                defined.setdefault(name, section_of(node.lineno))
+    backwards = []
+    for node in tree.body:
+        local = {sub.arg for sub in ast.walk(node) if isinstance(sub, ast.arg)} | \
+            {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Load)}
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id not in local \
+                    and defined.get(sub.id, 0) > section_of(node.lineno):
+                backwards.append(f"line {node.lineno} uses {sub.id} of §{defined[sub.id]}")
+    assert backwards == []
 
 
 @pytest.mark.parametrize("dialect_name", ["connect", "legacy"])
