@@ -18,19 +18,19 @@ How a request flows, and the sections below in that order (each uses only those 
     client body -> Request -> Question -> KimiSession -> events -> parts -> client API
 
     §1  Configuration            §11 The neutral answer: events -> parts -> Answer
-    §2  Errors                   §12 Tools and JSON answers (emulated, checked, repaired)
-    §3  App and request keys     §13 The core: plan (Request -> Question), answer parts
-    §4  Files                    §14 Server-sent events: framing, the writer, renderers
-    §5  Kimi over HTTP, shared   §15 Client API: Chat Completions
-    §6  The legacy dialect       §16 Client API: Responses
-                                 §17 Client API: Anthropic Messages
-    §7  Connect: the wire        §18 HTTP: credentials, bodies, the answer handler, errors, logs
-    §8  Connect: models, client  §19 App factory
-    §9  A request's use of Kimi  §20 main
-    §10 The neutral request
+    §2  Errors                   §12 JSON as Kimi writes it: read leniently, schema checks
+    §3  App and request keys     §13 Tools and JSON answers (emulated, checked, repaired)
+    §4  Files                    §14 The core: plan (Request -> Question), answer parts
+    §5  Kimi over HTTP, shared   §15 Server-sent events: framing, the writer, renderers
+    §6  The legacy dialect       §16 Client API: Chat Completions
+    §7  Connect: the wire        §17 Client API: Responses
+    §8  Connect: models, client  §18 Client API: Anthropic Messages
+    §9  A request's use of Kimi  §19 HTTP: credentials, bodies, the answer handler, errors, logs
+    §10 The neutral request      §20 App factory
+                                 §21 main
 
-The Kimi side (§4-§9) never names a client API; a client API (§15-§17) never names a dialect; the
-core (§10-§13) names neither wire format.
+The Kimi side (§4-§9) never names a client API; a client API (§16-§18) never names a dialect; the
+core (§10-§14) names neither wire format.
 
 Settings (environment; ``--host`` and ``--port`` flags win over HOST and PORT):
     HOST, PORT                 where to listen (0.0.0.0, 8000)
@@ -76,6 +76,7 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
+import json
 import logging
 import math
 import mimetypes
@@ -684,7 +685,7 @@ REASONING_EFFORTS = {"none": 0, "minimal": 1, "low": 2, "medium": 3, "high": 4}
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Question:
-    """What Kimi is asked for one answer, in Kimi's terms: planned from a client's request (§12),
+    """What Kimi is asked for one answer, in Kimi's terms: planned from a client's request (§14),
     asked by a dialect."""
 
     model: str                   # the name Kimi's model is chosen by
@@ -2764,7 +2765,262 @@ async def fold_answer(batches: AsyncIterator[list[Part]]) -> Answer:
 
 
 # ---------------------------------------------------------------------------------------------
-# §12 Tools and JSON answers: Kimi's web chat has no functions, so they are emulated by prompting
+# §12 JSON as Kimi writes it: read leniently, checked against the schema the client gave
+# ---------------------------------------------------------------------------------------------
+
+
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+JSON_FENCE = re.compile(r"\s*```[\w-]*[ \t]*\n(.*?)\n?[ \t]*```\s*", re.S)
+
+
+def no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Python's reader, not orjson's: it keeps integers past 64 bits exact
+JSON_READER = json.JSONDecoder(parse_constant=no_constants)
+
+
+def read_json(text: str) -> tuple[object, str] | None:
+    """(the value, the JSON text it was read from) of text that is one JSON value, read the way a
+    lenient reader would: raw newlines, tabs and other control characters inside strings (common
+    when the value holds code) are escaped first. None when it is no JSON even so."""
+    text = text.strip()
+    for candidate in (text, escape_controls(text)):
+        try:
+            return JSON_READER.decode(candidate), candidate
+        except ValueError:
+            continue
+    return None
+
+
+def escape_controls(text: str) -> str:
+    """The control characters inside the JSON strings of `text`, escaped (nothing else changes)."""
+    return JSON_STRING.sub(lambda string: CONTROL_CHARACTER.sub(lambda c: f"\\u{ord(c[0]):04x}", string[0]), text)
+
+
+def inside_string(text: str) -> bool:
+    """Whether JSON text ends inside a string (so a closing mark found here is part of a value)."""
+    return '"' in JSON_STRING.sub("", text)
+
+
+def member_text(text: str, name: str) -> str | None:
+    """The JSON text of member `name` of the object that `text` (valid JSON) is, exactly as
+    written: what the client gets keeps Kimi's numbers and spacing (the last, if it repeats)."""
+    at = JSON_SPACE.match(text, 0).end()
+    if text[at:at + 1] != "{":
+        return None
+    found, at = None, JSON_SPACE.match(text, at + 1).end()
+    while text[at:at + 1] == '"':
+        key, at = json.decoder.scanstring(text, at + 1)
+        at = JSON_SPACE.match(text, JSON_SPACE.match(text, at).end() + 1).end()  # past the colon
+        end = JSON_READER.raw_decode(text, at)[1]
+        found = text[at:end] if key == name else found
+        at = JSON_SPACE.match(text, end).end()
+        at = JSON_SPACE.match(text, at + 1).end() if text[at:at + 1] == "," else at
+    return found
+
+
+def unfenced(text: str) -> str:
+    """Text without a code fence around all of it (Kimi fences JSON it was told not to fence)."""
+    fenced = JSON_FENCE.fullmatch(text)
+    return fenced[1] if fenced else text
+
+
+# The JSON Schema that tools and structured outputs use, checked recursively: type, properties,
+# required, additionalProperties, items and prefixItems, enum, const, anyOf / oneOf / allOf, $ref
+# to $defs or definitions, string lengths and pattern, numeric bounds and multipleOf, array and
+# object sizes. Other keywords (format, title, description, default...) are not checked.
+JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
+              "boolean": bool, "null": type(None)}
+MAX_SCHEMA_DEPTH = 64  # $refs followed before a (recursive) schema is taken as holding
+
+
+def schema_problem(value: object, schema: object) -> str | None:
+    """What in `value` breaks the JSON schema, at its path (`location.city: expected string`),
+    or None when it holds."""
+    return SchemaCheck(schema).problem(value, schema, "", 0)
+
+
+class SchemaCheck:
+    def __init__(self, root: object) -> None:
+        self._root = root
+
+    def problem(self, value: object, schema: object, path: str, depth: int) -> str | None:
+        if schema is False:
+            return f"{where(path)}: not allowed here"
+        if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
+            return None
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            problem = self.problem(value, self._resolve(ref), path, depth + 1)
+            if problem:
+                return problem
+        for check in (type_problem, value_problem, size_problem):
+            problem = check(value, schema, path)
+            if problem:
+                return problem
+        return self._combined(value, schema, path, depth) or self._inside(value, schema, path, depth)
+
+    def _resolve(self, ref: str) -> object:
+        """A local reference (#/$defs/Name, #/definitions/Name, any JSON pointer); others hold."""
+        if not ref.startswith("#"):
+            return None
+        target = self._root
+        for step in filter(None, ref[1:].split("/")):
+            step = step.replace("~1", "/").replace("~0", "~")
+            target = target.get(step) if isinstance(target, dict) else \
+                target[int(step)] if isinstance(target, list) and step.isdigit() and int(step) < len(target) else None
+        return target
+
+    def _combined(self, value: object, schema: dict, path: str, depth: int) -> str | None:
+        for part in schema.get("allOf") if isinstance(schema.get("allOf"), list) else ():
+            problem = self.problem(value, part, path, depth + 1)
+            if problem:
+                return problem
+        for keyword in ("anyOf", "oneOf"):
+            choices = schema.get(keyword)
+            if not isinstance(choices, list) or not choices:
+                continue
+            problems = [self.problem(value, choice, path, depth + 1) for choice in choices]
+            matched = problems.count(None)
+            if not matched:
+                return f"{where(path)}: matches none of the schemas it may ({min(problems, key=len)})"
+            if keyword == "oneOf" and matched > 1:
+                return f"{where(path)}: matches more than one of the schemas of its oneOf"
+        return None
+
+    def _inside(self, value: object, schema: dict, path: str, depth: int) -> str | None:
+        """The members of an object and the items of an array."""
+        if isinstance(value, dict):
+            required = schema.get("required")
+            for name in required if isinstance(required, list) else ():
+                if isinstance(name, str) and name not in value:
+                    return f"{joined(path, name)}: missing (required)"
+            properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+            extra = schema.get("additionalProperties", True)
+            for name, member in value.items():
+                problem = self.problem(member, properties[name], joined(path, name), depth + 1) if name in properties \
+                    else f"{joined(path, name)}: not allowed (no such property)" if extra is False \
+                    else self.problem(member, extra, joined(path, name), depth + 1)
+                if problem:
+                    return problem
+        elif isinstance(value, list):
+            prefix = schema.get("prefixItems") if isinstance(schema.get("prefixItems"), list) else []
+            items = schema.get("items", True)
+            for index, item in enumerate(value):
+                part = prefix[index] if index < len(prefix) else items
+                problem = self.problem(item, part, f"{path}[{index}]", depth + 1)
+                if problem:
+                    return problem
+        return None
+
+
+def where(path: str) -> str:
+    return path or "the value"
+
+
+def joined(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def is_json_type(value: object, kind: str) -> bool:
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, JSON_TYPES[kind])
+
+
+def same_json(a: object, b: object) -> bool:
+    """JSON equality: 1 and 1.0 are the same number, true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(same_json, a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def type_problem(value: object, schema: dict, path: str) -> str | None:
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    kinds = [kind for kind in kinds if kind in JSON_TYPES]
+    if kinds and not any(is_json_type(value, kind) for kind in kinds):
+        return f"{where(path)}: expected {' or '.join(kinds)}"
+    return None
+
+
+def value_problem(value: object, schema: dict, path: str) -> str | None:
+    """enum and const."""
+    enum = schema.get("enum")
+    if isinstance(enum, list) and not any(same_json(value, allowed) for allowed in enum):
+        return f"{where(path)}: expected one of {json.dumps(enum, ensure_ascii=False)}"
+    if "const" in schema and not same_json(value, schema["const"]):
+        return f"{where(path)}: expected {json.dumps(schema['const'], ensure_ascii=False)}"
+    return None
+
+
+def size_problem(value: object, schema: dict, path: str) -> str | None:
+    """The bounds of strings, numbers, arrays and objects."""
+    if isinstance(value, str):
+        return bound_problem(len(value), schema, "minLength", "maxLength", path, "characters") or \
+            pattern_problem(value, schema.get("pattern"), path)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return number_problem(value, schema, path)
+    if isinstance(value, list):
+        return bound_problem(len(value), schema, "minItems", "maxItems", path, "items")
+    if isinstance(value, dict):
+        return bound_problem(len(value), schema, "minProperties", "maxProperties", path, "properties")
+    return None
+
+
+def bound_problem(size: int, schema: dict, low: str, high: str, path: str, unit: str) -> str | None:
+    least, most = schema.get(low), schema.get(high)
+    if isinstance(least, int) and size < least:
+        return f"{where(path)}: fewer than {least} {unit}"
+    if isinstance(most, int) and size > most:
+        return f"{where(path)}: more than {most} {unit}"
+    return None
+
+
+def pattern_problem(value: str, pattern: object, path: str) -> str | None:
+    if not isinstance(pattern, str):
+        return None
+    try:
+        found = re.search(pattern, value)
+    except re.error:  # a pattern Python does not read (ECMA syntax it lacks): not checked
+        return None
+    return None if found else f"{where(path)}: does not match the pattern {pattern}"
+
+
+def number_problem(value: float, schema: dict, path: str) -> str | None:
+    def number(keyword: str) -> float | None:
+        bound = schema.get(keyword)
+        return bound if isinstance(bound, (int, float)) and not isinstance(bound, bool) else None
+
+    low, high, step = number("minimum"), number("maximum"), number("multipleOf")
+    above, below = number("exclusiveMinimum"), number("exclusiveMaximum")
+    if low is not None and value < low:
+        return f"{where(path)}: less than the minimum {low}"
+    if high is not None and value > high:
+        return f"{where(path)}: more than the maximum {high}"
+    if above is not None and value <= above:
+        return f"{where(path)}: must be more than {above}"
+    if below is not None and value >= below:
+        return f"{where(path)}: must be less than {below}"
+    if step and not float(value / step).is_integer():
+        return f"{where(path)}: not a multiple of {step}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# §13 Tools and JSON answers: Kimi's web chat has no functions, so they are emulated by prompting
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2822,29 +3078,36 @@ BLOCKS = {"<tool_call>": "</tool_call>", "```tool_call": "```"}  # opening mark 
 PARTIAL_MARK = re.compile(r"(?:```[\w-]*\s*)?(?:" + "|".join(re.escape(mark[:size]) for mark in BLOCKS
                                                            for size in range(len(mark) - 1, 0, -1)) + r")?\Z")
 FENCE_AT_END = re.compile(r"```[\w-]*\s*\Z")
+FENCE_LINE = re.compile(r"^[ \t]*```[\w-]*[ \t]*$\n?", re.M)
 MARK_LOOKBACK = 32  # how far back a partial mark or a fence's first line is looked for
 
 
 class CallScanner:
     """Streamed answer text -> the prose before the first tool-call block, let out as soon as it
-    cannot be the start of a block (trailing blank space waits too), and the blocks, kept back.
-    `ended` once text follows the last block, or the first one when only one call is wanted."""
+    cannot be the start of a block (trailing blank space waits too); from the first block on,
+    everything is kept, read into `segments`: the blocks, and the prose between and after them.
+    A block closes at the first closing mark that is not inside one of its JSON strings (an
+    argument may hold code, fences and marks included)."""
 
-    def __init__(self, parallel: bool) -> None:
-        self._parallel = parallel
+    def __init__(self) -> None:
         self._pending = ""        # prose that may still turn out to open a block
         self._fences = 0          # code fences in the prose let out so far
         self.held = ""            # the answer from the first block on
-        self._scanned = 0         # where in `held` the complete blocks end
-        self.blocks: list[str] = []  # what each complete block holds
-        self.ended = False
+        self._scanned = 0         # how far `held` has been read into segments
+        self._open: str | None = None  # the mark of the block being read, if one is
+        self._opened_at = 0       # where in `held` that block's content starts
+        self.segments: list[tuple[str, str]] = []  # ("block", its content) or ("prose", text)
+        self.finished = False
+
+    @property
+    def blocks(self) -> list[str]:
+        return [content for kind, content in self.segments if kind == "block"]
 
     def feed(self, text: str) -> str:
         """Take more answer text; return the prose that may go out now."""
         if self.held:
-            if not self.ended:
-                self.held += text
-                self._scan()
+            self.held += text
+            self._scan()
             return ""
         pending = self._pending + text
         starts = [start for start in map(pending.find, BLOCKS) if start >= 0]
@@ -2863,127 +3126,95 @@ class CallScanner:
         return prose
 
     def finish(self) -> str:
-        """The answer ended: the prose still kept back was no block after all."""
+        """The answer ended: the prose still kept back was no block after all; what follows the
+        last block is prose."""
+        self.finished = True
         prose, self._pending = self._pending, ""
-        return "" if self.held else prose
+        if not self.held:
+            return prose
+        if self._open is None:
+            self._add_prose(self.held[self._scanned:])
+            self._scanned = len(self.held)
+        return ""
 
     @property
     def unclosed(self) -> bool:
-        """A block was opened and never closed (anything else after the last block is dropped)."""
-        return not self.ended and self.held[self._scanned:].lstrip().startswith(tuple(BLOCKS))
+        """A block was opened and never closed."""
+        return self._open is not None
 
     def _scan(self) -> None:
-        while not self.ended:
-            rest = self.held[self._scanned:]
-            body = rest.lstrip()
-            mark = next((mark for mark in BLOCKS if body.startswith(mark)), None)
-            if mark is None:
-                # blank space, or the start of another block, may still be followed by a block
-                self.ended = bool(body) and not any(other.startswith(body) for other in BLOCKS)
-                return
-            start = self._scanned + len(rest) - len(body) + len(mark)
-            end = self.held.find(BLOCKS[mark], start)
+        while True:
+            if self._open is None:
+                rest = self.held[self._scanned:]
+                starts = [(at, mark) for mark in BLOCKS if (at := rest.find(mark)) >= 0]
+                if not starts:
+                    return  # (prose, or the start of a mark: read at the next piece or at the end)
+                at, mark = min(starts)
+                self._add_prose(rest[:at])
+                self._open, self._opened_at = mark, self._scanned + at + len(mark)
+                self._scanned = self._opened_at
+            close = BLOCKS[self._open]
+            end = self.held.find(close, self._scanned)
+            while end >= 0 and inside_string(self.held[self._opened_at:end]):
+                end = self.held.find(close, end + len(close))
             if end < 0:
+                self._scanned = max(self._opened_at, len(self.held) - len(close))
                 return
-            self.blocks.append(self.held[start:end])
-            self._scanned = end + len(BLOCKS[mark])
-            self.ended = not self._parallel
+            self.segments.append(("block", self.held[self._opened_at:end]))
+            self._open, self._scanned = None, end + len(close)
 
-
-def to_tool_calls(scanner: CallScanner, tools: ToolUse) -> tuple[list[Call], str | None]:
-    """The calls an answer's blocks make, or what is wrong with the first bad one."""
-    if scanner.unclosed:
-        return [], "a <tool_call> block is not closed with </tool_call>"
-    calls = []
-    for block in scanner.blocks:
-        call, problem = to_tool_call(block, tools)
-        if problem:
-            return [], problem
-        calls.append(call)
-    return calls, None
+    def _add_prose(self, text: str) -> None:
+        """Prose between (or after) blocks, without the fences Kimi may put around a block."""
+        text = FENCE_LINE.sub("", text).strip()
+        if text:
+            self.segments.append(("prose", text))
 
 
 def to_tool_call(block: str, tools: ToolUse) -> tuple[Call | None, str | None]:
-    try:
-        call = orjson.loads(block)
-    except orjson.JSONDecodeError:
+    """The call a block makes, checked against the function's schema, or what is wrong with it.
+    The arguments keep Kimi's text; they may come as an object under "arguments" (or
+    "parameters", the word the instructions use for the schema), or as a JSON string."""
+    found = read_json(unfenced(block))
+    if found is None:
         return None, "the JSON in the block does not parse"
+    call, text = found
     name = call.get("name") if isinstance(call, dict) else None
     if not isinstance(name, str):
         return None, 'the block is not a JSON object with a "name"'
-    if name not in tools.functions or (tools.only and name != tools.only):
+    if name not in tools.functions:
         return None, f"{name!r} is not a function you may call here"
-    arguments = call.get("arguments") or {}  # (null or "" for a function without parameters)
-    try:
-        arguments = orjson.loads(arguments) if isinstance(arguments, str) else arguments
-    except orjson.JSONDecodeError:
-        return None, f"the arguments of {name} do not parse"
-    problem = "must be a JSON object" if not isinstance(arguments, dict) else \
-        schema_problem(arguments, tools.functions[name].parameters)
+    key = next((key for key in ("arguments", "parameters") if key in call), None)
+    arguments, arguments_text = (call[key], member_text(text, key)) if key else ({}, "{}")
+    if arguments is None or arguments == "":  # (null or "" for a function without parameters)
+        arguments, arguments_text = {}, "{}"
+    elif isinstance(arguments, str):
+        found = read_json(arguments)
+        if found is None:
+            return None, f"the arguments of {name} do not parse (a JSON string that is no JSON)"
+        arguments, arguments_text = found
+    if not isinstance(arguments, dict):
+        return None, f"the arguments of {name} must be a JSON object"
+    problem = schema_problem(arguments, tools.functions[name].parameters)
     if problem:
         return None, f"the arguments of {name}: {problem}"
-    return Call(new_id(), name, orjson.dumps(arguments).decode()), None
-
-
-JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
-              "boolean": bool, "null": type(None)}
-
-
-def schema_problem(value: object, schema: object) -> str | None:
-    """What in `value` breaks its JSON schema, in the part checked here: the type; for an object,
-    the required properties, and the type and enum of each property the schema describes."""
-    if not isinstance(schema, dict):
-        return None
-    problem = type_problem(value, schema, "the value")
-    if problem or not isinstance(value, dict):
-        return problem
-    missing = [name for name in schema.get("required") or () if isinstance(name, str) and name not in value]
-    if missing:
-        return f"the required {', '.join(missing)} missing"
-    properties = schema.get("properties")
-    for name, part in properties.items() if isinstance(properties, dict) else ():
-        if name in value and isinstance(part, dict):
-            problem = type_problem(value[name], part, repr(name))
-            if problem:
-                return problem
-    return None
-
-
-def type_problem(value: object, schema: dict, what: str) -> str | None:
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
-    kinds = [kind for kind in kinds if kind in JSON_TYPES]
-    if kinds and not any(is_json_type(value, kind) for kind in kinds):
-        return f"{what} must be {' or '.join(kinds)}"
-    enum = schema.get("enum")
-    if isinstance(enum, list) and value not in enum:
-        return f"{what} must be one of {orjson.dumps(enum).decode()}"
-    return None
-
-
-def is_json_type(value: object, kind: str) -> bool:
-    if isinstance(value, bool):
-        return kind == "boolean"
-    if kind == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, JSON_TYPES[kind])
-
-
-FENCED = re.compile(r"```[\w-]*[ \t]*\n(.*?)```", re.S)
+    return Call(new_id(), name, arguments_text.strip()), None
 
 
 def to_json_answer(text: str, json_format: JsonFormat) -> tuple[str | None, str | None]:
     """The JSON text in an answer, with a code fence or prose around it stripped, or what is wrong."""
     problem = "it holds no JSON that parses"
     for candidate in json_candidates(text):
-        try:
-            value = orjson.loads(candidate)
-        except orjson.JSONDecodeError:
+        found = read_json(candidate)
+        if found is None:
             continue
+        value, candidate = found
         problem = schema_problem(value, json_format.schema or {"type": "object"})
         if problem is None:
             return candidate, None
     return None, problem
+
+
+FENCED = re.compile(r"```[\w-]*[ \t]*\n(.*?)```", re.S)
 
 
 def json_candidates(text: str):
@@ -2997,16 +3228,21 @@ def json_candidates(text: str):
 
 class AnswerReading:
     """One Kimi answer read for tool calls or JSON (pure). When `live`, the thinking and the prose
-    before a call go out as they come; otherwise everything waits for the verdict."""
+    before a call go out as they come; otherwise everything waits for the verdict. Each block is
+    checked as soon as it closes, so that the answer can end early where one call is all that
+    is wanted; otherwise it is read to its end (every call counts, and a fallback is the whole
+    of what Kimi wrote)."""
 
     def __init__(self, wanted: Request, live: bool) -> None:
-        self.scanner = CallScanner(wanted.tools.parallel) if wanted.tools else None
+        self.tools = wanted.tools
+        self.scanner = CallScanner() if wanted.tools else None
         self.stops = wanted.stop
         self.live = live
         self._text: list[str] = []
         self.prose = ""          # the text before the first block (all of it when there is none)
         self.sent = 0            # characters of the prose that went out
         self.reasoning: list[str] = []  # thinking kept back
+        self.checked: list[tuple[Call | None, str | None]] = []  # each closed block's call, or its problem
         self.finish = STOP
         self.usage: Usage | None = None
 
@@ -3017,7 +3253,12 @@ class AnswerReading:
 
     @property
     def ended(self) -> bool:
-        return self.scanner is not None and self.scanner.ended
+        """One call is all that may be used (parallel calls are off, or the choice names one), and
+        it has come: the rest is not read."""
+        tools = self.tools
+        if tools is None or (tools.parallel and not tools.only):
+            return False
+        return any(call is not None and call.name == (tools.only or call.name) for call, _ in self.checked)
 
     def take(self, parts: list[Part]) -> list[Part]:
         """Read the parts of one network read; return those that may go out now."""
@@ -3027,6 +3268,7 @@ class AnswerReading:
             if kind == TEXT:
                 self._text.append(value)
                 out += self._prose(self.scanner.feed(value) if self.scanner else value)
+                self._check_new_blocks()
             elif kind == REASONING and not self.live:
                 self.reasoning.append(value)
             elif kind == FINISH:
@@ -3040,7 +3282,15 @@ class AnswerReading:
     def end(self, translator: AnswerTranslator) -> list[Part]:
         """The answer ended, or was not read further (its usage is then what was read)."""
         self.usage = self.usage or translator.usage()
-        return self._prose(self.scanner.finish()) if self.scanner else []
+        if self.scanner is None:
+            return []
+        out = self._prose(self.scanner.finish())
+        self._check_new_blocks()
+        return out
+
+    def _check_new_blocks(self) -> None:
+        blocks = self.scanner.blocks if self.scanner else ()
+        self.checked += [to_tool_call(block, self.tools) for block in blocks[len(self.checked):]]
 
     def _prose(self, prose: str) -> list[Part]:
         self.prose += prose
@@ -3049,14 +3299,21 @@ class AnswerReading:
         self.sent += len(prose)
         return [Part(TEXT, prose)]
 
-    def kept_back(self) -> list[Part]:
-        """The thinking and prose not sent yet, for an answer that passed."""
-        parts = [Part(REASONING, "".join(self.reasoning))] if self.reasoning else []
-        return parts + ([Part(TEXT, self.prose[self.sent:])] if self.prose[self.sent:] else [])
+    def thinking(self) -> list[Part]:
+        return [Part(REASONING, "".join(self.reasoning))] if self.reasoning else []
+
+    def unsent(self) -> list[Part]:
+        """The prose before the first block that has not gone out yet."""
+        return [Part(TEXT, self.prose[self.sent:])] if self.prose[self.sent:] else []
+
+    def as_written(self) -> list[Part]:
+        """The whole answer as plain text: what has not gone out of it yet."""
+        return self.thinking() + ([Part(TEXT, self.text[self.sent:])] if self.text[self.sent:] else [])
 
 
-# the end of every repair turn's message about a call
-WRITE_A_CALL = 'Write the call as one <tool_call> block holding {"name": ..., "arguments": {...}}, and nothing after it.'
+# the end of every repair turn's message about calls
+WRITE_THE_CALLS = ('Write each call as its own <tool_call> block holding {"name": ..., "arguments": {...}}, and '
+                   'nothing after the last block.')
 
 
 class BadAnswer(NamedTuple):
@@ -3065,35 +3322,86 @@ class BadAnswer(NamedTuple):
 
 
 def judge(wanted: Request, reading: AnswerReading) -> list[Part] | BadAnswer:
-    """The last parts of an answer that passes (its calls, or its JSON), or what is wrong with it."""
+    """The parts that end an answer which passes (its calls with the prose between them, or its
+    JSON), after what the reading kept back; or what is wrong with it."""
     tools, scanner = wanted.tools, reading.scanner
-    if scanner and (scanner.blocks or scanner.unclosed):
-        calls, problem = to_tool_calls(scanner, tools)
-        if problem:
-            return bad_call(problem)
-        return reading.kept_back() + [Part(CALLS, tuple(calls)), Part(FINISH, CALLS_FINISH)]
+    if scanner and (scanner.segments or scanner.unclosed):
+        return judge_calls(tools, reading)
     if wanted.must_call:
-        wanted = f"the function {tools.only}" if tools.only else "a function"
-        return BadAnswer(f"the answer calls no function, and {wanted} must be called",
-                         f"You must call {wanted} now. {WRITE_A_CALL}")
+        asked = f"the function {tools.only}" if tools.only else "a function"
+        return BadAnswer(f"the answer calls no function, and {asked} must be called",
+                         f"You must call {asked} now. {WRITE_THE_CALLS}")
     if wanted.json_format:
         text, problem = to_json_answer(reading.text, wanted.json_format)
         if problem:
             return BadAnswer(f"the answer is not the JSON asked for: {problem}",
                              f"That answer is not the JSON asked for: {problem}. Answer again with the JSON only.")
         reading.prose, reading.sent = text, 0
-    return reading.kept_back() + [Part(FINISH, reading.finish)]
+    return [Part(FINISH, reading.finish)]
 
 
-def bad_call(problem: str) -> BadAnswer:
-    return BadAnswer(f"the function call is not usable: {problem}", f"That function call is not usable: {problem}. {WRITE_A_CALL}")
+def judge_calls(tools: ToolUse, reading: AnswerReading) -> list[Part] | BadAnswer:
+    """Every block is a call, in order, with the prose between them kept (with parallel calls off,
+    the first block only). Where the choice names a function, its call is kept and other calls
+    are left out. A bad block, or one never closed, is a BadAnswer that says which call it is."""
+    checked = reading.checked if tools.parallel else reading.checked[:1]
+    if tools.only:
+        uses = [call if call is not None and call.name == tools.only else None for call, _ in checked]
+        if any(uses):
+            return interleaved(reading, uses) + [Part(FINISH, CALLS_FINISH)]
+    problems = [(index, problem) for index, (_, problem) in enumerate(checked) if problem]
+    count = len(checked)
+    if reading.scanner.unclosed and (tools.parallel or not checked):
+        problems.append((count, "a <tool_call> block is not closed with </tool_call>"))
+        count += 1
+    if problems:
+        return bad_calls(problems, count)
+    if tools.only:
+        called = ", ".join(sorted({call.name for call, _ in checked}))
+        return BadAnswer(f"the answer calls {called}, not the function {tools.only}",
+                         f"You called {called}; you must call the function {tools.only} now. {WRITE_THE_CALLS}")
+    return interleaved(reading, [call for call, _ in checked]) + [Part(FINISH, CALLS_FINISH)]
+
+
+def interleaved(reading: AnswerReading, uses: list[Call | None]) -> list[Part]:
+    """The calls used (one for each block, None for a block left out), each where its block stood,
+    with the prose between them; the prose after the last block too, when the answer was read to
+    its end."""
+    parts: list[Part] = []
+    waiting: list[str] = []  # prose read since the last call
+    wrote = bool(reading.prose.strip())
+    blocks = iter(uses)
+    for kind, content in reading.scanner.segments:
+        if kind == "prose":
+            waiting.append(content)
+            continue
+        call = next(blocks, None)
+        if call is not None:
+            parts += prose_parts(waiting, wrote) + [Part(CALLS, (call,))]
+            wrote, waiting = wrote or bool(waiting), []
+    return parts + ([] if reading.ended else prose_parts(waiting, wrote))
+
+
+def prose_parts(texts: list[str], wrote: bool) -> list[Part]:
+    """Prose between calls, set off from the prose before it by a blank line."""
+    return [Part(TEXT, "\n\n".join(["", *texts] if wrote else texts))] if texts else []
+
+
+def bad_calls(problems: list[tuple[int, str]], count: int) -> BadAnswer:
+    index, problem = problems[0]
+    if count == 1:
+        return BadAnswer(f"the function call is not usable: {problem}",
+                         f"That function call is not usable: {problem}. {WRITE_THE_CALLS}")
+    return BadAnswer(f"call {index + 1} of {count} is not usable: {problem}",
+                     f"Call {index + 1} of your {count} calls is not usable: {problem}. Write all {count} calls "
+                     f"again, the good ones too. {WRITE_THE_CALLS}")
 
 
 async def checked_answer_parts(session: KimiSession, wanted: Request, question: Question) -> AsyncIterator[list[Part]]:
     """The answer parts of a request with tools or a JSON format: Kimi's answer is read for calls
-    (or JSON) and checked, and a bad one gets one repair turn in the same chat. The prose before a
-    call streams as it comes, unless the answer must pass before anything goes out (a required
-    call, JSON)."""
+    (or JSON) and checked, and a bad one gets one repair turn in the same chat, once the first
+    answer has ended. The prose before a call streams as it comes, unless the answer must pass
+    before anything goes out (a required call, JSON)."""
     live = wanted.json_format is None and not wanted.must_call
     first = AnswerReading(wanted, live)
     async for parts in read_answer(session.ask(question), question, first):
@@ -3111,17 +3419,33 @@ async def checked_answer_parts(session: KimiSession, wanted: Request, question: 
         except ProxyError as error:  # e.g. Kimi still busy writing the first answer: that one stands
             log.warning("Kimi refused the repair turn: %s", error.message)
         else:
-            verdict = judge(wanted, second)
             usage += second.usage
+            yield repaired(wanted, first, second) + [Part(USAGE, usage)]
+            return
     if isinstance(verdict, BadAnswer):
-        verdict = answer_as_written(wanted, first, verdict.problem)
-    yield verdict + [Part(USAGE, usage)]
+        yield answer_as_written(wanted, first, verdict.problem) + [Part(USAGE, usage)]
+        return
+    yield first.thinking() + first.unsent() + verdict + [Part(USAGE, usage)]
+
+
+def repaired(wanted: Request, first: AnswerReading, second: AnswerReading) -> list[Part]:
+    """One coherent answer after a repair turn, never a splice of the two: the first answer's
+    prose with the repair's calls; the repair's JSON; the repair's prose when it answered without
+    calls and nothing of the first has gone out; else the first answer as Kimi wrote it."""
+    verdict = judge(wanted, second)
+    if isinstance(verdict, BadAnswer):
+        return answer_as_written(wanted, first, verdict.problem)
+    if any(kind == CALLS for kind, _ in verdict):
+        return first.thinking() + first.unsent() + [part for part in verdict if part.kind != TEXT]
+    if wanted.json_format or first.sent == 0:
+        return first.thinking() + second.thinking() + second.unsent() + verdict
+    return answer_as_written(wanted, first, "the repair answered without a call")
 
 
 async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
                       reading: AnswerReading) -> AsyncIterator[list[Part]]:
-    """Read one answer into `reading`, passing on what may go out at once. Once text follows the
-    last call, Kimi's answer is closed unread: nothing after it is used."""
+    """Read one answer into `reading`, passing on what may go out at once. Once the one call that
+    is wanted has come, Kimi's answer is closed unread: nothing after it is used."""
     translator = AnswerTranslator(question, reading.stops)
     async with aclosing(batches):
         async for batch in batches:
@@ -3136,17 +3460,16 @@ async def read_answer(batches: AsyncIterator[list[Event]], question: Question,
 
 
 def answer_as_written(wanted: Request, reading: AnswerReading, problem: str) -> list[Part]:
-    """A first answer whose calls are still bad after the repair turn is plain text, as Kimi wrote
-    it; where a call or JSON was required, that is Kimi failing."""
+    """A first answer whose calls are still bad after the repair turn is plain text, the whole of
+    what Kimi wrote; where a call or JSON was required, that is Kimi failing."""
     if wanted.json_format or wanted.must_call:
         raise ProxyError(502, f"Kimi's answer could not be used, even when asked again: {problem}",
                          code="invalid_kimi_answer")
-    reading.prose = reading.text  # of which the first `sent` characters went out already
-    return reading.kept_back() + [Part(FINISH, STOP)]
+    return reading.as_written() + [Part(FINISH, STOP)]
 
 
 # ---------------------------------------------------------------------------------------------
-# §13 The core: a request planned into a Kimi question, and answered as parts
+# §14 The core: a request planned into a Kimi question, and answered as parts
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3214,12 +3537,25 @@ def to_kimi_turns(turns: tuple[Turn, ...], kimi: KimiHTTP) -> list[KimiTurn]:
 
 
 def to_folded_prompt(turns: list[KimiTurn], instructions: str = "") -> str:
-    """Kimi takes one message per turn: fold the history into it, with a hint to answer the newest."""
-    *earlier, last = turns
-    if not earlier:
-        return to_prompt([last], instructions)
-    hint = LATEST_FILE_HINT if last.has_attachment else LATEST_MESSAGE_HINT
-    return to_prompt([*earlier, KimiTurn("system", hint), last], instructions)
+    """Kimi takes one message per turn: fold the history into it, with a hint to answer the newest
+    (before the newest turn; after the results of the last calls, all of them, when the
+    conversation ends with those)."""
+    if len(turns) == 1:
+        return to_prompt(turns, instructions)
+    last = turns[-1]
+    hint = KimiTurn("system", LATEST_FILE_HINT if any(turn.has_attachment for turn in newest(turns))
+                    else LATEST_MESSAGE_HINT)
+    if last.role == "tool":
+        return to_prompt([*turns, hint], instructions)
+    return to_prompt([*turns[:-1], hint, last], instructions)
+
+
+def newest(turns: list[KimiTurn]) -> list[KimiTurn]:
+    """The newest turn, or the results of the last calls when the conversation ends with them."""
+    start = len(turns) - 1
+    while start > 0 and turns[-1].role == "tool" and turns[start - 1].role == "tool":
+        start -= 1
+    return turns[start:]
 
 
 def to_continuation_prompt(turns: list[KimiTurn], instructions: str = "") -> str:
@@ -3250,7 +3586,7 @@ def answer_parts(session: KimiSession, wanted: Request, question: Question) -> A
 
 
 # ---------------------------------------------------------------------------------------------
-# §14 Server-sent events: the framing, the writer, and what a client API's stream renderer provides
+# §15 Server-sent events: the framing, the writer, and what a client API's stream renderer provides
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3343,7 +3679,7 @@ class SSEStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# §15 Client API: OpenAI Chat Completions (POST /v1/chat/completions)
+# §16 Client API: OpenAI Chat Completions (POST /v1/chat/completions)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3436,27 +3772,37 @@ def to_chat_tools(body: dict) -> tuple[ToolUse | None, bool]:
             raise bad_request(f"'{where}' must be an object", where)
         functions.append((where, to_function(entry.get("name"), entry.get("description"), entry.get("parameters"),
                                              where)))
-    required, only = to_chat_tool_choice(body.get(choice_field), choice_field, deprecated)
+    required, only, allowed = to_chat_tool_choice(body.get(choice_field), choice_field, deprecated)
+    if allowed is not None:
+        functions = [(where, function) for where, function in functions if function.name in allowed]
     parallel = not deprecated and (not functions or typed_field(body, "parallel_tool_calls", bool) is not False)
     return to_tool_use(functions, required, only, parallel, choice_field), deprecated
 
 
-def to_chat_tool_choice(choice: object, field: str, deprecated: bool) -> tuple[bool | None, str | None]:
-    """(must a function be called, the one named); (None, None) for "none"."""
+def to_chat_tool_choice(choice: object, field: str, deprecated: bool) -> tuple[bool | None, str | None, set | None]:
+    """(must a function be called, the one named, the functions allowed (allowed_tools)); a
+    first None for "none"."""
     if choice is None or choice == "auto":
-        return False, None
+        return False, None, None
     if choice == "none":
-        return None, None
+        return None, None, None
     name = None
-    if isinstance(choice, dict):
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools" and not deprecated:
+        spec = choice.get("allowed_tools")
+        tools = spec.get("tools") if isinstance(spec, dict) else None
+        if isinstance(tools, list) and spec.get("mode", "auto") in ("auto", "required"):
+            allowed = {(tool.get("function") or {}).get("name") for tool in tools if isinstance(tool, dict)}
+            return spec.get("mode") == "required", None, allowed
+    elif isinstance(choice, dict):
         named = choice if deprecated else choice.get("function") if choice.get("type") == "function" else None
         name = named.get("name") if isinstance(named, dict) else None
     elif choice == "required" and not deprecated:
         name = ""
     if not isinstance(name, str):
-        shape = '{"name": ...}' if deprecated else '"required" or {"type": "function", "function": {"name": ...}}'
+        shape = '{"name": ...}' if deprecated else \
+            '"required", {"type": "function", "function": {"name": ...}} or {"type": "allowed_tools", ...}'
         raise bad_request(f"'{field}' must be \"none\", \"auto\", {shape}", field)
-    return True, name or None
+    return True, name or None, None
 
 
 def to_json_format(value: object) -> JsonFormat | None:
@@ -3707,7 +4053,7 @@ CHAT_COMPLETIONS = ChatCompletions()
 
 
 # ---------------------------------------------------------------------------------------------
-# §16 Client API: OpenAI Responses (POST /v1/responses, for Codex, the Agents SDK, responses.*)
+# §17 Client API: OpenAI Responses (POST /v1/responses, for Codex, the Agents SDK, responses.*)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4216,7 +4562,7 @@ OPENAI_RESPONSES = OpenAIResponses()
 
 
 # ---------------------------------------------------------------------------------------------
-# §17 Client API: Anthropic Messages (POST /v1/messages, for Claude Code and the anthropic SDKs)
+# §18 Client API: Anthropic Messages (POST /v1/messages, for Claude Code and the anthropic SDKs)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4612,7 +4958,7 @@ ANTHROPIC_MESSAGES = AnthropicMessages()
 
 
 # ---------------------------------------------------------------------------------------------
-# §18 HTTP: requests in flight, credentials, bodies, the answer handler, small endpoints, errors, logs
+# §19 HTTP: requests in flight, credentials, bodies, the answer handler, small endpoints, errors, logs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -5072,7 +5418,7 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
 
 
 # ---------------------------------------------------------------------------------------------
-# §19 App factory: the one session to Kimi, routes, shutdown
+# §20 App factory: the one session to Kimi, routes, shutdown
 # ---------------------------------------------------------------------------------------------
 
 
@@ -5146,7 +5492,7 @@ def runner_options(config: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# §20 main
+# §21 main
 # ---------------------------------------------------------------------------------------------
 
 

@@ -137,11 +137,12 @@ class FakeKimiBase:
         return token
 
     def fail(self, method: str, path_pattern: str, status: int, times: int = 1, body: object = None,
-             headers: dict | None = None, html: bool = False) -> None:
-        """The next `times` matching calls get this answer: Kimi's JSON, or a web page (a firewall)."""
+             headers: dict | None = None, html: bool = False, after: int = 0) -> None:
+        """The next `times` matching calls (after the next `after`) get this answer: Kimi's JSON, or
+        a web page (a firewall)."""
         self.faults.append({"method": method, "path": re.compile(path_pattern), "status": status, "times": times,
                             "body": body or {"error_type": "server.internal", "message": "服务内部错误"},
-                            "headers": headers or {}, "html": html})
+                            "headers": headers or {}, "html": html, "after": after})
 
     def reply_script(self, piece) -> list:
         """The next scripted reply as pieces made by `piece`, paced (with none left: empty)."""
@@ -282,6 +283,9 @@ class FakeKimiBase:
             return web.Response(text="<!doctype html><title>Kimi</title>", content_type="text/html")
         for fault in self.faults:
             if fault["times"] > 0 and fault["method"] == request.method and fault["path"].fullmatch(request.path):
+                if fault["after"]:
+                    fault["after"] -= 1
+                    continue
                 fault["times"] -= 1
                 if fault["html"]:
                     return web.Response(text="<html><body>Access denied</body></html>", content_type="text/html",
@@ -1279,7 +1283,7 @@ def test_use_search_adds_search_and_keeps_other_flags():
      'http://a.example/x</url>.\n'),
     ([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
       {"role": "tool", "tool_call_id": "c", "content": "18C"}],
-     "user:weather?\nsystem:关注用户最新的消息\ntool:18C\n"),
+     "user:weather?\ntool:18C\nsystem:关注用户最新的消息\n"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "a"}]},
       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
      "user:a\nassistant:b\nsystem:关注用户最新的消息\nuser:c\n"),
@@ -3686,7 +3690,7 @@ def finish_of(chunks: list[dict]) -> str:
 ])
 def test_call_scanner_keeps_every_block_out_of_the_prose_at_every_chunk_edge(text, prose, blocks, size):
     for start in range(size if size < 1000 else len(text)):  # every offset of the chunk grid
-        scanner = kp.CallScanner(parallel=True)
+        scanner = kp.CallScanner()
         pieces = [text[:start]] + [text[i:i + size] for i in range(start, len(text), size)]
         out = ""
         for piece in pieces:
@@ -3698,7 +3702,7 @@ def test_call_scanner_keeps_every_block_out_of_the_prose_at_every_chunk_edge(tex
 
 
 def test_call_scanner_holds_back_only_what_could_start_a_block():
-    scanner = kp.CallScanner(parallel=True)
+    scanner = kp.CallScanner()
     assert scanner.feed("x < y, so <to") == "x < y, so"
     assert scanner.feed("ast> is fine") == " <toast> is fine"
     assert scanner.feed(" and ``") == " and"
@@ -3706,31 +3710,33 @@ def test_call_scanner_holds_back_only_what_could_start_a_block():
     assert scanner.feed("print()") == " ```python\nprint()"
 
 
-def test_call_scanner_stops_at_text_after_the_last_block_or_after_the_first_when_one_call_is_wanted():
-    scanner = kp.CallScanner(parallel=True)
-    scanner.feed('<tool_call>{}</tool_call>\n\n<tool_')
-    assert not scanner.ended  # another block may follow
-    scanner.feed('call>{"x": 1}</tool_call> ok')
-    assert scanner.ended and scanner.blocks == ["{}", '{"x": 1}']
-    single = kp.CallScanner(parallel=False)
-    single.feed('<tool_call>{}</tool_call>')
-    assert single.ended and single.blocks == ["{}"]
-    unclosed = kp.CallScanner(parallel=True)
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_call_scanner_reads_every_block_and_the_prose_between_them(size):
+    text = ('I will check the weather:\n<tool_call>{"a": 1}</tool_call>\nAnd now the time:\n```tool_call\n{"b": 2}\n```\n'
+            '```json\n<tool_call>{"code": "x = \'</tool_call>\' + ```"}</tool_call>\n```\nDone.')
+    scanner = kp.CallScanner()
+    out = "".join(scanner.feed(text[i:i + size]) for i in range(0, len(text), size)) + scanner.finish()
+    assert out == "I will check the weather:"
+    assert scanner.segments == [("block", '{"a": 1}'), ("prose", "And now the time:"), ("block", '\n{"b": 2}\n'),
+                                ("block", '{"code": "x = \'</tool_call>\' + ```"}'), ("prose", "Done.")]
+    assert not scanner.unclosed
+    unclosed = kp.CallScanner()
     unclosed.feed('<tool_call>{"name": "f", "argu')
+    unclosed.finish()
     assert unclosed.unclosed and not unclosed.blocks
 
 
 @pytest.mark.parametrize("value, schema, problem", [
     ({"city": "Paris"}, WEATHER["function"]["parameters"], None),
     ({"city": "Paris", "unit": "C", "days": 2.0, "extra": [1]}, WEATHER["function"]["parameters"], None),
-    ({}, WEATHER["function"]["parameters"], "the required city missing"),
-    ({"city": 5}, WEATHER["function"]["parameters"], "'city' must be string"),
-    ({"city": "Paris", "unit": "K"}, WEATHER["function"]["parameters"], "'unit' must be one of [\"C\",\"F\"]"),
-    ({"city": "Paris", "days": True}, WEATHER["function"]["parameters"], "'days' must be integer"),
-    ({"city": "Paris", "days": 1.5}, WEATHER["function"]["parameters"], "'days' must be integer"),
-    ([1], {"type": "object"}, "the value must be object"),
+    ({}, WEATHER["function"]["parameters"], "city: missing (required)"),
+    ({"city": 5}, WEATHER["function"]["parameters"], "city: expected string"),
+    ({"city": "Paris", "unit": "K"}, WEATHER["function"]["parameters"], 'unit: expected one of ["C", "F"]'),
+    ({"city": "Paris", "days": True}, WEATHER["function"]["parameters"], "days: expected integer"),
+    ({"city": "Paris", "days": 1.5}, WEATHER["function"]["parameters"], "days: expected integer"),
+    ([1], {"type": "object"}, "the value: expected object"),
     ({"n": None}, {"properties": {"n": {"type": ["number", "null"]}}}, None),
-    ({"n": "1"}, {"properties": {"n": {"type": ["number", "null"]}}}, "'n' must be number or null"),
+    ({"n": "1"}, {"properties": {"n": {"type": ["number", "null"]}}}, "n: expected number or null"),
     ("anything", None, None),
 ])
 def test_arguments_are_checked_against_the_subset_of_json_schema_we_promise(value, schema, problem):
@@ -3793,8 +3799,9 @@ def test_arguments_may_come_as_a_json_string_and_thinking_is_never_read_for_call
     assert reading.take([thinking, prose]) == [thinking, prose]
     reading.take([kp.Part(kp.TEXT, '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>'),
                   kp.Part(kp.FINISH, kp.STOP), kp.Part(kp.USAGE, kp.Usage(1, 1))])
+    reading.end(kp.AnswerTranslator(to_question({"messages": user("hi")})))
     *_, (_, calls), (_, finish) = kp.judge(wanted, reading)
-    assert (calls[0].arguments, finish) == ('{"city":"Rome"}', kp.CALLS_FINISH)
+    assert (calls[0].arguments, finish) == ('{"city": "Rome"}', kp.CALLS_FINISH)  # the JSON Kimi wrote, as it wrote it
 
 
 HISTORY = [{"role": "user", "content": "巴黎天气？"},
@@ -3806,14 +3813,22 @@ HISTORY = [{"role": "user", "content": "巴黎天气？"},
 def test_calls_and_their_results_are_folded_into_the_prompt_in_the_same_format():
     prompt = to_question({"messages": HISTORY, "tools": [WEATHER]}).prompt
     assert prompt.endswith('user:巴黎天气？\nassistant:<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n'
-                           '</tool_call>\nsystem:关注用户最新的消息\ntool:<tool_result name="get_weather">\n18C, sunny\n'
-                           '</tool_result>')
+                           '</tool_call>\ntool:<tool_result name="get_weather">\n18C, sunny\n'
+                           '</tool_result>\nsystem:关注用户最新的消息')
     deprecated = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
                                                       "function_call": {"name": "f", "arguments": "{}"}},
                   {"role": "function", "name": "f", "content": [{"type": "text", "text": "42"}]}]
     assert to_question({"messages": deprecated}).prompt.endswith(
-        'assistant:<tool_call>\n{"name":"f","arguments":{}}\n</tool_call>\nsystem:关注用户最新的消息\n'
-        'tool:<tool_result name="f">\n42\n</tool_result>')
+        'assistant:<tool_call>\n{"name":"f","arguments":{}}\n</tool_call>\n'
+        'tool:<tool_result name="f">\n42\n</tool_result>\nsystem:关注用户最新的消息')
+    # the hint comes after all the results of the last calls, not between them
+    two = HISTORY[:1] + [{"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "18C"}, {"role": "tool", "tool_call_id": "b", "content": "9:00"}]
+    assert to_question({"messages": two}).prompt.endswith(
+        'tool:<tool_result name="get_weather">\n18C\n</tool_result>\ntool:<tool_result name="get_time">\n9:00\n'
+        '</tool_result>\nsystem:关注用户最新的消息')
     kept = to_question({"messages": HISTORY + [{"role": "tool", "tool_call_id": "x", "content": "more"}],
                            "conversation_id": "cr7p4ik2lq1s5t0u9v3g"})
     assert kept.prompt == 'tool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>\ntool:more'
@@ -3881,9 +3896,9 @@ async def test_with_tool_choice_none_nothing_is_described_or_parsed(http, proxy,
 @pytest.mark.parametrize("bad, problem", [
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"</tool_call>', "does not parse"),
     (block("get_wether"), "'get_wether' is not a function"),
-    ('<tool_call>{"name": "get_weather", "arguments": {"unit": "C"}}</tool_call>', "the required city missing"),
-    (block(city=75), "'city' must be string"),
-    (block(unit="K"), "'unit' must be one of"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"unit": "C"}}</tool_call>', "city: missing (required)"),
+    (block(city=75), "city: expected string"),
+    (block(unit="K"), "unit: expected one of"),
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}', "not closed"),
 ])
 async def test_a_bad_call_gets_one_repair_turn_in_the_same_chat(http, proxy, token, kimi, bad, problem):
@@ -3948,15 +3963,15 @@ async def test_a_named_function_must_be_the_one_called(http, proxy, token, kimi)
     _, answer = await ask_with_tools(http, proxy, token, [block(), block("get_time")], kimi, tools=[WEATHER, TIME],
                                      tool_choice=named)
     assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
-    assert "'get_weather' is not a function you may call" in kimi.completions[1]["prompt"]
+    assert "You called get_weather; you must call the function get_time" in kimi.completions[1]["prompt"]
     await kimi.wait_deleted(1)
     assert kimi.live_chats == []
 
 
-async def test_text_after_the_last_call_is_not_read(http, proxy, token, kimi):
+async def test_with_one_call_wanted_text_after_it_is_not_read(http, proxy, token, kimi):
     kimi.reply_pause = 0.02
     tail = "然后我会继续写很多很多字。" * 20
-    response, answer = await ask_with_tools(http, proxy, token, [block() + "\n" + tail], kimi)
+    response, answer = await ask_with_tools(http, proxy, token, [block() + "\n" + tail], kimi, parallel_tool_calls=False)
     assert answer["choices"][0]["finish_reason"] == "tool_calls"
     usage = answer["usage"]  # estimated from what was read
     assert usage["completion_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -3966,22 +3981,26 @@ async def test_text_after_the_last_call_is_not_read(http, proxy, token, kimi):
 
 
 @BOTH_DIALECTS
-async def test_the_first_answer_is_closed_before_its_repair_turn(http, proxy, token, kimi):
-    """Kimi refuses a turn in a chat whose answer still streams."""
+async def test_the_repair_turn_waits_until_the_first_answer_has_ended(http, proxy, token, kimi):
+    """Kimi refuses a turn in a chat whose answer still streams: the first answer is read to its
+    end, so that its whole text is at hand if the repair fails too."""
     kimi.reply_pause = 0.02
-    _, answer = await ask_with_tools(http, proxy, token, [block(city=1) + "\n" + "后面还有很多字。" * 20, block()], kimi)
+    tail = "后面还有很多字。" * 20
+    _, answer = await ask_with_tools(http, proxy, token, [block(city=1) + "\n" + tail, block()], kimi)
     assert answer["choices"][0]["finish_reason"] == "tool_calls", answer
-    assert len(kimi.completions) == 2 and kimi.closed_streams == [kimi.completions[0]["chat"]]
+    assert len(kimi.completions) == 2 and kimi.closed_streams == []
+    assert answer["choices"][0]["message"]["content"] is None  # the repair's calls; no splice of the two answers
 
 
 @BOTH_DIALECTS
 async def test_when_kimi_refuses_the_repair_turn_the_first_answer_stands(http, proxy, token, kimi):
-    """Real Kimi may go on writing an answer after the proxy hung up, and refuse the next turn meanwhile."""
-    kimi.reply_pause, kimi.linger = 0.02, 5.0
+    kimi.reply_pause = 0.02
     first = "我来查。\n" + block(city=1) + "\n" + "后面还有很多字。" * 20
+    kimi.fail("POST", kimi.ANSWER_PATH, 429, after=1, body={"code": "resource_exhausted", "error_type": "chat.limit",
+                                                           "message": "busy"})
     _, answer = await ask_with_tools(http, proxy, token, [first, block()], kimi)
     assert answer["choices"][0]["finish_reason"] == "stop"
-    assert answer["choices"][0]["message"]["content"].startswith("我来查。\n<tool_call>")
+    assert answer["choices"][0]["message"]["content"] == first  # the whole of it, as Kimi wrote it
     asked = [path for method, path in kimi.calls if method == "POST" and re.fullmatch(kimi.ANSWER_PATH, path)]
     assert (len(asked), len(kimi.completions)) == (2, 1)  # the repair turn was asked for, and refused
     await kimi.wait_deleted(1)
@@ -4000,6 +4019,7 @@ async def test_an_agent_round_trip_with_a_kept_conversation(http, proxy, token, 
     second = kimi.completions[1]
     assert second["chat"] == chat_id
     assert second["prompt"].endswith('\ntool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>')
+    assert "关注用户最新的消息" not in second["prompt"]  # (a kept chat gets only the new turn)
     assert ASK not in second["prompt"]  # the kept chat already holds the question
     assert kimi.live_chats == [chat_id]
 
@@ -4027,7 +4047,7 @@ async def test_deprecated_functions_get_a_function_call(http, proxy, token, kimi
         assert finish_of(answer) == "function_call"
     else:
         message = answer["choices"][0]["message"]
-        assert message["function_call"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+        assert message["function_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
         assert message["content"] is None and answer["choices"][0]["finish_reason"] == "function_call"
 
 
@@ -4054,7 +4074,7 @@ async def test_a_streamed_json_schema_answer_goes_out_once_repaired(http, proxy,
                                             kimi, stream=True, tools=None, response_format=SCHEMA_FORMAT)
     assert response.status == 200
     assert content_of(chunks) == '{"city": "巴黎", "temp": 18}' and finish_of(chunks) == "stop"
-    assert "'temp' must be integer" in kimi.completions[1]["prompt"]
+    assert "temp: expected integer" in kimi.completions[1]["prompt"]
     await kimi.wait_deleted(1)
     assert kimi.live_chats == []
 
@@ -4064,11 +4084,11 @@ async def test_json_schema_answers_are_repaired_once_then_refused(http, proxy, t
     _, answer = await ask_with_tools(http, proxy, token, ['{"city": "巴黎"}', '{"city": "巴黎", "temp": 18}'], kimi,
                                      tools=None, response_format=SCHEMA_FORMAT)
     assert json.loads(answer["choices"][0]["message"]["content"]) == {"city": "巴黎", "temp": 18}
-    assert "the required temp missing" in kimi.completions[1]["prompt"]
+    assert "temp: missing (required)" in kimi.completions[1]["prompt"]
     assert kimi.completions[1]["chat"] == kimi.completions[0]["chat"]
     response, error = await ask_with_tools(http, proxy, token, ["不知道", '{"city": 1, "temp": 18}'], kimi, tools=None,
                                            response_format=SCHEMA_FORMAT)
-    assert response.status == 502 and "'city' must be string" in assert_envelope(error, "invalid_kimi_answer")["message"]
+    assert response.status == 502 and "city: expected string" in assert_envelope(error, "invalid_kimi_answer")["message"]
     await kimi.wait_deleted(2)
     assert kimi.live_chats == []
 
@@ -4285,7 +4305,8 @@ async def test_a_tool_result_round_trip(claude, kimi):
     kimi.replies = ["好的。"]
     await claude.messages.create(model="claude-sonnet-4-5", max_tokens=1024, tools=[CLAUDE_TOOL], messages=failed)
     assert kimi.completions[1]["prompt"].endswith(
-        'tool:<tool_result name="get_weather" error="true">\n<tool_use_error>no</tool_use_error>\n</tool_result>')
+        'tool:<tool_result name="get_weather" error="true">\n<tool_use_error>no</tool_use_error>\n</tool_result>\n'
+        'system:关注用户最新的消息')
     await kimi.wait_deleted(2)
 
 
@@ -4650,8 +4671,9 @@ async def test_a_function_call_output_round_trip(sdk, kimi):
     final = await sdk.responses.create(model="kimi", input=history, tools=[RESPONSES_TOOL], store=False)
     assert final.output_text == "巴黎 18 度，晴。"
     prompt = kimi.completions[1]["prompt"]
-    assert (f'user:{ASK}\nassistant:<tool_call>\n{{"name":"get_weather","arguments":{{"city":"Paris"}}}}\n</tool_call>\n'
-            'system:关注用户最新的消息\ntool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>') in prompt
+    assert prompt.endswith(f'user:{ASK}\nassistant:<tool_call>\n{{"name":"get_weather","arguments":{{"city":"Paris"}}}}\n'
+                           '</tool_call>\ntool:<tool_result name="get_weather">\n18C, sunny\n</tool_result>\n'
+                           'system:关注用户最新的消息')
     await kimi.wait_deleted(2)
 
 
@@ -4661,7 +4683,7 @@ async def test_responses_json_schema_answers(sdk, kimi):
     response = await sdk.responses.create(model="kimi", input=ASK, text={"format": {
         "type": "json_schema", "name": "weather", "schema": schema, "strict": True}})
     assert json.loads(response.output_text) == {"city": "巴黎", "temp": 18}
-    assert "'temp' must be integer" in kimi.completions[1]["prompt"]
+    assert "temp: expected integer" in kimi.completions[1]["prompt"]
     await kimi.wait_deleted(1)
 
 
