@@ -3202,7 +3202,7 @@ def to_tool_call(block: str, tools: ToolUse) -> tuple[Call | None, str | None]:
 
 def to_json_answer(text: str, json_format: JsonFormat) -> tuple[str | None, str | None]:
     """The JSON text in an answer, with a code fence or prose around it stripped, or what is wrong."""
-    problem = "it holds no JSON that parses"
+    problems = []
     for candidate in json_candidates(text):
         found = read_json(candidate)
         if found is None:
@@ -3211,7 +3211,8 @@ def to_json_answer(text: str, json_format: JsonFormat) -> tuple[str | None, str 
         problem = schema_problem(value, json_format.schema or {"type": "object"})
         if problem is None:
             return candidate, None
-    return None, problem
+        problems.append(problem)
+    return None, problems[0] if problems else "it holds no JSON that parses"  # (the widest JSON's problem)
 
 
 FENCED = re.compile(r"```[\w-]*[ \t]*\n(.*?)```", re.S)

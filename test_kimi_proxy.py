@@ -4141,6 +4141,318 @@ async def test_langchain_bind_tools_invoke_and_stream(proxy, token, kimi):
     await kimi.wait_deleted(2)
 
 
+# -- what an agent needs of the emulation (each of these lost work before) --------------------
+
+
+def fenced_block(name: str, arguments: dict) -> str:
+    return f"```tool_call\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n```"
+
+
+@BOTH_DIALECTS
+@pytest.mark.parametrize("fence", [False, True])
+@pytest.mark.parametrize("piece", [1, 3, 7])
+async def test_calls_after_prose_are_all_kept_with_the_prose_between(http, proxy, token, kimi, piece, fence):
+    kimi.reply_piece, kimi.reply_pause = piece, 0.001
+    weather = fenced_block("get_weather", {"city": "Paris"}) if fence else block()
+    time_call = fenced_block("get_time", {}) if fence else '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    reply = f"I'll check the weather: {weather} And now the time: {time_call}"
+    response, chunks = await ask_with_tools(http, proxy, token, [reply], kimi, stream=True, tools=[WEATHER, TIME])
+    assert response.status == 200
+    assert content_of(chunks) == "I'll check the weather:\n\nAnd now the time:"
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed_calls(chunks)] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert finish_of(chunks) == "tool_calls" and len(kimi.completions) == 1
+    await kimi.wait_deleted(1)
+
+
+async def test_calls_and_prose_keep_their_order_in_anthropics_blocks(http, proxy, token, kimi):
+    kimi.replies = [f"先查天气：{block()}再查时间：" + '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>']
+    response = await post_messages(http, proxy, token, stream=True, messages=user(ASK),
+                                   tools=[CLAUDE_TOOL, {"name": "get_time", "input_schema": {"type": "object"}}])
+    blocks = anthropic_blocks(anthropic_events(await response.read()))
+    assert [(b["type"], b.get("text") or b.get("name")) for b in blocks] == [
+        ("text", "先查天气："), ("tool_use", "get_weather"), ("text", "\n\n再查时间："), ("tool_use", "get_time")]
+
+
+@BOTH_DIALECTS
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_fallback_is_the_whole_of_what_kimi_wrote(http, proxy, token, kimi, stream):
+    """A call still bad after the repair: the client gets Kimi's first answer whole, read to its
+    end however Kimi paces it, and the repair turn began only after that."""
+    kimi.reply_pause, kimi.reply_piece = 0.005, 5
+    first = "我来查。\n" + block(city=1) + "\n查完再说，这是后面的很多字。" * 3
+    response, answer = await ask_with_tools(http, proxy, token, [first, block(city=2)], kimi, stream=stream)
+    assert response.status == 200
+    content = content_of(answer) if stream else answer["choices"][0]["message"]["content"]
+    assert content == first and len(kimi.completions) == 2 and kimi.closed_streams == []
+    await kimi.wait_deleted(1)
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    ('"parameters": {"city": "Rome"}', None),                        # the instructions' own word for the schema
+    ('"arguments": "{\\"city\\": \\"Rome\\""', "do not parse"),      # a JSON string that is no JSON: never {}
+    ('"arguments": {"city": "Rome", "days": "two"}', "days: expected integer"),
+])
+async def test_arguments_under_parameters_are_read_and_unreadable_ones_repaired(http, proxy, token, kimi, arguments,
+                                                                                problem):
+    reply = f'<tool_call>{{"name": "get_weather", {arguments}}}</tool_call>'
+    _, answer = await ask_with_tools(http, proxy, token, [reply, block(city="Rome")], kimi)
+    (call,) = answer["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
+    assert len(kimi.completions) == (1 if problem is None else 2)
+    if problem:
+        assert problem in kimi.completions[1]["prompt"]
+    await kimi.wait_deleted(1)
+
+
+@BOTH_DIALECTS
+async def test_a_repair_names_the_bad_call_of_several_and_asks_for_all_of_them(http, proxy, token, kimi):
+    calls = [block(city="Paris"), block(city=2), block(city="Rome")]
+    _, answer = await ask_with_tools(http, proxy, token, ["".join(calls), block(city="Paris") + block(city="Oslo") +
+                                                          block(city="Rome")], kimi)
+    assert [json.loads(c["function"]["arguments"])["city"] for c in answer["choices"][0]["message"]["tool_calls"]] == \
+        ["Paris", "Oslo", "Rome"]
+    repair = kimi.completions[1]["prompt"]
+    assert "Call 2 of your 3 calls is not usable: the arguments of get_weather: city: expected string" in repair
+    assert "Write all 3 calls again" in repair
+    await kimi.wait_deleted(1)
+
+
+CODE = 'def f(x):\n\tif x < "</tool_call>":\n\t\treturn "```"\n'
+
+
+@BOTH_DIALECTS
+@pytest.mark.parametrize("reply", [
+    # raw newlines and tabs inside the string (its quotes escaped), and the closing mark and a fence in the code
+    '<tool_call>{"name": "write", "arguments": {"path": "a.py", "code": "' + CODE.replace('"', '\\"') + '"}}</tool_call>',
+    # the same inside a JSON fence inside the tags
+    '<tool_call>\n```json\n{"name": "write", "arguments": {"path": "a.py", "code": ' + json.dumps(CODE) + '}}\n```\n</tool_call>',
+    # a fenced block whose closing fence appears in an argument
+    '```tool_call\n{"name": "write", "arguments": {"path": "a.py", "code": ' + json.dumps(CODE) + '}}\n```',
+])
+@pytest.mark.parametrize("piece", [1, 5])
+async def test_code_in_the_arguments_is_read_the_way_a_lenient_reader_would(http, proxy, token, kimi, reply, piece):
+    write = {"type": "function", "function": {"name": "write", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}, "code": {"type": "string"}},
+        "required": ["path", "code"], "additionalProperties": False}}}
+    kimi.reply_piece = piece
+    response, chunks = await ask_with_tools(http, proxy, token, ["好的。" + reply], kimi, tools=[write], stream=True)
+    (call,) = streamed_calls(chunks)
+    assert json.loads(call["arguments"]) == {"path": "a.py", "code": CODE}
+    assert content_of(chunks) == "好的。" and len(kimi.completions) == 1  # nothing to repair
+    await kimi.wait_deleted(1)
+
+
+@pytest.mark.parametrize("first, repair, expected, stream", [
+    # nothing of the first answer went out: the repair's own answer, in prose
+    ('<tool_call>{"name": "get_weather"</tool_call>', "不用查了，巴黎今天晴。", "不用查了，巴黎今天晴。", False),
+    # the first answer's prose went out already: its calls are still bad, so the first answer as written
+    ("让我查一下。" + block(city=1), "抱歉，修好了：", "让我查一下。" + block(city=1), True),
+    # a repair with calls: the first answer's prose and the repair's calls, never the repair's prose glued on
+    ("让我查一下。" + block(city=1), "抱歉，修好了：" + block(city="Rome"), "让我查一下。", True),
+])
+async def test_after_a_repair_the_client_gets_one_coherent_answer(http, proxy, token, kimi, first, repair, expected,
+                                                                  stream):
+    _, answer = await ask_with_tools(http, proxy, token, [first, repair], kimi, stream=stream)
+    content = content_of(answer) if stream else answer["choices"][0]["message"]["content"]
+    assert content == expected
+    calls = streamed_calls(answer) if stream else answer["choices"][0]["message"].get("tool_calls") or []
+    assert len(calls) == (1 if "Rome" in repair else 0)
+    await kimi.wait_deleted(1)
+
+
+BIG = "123456789012345678901234567890"
+
+
+async def test_integers_past_64_bits_reach_the_client_exactly(http, proxy, token, kimi):
+    ids = {"type": "function", "function": {"name": "fetch", "parameters": {
+        "type": "object", "properties": {"id": {"type": "integer"}, "ratio": {"type": "number"}}, "required": ["id"]}}}
+    reply = f'<tool_call>{{"name": "fetch", "arguments": {{"id": {BIG}, "ratio": 1.10}}}}</tool_call>'
+    _, answer = await ask_with_tools(http, proxy, token, [reply], kimi, tools=[ids])
+    assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == f'{{"id": {BIG}, "ratio": 1.10}}'
+    kimi.replies = [reply]
+    response = await post_messages(http, proxy, token, messages=user(ASK),
+                                   tools=[{"name": "fetch", "input_schema": ids["function"]["parameters"]}])
+    raw = await response.read()
+    assert f'"input":{{"id": {BIG}, "ratio": 1.10}}'.encode() in raw
+    assert json.loads(raw)["content"][0]["input"]["id"] == int(BIG)
+
+
+async def test_a_named_choice_keeps_its_call_when_kimi_adds_another(http, proxy, token, kimi):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    reply = block() + '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    response, answer = await ask_with_tools(http, proxy, token, [reply], kimi, tools=[WEATHER, TIME], tool_choice=named)
+    assert response.status == 200 and len(kimi.completions) == 1
+    assert [c["function"]["name"] for c in answer["choices"][0]["message"]["tool_calls"]] == ["get_time"]
+
+
+async def test_allowed_tools_limits_the_functions_kimi_sees(http, proxy, token, kimi):
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}
+    response, answer = await ask_with_tools(http, proxy, token, ['<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'],
+                                            kimi, tools=[WEATHER, TIME], tool_choice=choice)
+    assert response.status == 200 and answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    prompt = kimi.completions[0]["prompt"]
+    assert '"name":"get_time"' in prompt and '"name":"get_weather"' not in prompt and "must call at least one" in prompt
+
+
+@BOTH_DIALECTS
+async def test_the_sdks_parse_on_nested_pydantic_models_is_repaired_and_accepted(sdk, kimi):
+    import enum
+    import pydantic
+
+    class Unit(str, enum.Enum):
+        celsius = "C"
+        fahrenheit = "F"
+
+    class Reading(pydantic.BaseModel):
+        hour: int
+        temp: float
+
+    class Place(pydantic.BaseModel):
+        city: str
+        country: str | None = None
+
+    class Forecast(pydantic.BaseModel):
+        place: Place
+        unit: Unit
+        readings: list[Reading]
+        note: str | None
+
+    good = {"place": {"city": "巴黎", "country": None}, "unit": "C", "readings": [{"hour": 9, "temp": 18.5}], "note": None}
+    bad = {**good, "unit": "K", "readings": [{"hour": "nine", "temp": 18.5}]}
+    kimi.replies = [json.dumps(bad, ensure_ascii=False), "```json\n" + json.dumps(good, ensure_ascii=False) + "\n```"]
+    parsed = await sdk.chat.completions.parse(model="kimi", messages=user(ASK), response_format=Forecast)
+    assert parsed.choices[0].message.parsed == Forecast(**good)
+    assert "unit: expected one of" in kimi.completions[1]["prompt"]
+    # the same models as a strict function tool: $defs, $ref, anyOf, enum, additionalProperties false
+    tool = openai.pydantic_function_tool(Forecast, name="forecast")
+    kimi.replies = [f'<tool_call>{{"name": "forecast", "arguments": {json.dumps(bad)}}}</tool_call>',
+                    f'<tool_call>{{"name": "forecast", "arguments": {json.dumps(good)}}}</tool_call>']
+    completion = await sdk.chat.completions.parse(model="kimi", messages=user(ASK), tools=[tool])
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.parsed_arguments == Forecast(**good)
+    assert "readings[0].hour: expected integer" in kimi.completions[3]["prompt"] or \
+        "unit: expected one of" in kimi.completions[3]["prompt"]
+    await kimi.wait_deleted(2)
+
+
+# The JSON Schema subset, case by case in the manner of the JSON Schema test suite: (schema, value, holds)
+SCHEMA_CASES = [
+    # type
+    ({"type": "integer"}, 1, True), ({"type": "integer"}, 1.0, True), ({"type": "integer"}, 1.5, False),
+    ({"type": "integer"}, True, False), ({"type": "number"}, 1, True), ({"type": "number"}, "1", False),
+    ({"type": "string"}, "", True), ({"type": "string"}, None, False), ({"type": "null"}, None, True),
+    ({"type": "null"}, 0, False), ({"type": "boolean"}, False, True), ({"type": "boolean"}, 0, False),
+    ({"type": "array"}, [], True), ({"type": "array"}, {}, False), ({"type": "object"}, {}, True),
+    ({"type": "object"}, [], False), ({"type": ["string", "null"]}, None, True), ({"type": ["string", "null"]}, 1, False),
+    # properties, required, additionalProperties
+    ({"properties": {"a": {"type": "string"}}}, {"a": "x", "b": 1}, True),
+    ({"properties": {"a": {"type": "string"}}}, {"a": 1}, False),
+    ({"properties": {"a": {"type": "string"}}}, "not an object", True),
+    ({"required": ["a"]}, {"a": None}, True), ({"required": ["a"]}, {"b": 1}, False), ({"required": ["a"]}, [], True),
+    ({"properties": {"a": {}}, "additionalProperties": False}, {"a": 1}, True),
+    ({"properties": {"a": {}}, "additionalProperties": False}, {"a": 1, "b": 2}, False),
+    ({"additionalProperties": {"type": "integer"}}, {"a": 1}, True),
+    ({"additionalProperties": {"type": "integer"}}, {"a": "1"}, False),
+    # items, prefixItems, sizes
+    ({"items": {"type": "integer"}}, [1, 2], True), ({"items": {"type": "integer"}}, [1, "2"], False),
+    ({"prefixItems": [{"type": "string"}], "items": {"type": "integer"}}, ["a", 1], True),
+    ({"prefixItems": [{"type": "string"}], "items": {"type": "integer"}}, [1, 1], False),
+    ({"minItems": 1}, [], False), ({"maxItems": 1}, [1, 2], False), ({"maxItems": 1}, "xy", True),
+    ({"minProperties": 1}, {}, False), ({"maxProperties": 1}, {"a": 1}, True),
+    # enum, const
+    ({"enum": ["a", 1]}, "a", True), ({"enum": ["a", 1]}, 1.0, True), ({"enum": [1]}, True, False),
+    ({"enum": [{"a": [1]}]}, {"a": [1]}, True), ({"enum": [False]}, 0, False),
+    ({"const": 2}, 2, True), ({"const": 2}, "2", False), ({"const": None}, None, True), ({"const": [1]}, [1, 2], False),
+    # anyOf, oneOf, allOf
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, None, True),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, 1, False),
+    ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, 1, True),
+    ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, 3, False),
+    ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, 1.5, False),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "ab", True),
+    ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "abc", False),
+    # $ref
+    ({"$defs": {"p": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/p"}}}, {"a": 1}, True),
+    ({"$defs": {"p": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/p"}}}, {"a": "1"}, False),
+    ({"definitions": {"p": {"enum": ["x"]}}, "items": {"$ref": "#/definitions/p"}}, ["x", "y"], False),
+    ({"$defs": {"node": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}}}},
+      "$ref": "#/$defs/node"}, {"next": {"next": {"next": None}}}, True),
+    ({"$defs": {"node": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}}}},
+      "$ref": "#/$defs/node"}, {"next": {"next": {"next": 5}}}, False),
+    ({"$ref": "#/$defs/a~1b", "$defs": {"a/b": {"type": "string"}}}, 1, False),
+    # strings
+    ({"minLength": 2}, "a", False), ({"minLength": 2}, "長城", True), ({"maxLength": 2}, "abc", False),
+    ({"pattern": "^a+$"}, "aaa", True), ({"pattern": "^a+$"}, "ab", False), ({"pattern": "b"}, "abc", True),
+    ({"pattern": "^a+$"}, 12, True),
+    # numbers
+    ({"minimum": 1}, 1, True), ({"minimum": 1}, 0.5, False), ({"maximum": 1}, 2, False),
+    ({"exclusiveMinimum": 1}, 1, False), ({"exclusiveMinimum": 1}, 1.01, True), ({"exclusiveMaximum": 3}, 3, False),
+    ({"multipleOf": 2}, 4, True), ({"multipleOf": 2}, 5, False), ({"multipleOf": 0.5}, 1.5, True),
+    ({"minimum": 1}, "0", True),
+    # booleans as schemas, unknown keywords
+    ({"properties": {"a": False}}, {"a": 1}, False), ({"properties": {"a": True}}, {"a": 1}, True),
+    ({"format": "email", "title": "x", "description": "y", "default": 1}, "not an email", True),
+]
+
+
+@pytest.mark.parametrize("schema, value, holds", SCHEMA_CASES)
+def test_the_schema_subset_against_the_test_suites_kind_of_cases(schema, value, holds):
+    import jsonschema
+
+    assert (kp.schema_problem(value, schema) is None) == holds
+    assert jsonschema.Draft202012Validator(schema).is_valid(value) == holds  # the table itself is right
+
+
+def test_schema_problems_name_the_path():
+    schema = {"type": "object", "required": ["location"], "$defs": {"loc": {
+        "type": "object", "properties": {"city": {"type": "string"}, "tags": {"type": "array", "items": {"enum": ["a"]}}},
+        "required": ["city"], "additionalProperties": False}}, "properties": {"location": {"$ref": "#/$defs/loc"}}}
+    assert kp.schema_problem({"location": {"city": 1}}, schema) == "location.city: expected string"
+    assert kp.schema_problem({"location": {}}, schema) == "location.city: missing (required)"
+    assert kp.schema_problem({"location": {"city": "P", "tags": ["a", "b"]}}, schema) == \
+        'location.tags[1]: expected one of ["a"]'
+    assert kp.schema_problem({"location": {"city": "P", "x": 1}}, schema) == "location.x: not allowed (no such property)"
+    assert kp.schema_problem({}, schema) == "location: missing (required)"
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats(allow_nan=False,
+                                                                                               allow_infinity=False)
+                           | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3), max_leaves=8)
+SCHEMAS = st.recursive(
+    st.sampled_from([{}, {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": ["string", "null"]},
+                     {"enum": ["a", 1, None]}, {"const": "a"}, {"minimum": 0}, {"maxLength": 2}, {"pattern": "^a"}]),
+    lambda inner: st.builds(lambda props, required, extra: {"type": "object", "properties": props,
+                                                            "required": required, "additionalProperties": extra},
+                            st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3),
+                            st.lists(st.sampled_from(["a", "b"]), max_size=2, unique=True), st.booleans())
+    | st.builds(lambda items: {"type": "array", "items": items}, inner)
+    | st.builds(lambda choices: {"anyOf": choices}, st.lists(inner, min_size=1, max_size=3))
+    | st.builds(lambda choices: {"oneOf": choices}, st.lists(inner, min_size=1, max_size=2))
+    | st.just({"$ref": "#/$defs/x"}),
+    max_leaves=6)
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None)
+@given(schema=SCHEMAS, defined=SCHEMAS, arguments=st.dictionaries(st.sampled_from(["a", "b", "c"]), JSON_VALUES, max_size=3))
+def test_a_call_the_proxy_returns_always_validates_against_its_schema(schema, defined, arguments):
+    """Checked by an independent validator: whatever the proxy lets through as a call holds, and
+    what it refuses does not."""
+    import jsonschema
+
+    defined = {} if "#/$defs/x" in json.dumps(defined) else defined  # (no definition that names itself)
+    parameters = {"type": "object", "$defs": {"x": defined}, "properties": {"a": schema, "b": {"$ref": "#/$defs/x"}},
+                  "additionalProperties": schema}
+    tools = kp.ToolUse({"f": kp.Function("f", "", parameters)}, False, None, True)
+    call, problem = kp.to_tool_call(json.dumps({"name": "f", "arguments": arguments}), tools)
+    valid = jsonschema.Draft202012Validator(parameters).is_valid(arguments)
+    assert (call is not None) == valid, problem
+    if call is not None:
+        assert jsonschema.Draft202012Validator(parameters).is_valid(json.loads(call.arguments))
+
+
 # ---------------------------------------------------------------------------------------------
 # Anthropic Messages (/v1/messages): the anthropic SDK, raw events, Claude Code
 # ---------------------------------------------------------------------------------------------
