@@ -1111,8 +1111,9 @@ class KimiHTTP:
         return text
 
     def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
-                 store: TokenStore) -> None:
+                 store: TokenStore, janitor: Janitor) -> None:
         self._session = session
+        self._janitor = janitor  # background calls (cancels) that outlive the request
         self._fetcher = fetcher
         self._base = config.kimi_base_url
         self._headers = browser_headers(config.kimi_base_url)
@@ -1147,6 +1148,10 @@ class KimiHTTP:
 
     def close(self) -> None:
         self.tokens.close()
+
+    async def quota(self, credential: str) -> dict | None:
+        """The account's usage windows, where the dialect can tell them."""
+        return None
 
     async def _exchange(self, refresh_token: str) -> tuple[str, str]:
         """Trade a refresh token for (access token, next refresh token) at Kimi's REST endpoint,
@@ -1585,15 +1590,21 @@ CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
 MODELS_RPC = "/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels"
 SUBSCRIPTION_RPC = "/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription"
 DELETE_CHAT_RPC = "/apiv2/kimi.chat.v1.ChatService/DeleteChat"
+CANCEL_CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/CancelChat"
+QUOTA_RPC = "/apiv2/kimi.gateway.membership.v2.MembershipService/GetSubscriptionStats"
+QUOTA_TTL = 60.0  # seconds an account's quota is remembered (one call a token a minute at most)
 REFRESH_RPC = "/api/account.gateway.v1.AuthService/RefreshToken"  # on KIMI_AUTH_URL
 UPLOAD_PATH = "/apiv2-files/file/upload"
 PARSE_PROGRESS_RPC = "/apiv2-files/kimi.gateway.file.v1.FileService/GetFileParseProgress"
 PARSE_STATUSES = {"PROCESS_STATUS_SUCCESS": "parsed", 3: "parsed", "PROCESS_STATUS_FAILED": "failed", 4: "failed"}
 CATALOG_TTL = 300.0  # seconds a fetched model catalog is used
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-EXPIRED_ACCESS_TOKEN = ("Kimi rejected this access token (kimi-auth) or it has expired, and an access token "
-                        "cannot be renewed: send a fresh kimi-auth value, or your refresh_token so that the "
-                        "proxy can renew access by itself")
+EXPIRED_ACCESS_TOKEN = ("Kimi rejected this access token or it has expired (access tokens live 15 minutes), and an "
+                        "access token cannot be renewed: send your refresh_token (the site's Local Storage), so that "
+                        "the proxy can renew access by itself")
+COOKIE_TOKEN = ("This is the kimi-auth cookie, which Kimi refuses since 2026-07-30: send the refresh_token from the "
+                "site's Local Storage instead (developer tools, Application, Local Storage, refresh_token)")
+COOKIE_ISSUER = "user-center"  # the issuer of the retired kimi-auth cookie (Local Storage tokens: "account")
 
 
 def to_multipart(source: FileBytes) -> tuple[str, int, AsyncIterator[bytes]]:
@@ -1691,13 +1702,25 @@ def from_connect_error(error: dict, retry_after: int | None = None, status: int 
         return ProxyError(403, f"Kimi does not allow this account to do that: {said}", code="permission_denied")
     if code == "not_found":
         return conversation_not_found()
+    if code == "invalid_argument" and re.search(r"model|scenario", said, re.I):
+        return ModelRefused(f"Kimi refused the model it was asked for: {said}")
     if code == "invalid_argument":
         log.error("Kimi called our request invalid (invalid_argument): its protocol may have changed")
     return upstream_error(f"Kimi failed ({code}): {said}")
 
 
+class ModelRefused(ProxyError):
+    """Kimi refuses the model a request names (options.model): this host's catalog may differ."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message, code="upstream_error")
+
+
 CITE_OPEN, CITE_SEPARATOR, CITE_CLOSE = "\ue3a0", "\ue3a3", "\ue3a8"
 TOOL_MARK, ARTICLE_END = "\U0001F6E0", "\U0001F3A8"  # 🛠 and 🎨, the 2026-08 marker style
+REF_OPEN, REF_CLOSE = "<REF>", "</REF>"  # stored answers of late 2026: <REF>cite✦tools://web_search:1#0:~:text=...</REF>
+CITATION_OPENER = re.compile(f"{CITE_OPEN}|{TOOL_MARK}|{REF_OPEN}")
+PARTIAL_REF_OPEN = re.compile(r"<(?:R(?:EF?)?)?\Z")  # a piece that ends where a <REF> may begin
 REF_INDEX = re.compile(r"[A-Za-z_]+:\d+#\d+")
 MAX_MARKER = 2000  # characters held back waiting for a marker to close
 
@@ -1711,16 +1734,18 @@ class CitationRewriter:
         self._pending = ""
 
     def feed(self, text: str, sources: dict[str, int], silent: bool) -> str:
-        if not self._pending and CITE_OPEN not in text and TOOL_MARK not in text:
+        if not self._pending and CITE_OPEN not in text and TOOL_MARK not in text and "<" not in text:
             return text
         text, self._pending = self._pending + text, ""
         out, position = [], 0
         while True:
-            start = min((i for i in (text.find(CITE_OPEN, position), text.find(TOOL_MARK, position)) if i >= 0),
-                        default=-1)
-            if start < 0:
-                out.append(text[position:])
+            opener = CITATION_OPENER.search(text, position)
+            if opener is None:
+                partial = PARTIAL_REF_OPEN.search(text, position)
+                out.append(text[position:partial.start()] if partial else text[position:])
+                self._pending = text[partial.start():] if partial else ""
                 break
+            start = opener.start()
             out.append(text[position:start])
             end = marker_end(text, start)
             if end < 0:
@@ -1740,6 +1765,9 @@ class CitationRewriter:
 
 def marker_end(text: str, start: int) -> int:
     """Where the citation marker starting at `start` ends (exclusive), or -1 if not yet closed."""
+    if text.startswith(REF_OPEN, start):
+        close = text.find(REF_CLOSE, start)
+        return close + len(REF_CLOSE) if close >= 0 else -1
     if text[start] == TOOL_MARK:  # an inline reference: 🛠ref🛠
         close = text.find(TOOL_MARK, start + 1)
         return close + 1 if close >= 0 else -1
@@ -1763,6 +1791,8 @@ def to_references(marker: str, sources: dict[str, int], silent: bool) -> str:
         return ""
     if marker[0] == TOOL_MARK and not REF_INDEX.fullmatch(marker[1:-1].split(":~:")[0]):
         return marker  # an ordinary 🛠 in the text, not a reference
+    if marker.startswith(REF_OPEN) and "tools://" not in marker:
+        return marker  # an ordinary <REF> in the text
     numbers = dict.fromkeys(sources[ref] for ref in REF_INDEX.findall(marker) if ref in sources)
     return "".join(f"[^{n}]" for n in numbers)
 
@@ -1796,6 +1826,7 @@ def from_connect_frame(flags: int, payload: bytes, state: ConnectState) -> list[
         state.ended = state.ended or bool(flags & END_STREAM)
         return []
     if isinstance(message.get("error"), dict):
+        state.ended = True  # Kimi ended the answer itself
         raise from_connect_error(message["error"])
     if flags & END_STREAM:
         state.ended = True
@@ -1849,7 +1880,10 @@ def identify_message(turn: dict, mask: object, state: ConnectState) -> None:
 
 def from_connect_block(block: dict, state: ConnectState) -> list[Event]:
     """Thinking and answer told apart by the kind of block (`think` or `text`), never by the
-    stage events around them."""
+    stage events around them. A `block.exception` is Kimi refusing to go on: raised."""
+    if isinstance(block.get("exception"), dict):
+        state.ended = True
+        raise from_block_exception(block["exception"])
     events = []
     owner = block.get("messageId", block.get("message_id"))
     if state.message_id is None and isinstance(owner, str) and owner and owner != state.user_message_id:
@@ -1895,6 +1929,18 @@ def from_search_results(items: object, state: ConnectState) -> list[Event]:
         if not state.silent:
             events.append(Event(SOURCE, title if isinstance(title, str) and title else base["url"], base["url"], number))
     return events
+
+
+def from_block_exception(exception: dict) -> ProxyError:
+    """Kimi's refusal inside an answer: a full chat is the client's to fix (a new conversation)."""
+    error = exception.get("error") if isinstance(exception.get("error"), dict) else exception
+    localized = error.get("localizedMessage")
+    said = localized.get("message") if isinstance(localized, dict) else None
+    reason = error.get("reason") if isinstance(error.get("reason"), str) else "no reason given"
+    said = said if isinstance(said, str) and said else reason
+    if reason == "REASON_TOKEN_LENGTH_TOO_LONG":
+        return ProxyError(400, f"Kimi's chat is full: {said}", code="context_length_exceeded")
+    return upstream_error(f"Kimi stopped the answer ({reason}): {said}")
 
 
 def from_connect_ending(state: ConnectState) -> list[Event]:
@@ -2045,12 +2091,16 @@ def to_reasoning_effort(model: CatalogModel, thinking: bool, asked: str | None) 
     return min(reasoning, key=lambda effort: (abs(EFFORT_RANKS[effort] - rank), -EFFORT_RANKS[effort]))
 
 
-def to_connect_chat(question: "Question", catalog: Catalog, parent_id: str | None, files: list = ()) -> dict:
+def to_connect_chat(question: "Question", catalog: Catalog, parent_id: str | None, files: list = (),
+                    name_model: bool = True) -> dict:
     """The Chat RPC request, shaped like the web app's: the folded prompt as one text block,
-    then the file blocks, on a new or a kept chat."""
+    then the file blocks, on a new or a kept chat. The model is named by its catalog id
+    (`name_model`), or, where the host refuses that, by its scenario alone."""
     model = catalog.resolve(question.model)
     effort = to_reasoning_effort(model, question.reasoning, question.reasoning_effort)
-    options = {"thinking": effort != NO_REASONING if effort else question.reasoning, "model": model.id}
+    options = {"thinking": effort != NO_REASONING if effort else question.reasoning}
+    if name_model:
+        options["model"] = model.id
     if effort:
         options["reasoning_effort"] = effort
     blocks = [{"message_id": "", "text": {"content": question.prompt or " "}}]
@@ -2084,8 +2134,8 @@ class ConnectKimi(KimiHTTP):
     json_headers = {CONNECT_PROTOCOL_VERSION: "1"}
 
     def __init__(self, session: aiohttp.ClientSession, config: Config, fetcher: "FileFetcher",
-                 store: TokenStore) -> None:
-        super().__init__(session, config, fetcher, store)
+                 store: TokenStore, janitor: Janitor) -> None:
+        super().__init__(session, config, fetcher, store, janitor)
         self._auth_base = config.kimi_auth_url
         self._headers = {**self._headers, hdrs.REFERER: self._base + "/"}
         self._parents = BoundedMap()       # chat id -> last assistant message id
@@ -2094,6 +2144,10 @@ class ConnectKimi(KimiHTTP):
         self._catalog_lock = asyncio.Lock()
         self._refresh_route: str | None = None  # "rpc" or "rest", once one has answered
         self._presigned_uploads = False         # the /apiv2-files/ upload answered 404
+        self._cancels: dict[str, asyncio.Task] = {}  # chat id -> the cancel of its abandoned answer
+        self._cancel_failed = False             # (a failed cancel is logged once at WARNING)
+        self._quotas = BoundedMap()             # credential -> (until, its quota)
+        self._no_model_option: set[str] = set()  # models this host refuses by options.model
 
     async def model_ids(self, credential: str | None = None) -> list[str]:
         return (await self._current_catalog(credential)).model_ids()
@@ -2105,32 +2159,100 @@ class ConnectKimi(KimiHTTP):
             return False
         return isinstance(answer, dict) and bool(answer.get("subscription"))
 
+    async def quota(self, credential: str) -> dict | None:
+        """The account's usage windows and balance, remembered for a minute (None when Kimi does
+        not tell)."""
+        loop = asyncio.get_running_loop()
+        until, known = self._quotas.get(credential, (0.0, None))
+        if loop.time() < until:
+            return known
+        try:
+            answer = await self._json_call(credential, "POST", QUOTA_RPC, {"domain": "DOMAIN_KIMI"})
+        except ProxyError:
+            answer = None
+        known = to_quota(answer) if isinstance(answer, dict) else None
+        self._quotas[credential] = (loop.time() + QUOTA_TTL, known)
+        return known
+
     async def converse(self, credential: str, question: "Question") -> AsyncIterator[list[Event]]:
         await self.tokens.get(credential)  # a token Kimi refuses fails here, not in the catalog call
+        if question.chat_id:
+            await self._cancelled(question.chat_id)  # its last answer, if the proxy stopped reading it
         catalog = await self._current_catalog(credential)
         files = await self.upload_all(credential, question, None)
-        chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files)
-        request = frame_message(orjson.dumps(chat))
+        model = catalog.resolve(question.model)
         if question.chat_id:
             yield [Event(CHAT, question.chat_id)]  # a continued chat's stream need not name it
-        for attempt in range(2):
+        renewed = False
+        while True:
+            chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files,
+                                   name_model=model.id not in self._no_model_option)
             state = ConnectState(silent=question.silent, chat_id=question.chat_id)
             try:
-                async with aclosing(self._stream_chat(credential, request, state)) as batches:
+                async with aclosing(self._stream_chat(credential, frame_message(orjson.dumps(chat)), state)) as batches:
                     async for batch in batches:
                         yield batch
             except StreamUnauthenticated:
                 # like an HTTP 401: renew the access token once and ask again, if nothing was shown yet
-                if state.answered or attempt == 1 or is_access_token(credential):
+                if state.answered or renewed or is_access_token(credential):
                     raise self._token_rejection(credential) from None
                 self.tokens.discard(credential)
+                renewed = True
                 continue
+            except ModelRefused:
+                # a host whose catalog differs: ask once more by the scenario alone, for good
+                if state.answered or "model" not in chat["options"]:
+                    raise
+                log.warning("Kimi refuses options.model %s at %s: asking for it by its scenario only", model.id,
+                            self._base)
+                self._no_model_option.add(model.id)
+                continue
+            except RateLimited as error:
+                await self._add_quota_note(credential, error)
+                raise
             finally:
-                # for the chat's next turn (a kept chat's, or a repair); the consumer may stop
-                # reading at DONE, so this cannot wait until after the loop
-                if state.chat_id and state.message_id:
-                    self._parents[state.chat_id] = state.message_id
+                self._after_answer(credential, state)
             return
+
+    def _after_answer(self, credential: str, state: "ConnectState") -> None:
+        """Remember the answer for the chat's next turn (a kept chat's, or a repair); an answer the
+        proxy stopped reading is cancelled, since Kimi goes on writing it otherwise, and refuses a
+        new turn in that chat meanwhile. (The consumer may stop reading at DONE, so this cannot
+        wait until after the stream.)"""
+        if not (state.chat_id and state.message_id):
+            return
+        self._parents[state.chat_id] = state.message_id
+        if not (state.done or state.ended):
+            task = asyncio.ensure_future(self._cancel(credential, state.chat_id, state.message_id))
+            self._cancels[state.chat_id] = task
+            self._janitor.spawn(task)
+
+    async def _cancel(self, credential: str, chat_id: str, message_id: str) -> None:
+        """Stop Kimi writing an answer nobody reads; best effort, never a failure of the request."""
+        try:
+            await self._json_call(credential, "POST", CANCEL_CHAT_RPC, {"chatId": chat_id, "messageId": message_id})
+        except ProxyError as error:
+            log.log(logging.DEBUG if self._cancel_failed else logging.WARNING,
+                    "could not stop Kimi's answer in chat %s: %s", chat_id, error.message)
+            self._cancel_failed = True
+        else:
+            log.debug("stopped Kimi's answer in chat %s", chat_id)
+        finally:
+            if self._cancels.get(chat_id) is asyncio.current_task():
+                del self._cancels[chat_id]
+
+    async def _cancelled(self, chat_id: str) -> None:
+        """Wait until a cancel of the chat's last answer has been sent, before a new turn in it or
+        its deletion."""
+        task = self._cancels.get(chat_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _add_quota_note(self, credential: str, error: RateLimited) -> None:
+        """A request refused for quota says when the account's windows reset."""
+        note = to_quota_note(await self.quota(credential))
+        if note:
+            error.message = f"{error.message} ({note})"
 
     async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
         decoder = FrameDecoder()
@@ -2149,6 +2271,7 @@ class ConnectKimi(KimiHTTP):
         yield from_connect_ending(state)
 
     async def _delete(self, credential: str, chat_id: str) -> None:
+        await self._cancelled(chat_id)
         self._parents.pop(chat_id, None)
         await self._json_call(credential, "POST", DELETE_CHAT_RPC, {"chat_id": chat_id})
 
@@ -2186,6 +2309,8 @@ class ConnectKimi(KimiHTTP):
 
     async def _grant(self, credential: str) -> Grant:
         now_wall, now_loop = time.time(), asyncio.get_running_loop().time()
+        if jwt_claims(credential).get("iss") == COOKIE_ISSUER:
+            raise TokenRejected(COOKIE_TOKEN)
         if is_access_token(credential):
             claims = jwt_claims(credential)
             exp = claims.get("exp")
@@ -2289,6 +2414,31 @@ class ConnectKimi(KimiHTTP):
                 status = progress.get("status")
                 return PARSE_STATUSES.get(status) if isinstance(status, (str, int)) else None
         return None
+
+
+def to_quota(answer: dict) -> dict:
+    """An account's windows and balance from GetSubscriptionStats (a window's ratio is absent
+    while it is unused)."""
+    quota = {}
+    for name, field, chat_field in (("5h", "ratelimitCode5h", "ratelimit5h"), ("7d", "ratelimitCode7d", "ratelimit7d")):
+        window = answer.get(field) or answer.get(chat_field)
+        if isinstance(window, dict):
+            ratio = window.get("ratio")
+            quota[name] = {"used": ratio if isinstance(ratio, (int, float)) else 0.0,
+                           "enabled": window.get("enabled") is not False, "resets_at": window.get("resetTime")}
+    balance = answer.get("subscriptionBalance")
+    if isinstance(balance, dict):
+        ratio = balance.get("amountUsedRatio")
+        quota["balance"] = {"feature": balance.get("feature"), "unit": balance.get("unit"),
+                            "used": ratio if isinstance(ratio, (int, float)) else 0.0,
+                            "expires_at": balance.get("expireTime")}
+    return quota
+
+
+def to_quota_note(quota: dict | None) -> str:
+    windows = [f"{name} window {round(100 * quota[name]['used'])}% used, resets at {quota[name]['resets_at']}"
+               for name in ("5h", "7d") if quota and name in quota and quota[name].get("resets_at")]
+    return "Kimi's " + "; ".join(windows) if windows else ""
 
 
 DIALECTS = {"legacy": LegacyKimi, "connect": ConnectKimi}
@@ -3751,7 +3901,16 @@ def parse_chat(body: dict, limits: Limits) -> Request:
     check_last_turn(turns, conversation, "messages")
     return Request(model=model, turns=turns, stream=stream, tools=tools, json_format=json_format,
                    reasoning_effort=reasoning_effort, search=bool(typed_field(body, "use_search", bool)),
-                   conversation=conversation, options=ChatOptions(include_usage, deprecated))
+                   conversation=conversation, stop=to_chat_stop(body.get("stop")),
+                   options=ChatOptions(include_usage, deprecated))
+
+
+def to_chat_stop(stop: object) -> tuple[str, ...]:
+    """`stop`: a string or up to 4 of them."""
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(item, str) for item in stops):
+        raise bad_request("'stop' must be a string or an array of up to 4 strings", "stop")
+    return tuple(filter(None, stops))
 
 
 def to_chat_tools(body: dict) -> tuple[ToolUse | None, bool]:
@@ -5250,13 +5409,21 @@ async def check_token(request: web.Request) -> web.Response:
     token = body.get("token")
     if not isinstance(token, str) or not TOKEN_TEXT.fullmatch(token.strip()):
         raise bad_request("'token' must be a Kimi refresh token (visible ASCII characters)", "token")
-    return json_response({"live": await request.app[KIMI].check_token(token.strip())})
+    kimi = request.app[KIMI]
+    checked = {"live": await kimi.check_token(token.strip())}
+    quota = await kimi.quota(token.strip()) if checked["live"] else None
+    return json_response({**checked, "quota": quota} if quota else checked)
 
 
 async def healthz(request: web.Request) -> web.Response:
     require_api_key(request)
     app = request.app
     tokens = app[TOKEN_HEALTH].report()
+    pool = list(dict.fromkeys(app[CONFIG].kimi_tokens))
+    quotas = dict(zip(map(fingerprint, pool), await asyncio.gather(*map(app[KIMI].quota, pool))))  # (for a minute)
+    for entry in tokens:
+        if quotas.get(entry["id"]):
+            entry["quota"] = quotas[entry["id"]]
     usable = any(token["state"] == "alive" for token in tokens[:len(app[CONFIG].kimi_tokens)])
     return json_response({"status": "ok" if usable or not app[CONFIG].kimi_tokens else "degraded",
                           "uptime_s": round(time.monotonic() - app[STARTED_AT], 1),
@@ -5449,7 +5616,8 @@ async def kimi_client(app: web.Application):
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
             FileFetcher.session(config) as downloads:
         app[JANITOR] = Janitor()
-        app[KIMI] = DIALECTS[config.kimi_protocol](session, config, FileFetcher(downloads, config), app[TOKEN_STORE])
+        app[KIMI] = DIALECTS[config.kimi_protocol](session, config, FileFetcher(downloads, config), app[TOKEN_STORE],
+                                                   app[JANITOR])
         app[CHAT_OWNERS] = BoundedMap()
         app[TOKEN_TURN] = itertools.count()
         yield

@@ -80,6 +80,7 @@ class FakeKimiBase:
     """What both fakes share: accounts and tokens, chats, fault injection and the records tests read."""
 
     PROTOCOL = ""
+    ISSUER = "user-center"  # who issues its refresh tokens
 
     def __init__(self) -> None:
         self.access_ttl = 3600.0
@@ -122,7 +123,7 @@ class FakeKimiBase:
 
     def _refresh_token_for(self, user_id: str) -> str:
         now = int(time.time())
-        token = make_jwt({"iss": "user-center", "typ": "refresh", "app_id": "kimi", "sub": user_id, "jti": xid(),
+        token = make_jwt({"iss": self.ISSUER, "typ": "refresh", "app_id": "kimi", "sub": user_id, "jti": xid(),
                           "iat": now, "exp": now + 90 * 86400, "device_id": "7651000000000000001",
                           "ssid": "1731090000000000001"})
         self.users[token] = user_id
@@ -131,7 +132,8 @@ class FakeKimiBase:
     def issue_access_token(self, user_id: str, ttl: float) -> str:
         now = time.time()
         # exp in whole seconds, rounded up: truncated, a 1 s token could claim to expire at once
-        token = make_jwt({"typ": "access", "app_id": "kimi", "sub": user_id, "iat": int(now), "exp": math.ceil(now + ttl),
+        token = make_jwt({"iss": self.ISSUER, "typ": "access", "app_id": "kimi", "sub": user_id, "iat": int(now),
+                          "exp": math.ceil(now + ttl),
                           "jti": xid(), "device_id": "7651000000000000001", "ssid": "1731090000000000001"})
         self.access[token] = (user_id, now + ttl)
         return token
@@ -615,6 +617,9 @@ def fixture_bytes(name: str) -> bytes:
 
 
 CATALOG = orjson.loads(fixture_bytes("GetAvailableModels.response.json"))  # the real 2026-09 catalog
+SUBSCRIPTION_STATS = orjson.loads(fixture_bytes("GetSubscriptionStats.response.json"))  # a real 2026-09 answer
+TOO_LONG_EVENT = orjson.loads(fixture_bytes("block_exception_token_too_long.event.json"))  # a full chat (2026-08)
+UNAUTHENTICATED = orjson.loads(fixture_bytes("unauthenticated_401.body.json"))  # Kimi's 401 (2026-10)
 CATALOG_ENTRIES = {entry["id"]: entry for entry in CATALOG["availableModels"]}
 CAPTURE = fixture_bytes("chat_k26_thinking.bin")  # a real answer stream, replayed byte for byte
 CAPTURE_CHAT = "19fdf14e-bd52-88b5-8000-092152992fca"
@@ -660,6 +665,7 @@ class FakeConnectKimi(FakeKimiBase):
     real model catalog, /apiv2-files/ uploads, stages around think blocks."""
 
     PROTOCOL = "connect"
+    ISSUER = "account"  # the Local Storage tokens; the kimi-auth cookie's issuer (user-center) is refused since 2026-07
     CHAT = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
     REFRESH_RPC = "/api/account.gateway.v1.AuthService/RefreshToken"
     START_PATH = CHAT
@@ -677,6 +683,10 @@ class FakeConnectKimi(FakeKimiBase):
         self.new_uploads = True               # False: /apiv2-files/file/upload does not exist (404)
         self.presign_uploads = False          # the pre-2026 upload flow, not seen in 2026 captures
         self.streams = 0
+        self.cancels: list[tuple[str, str]] = []  # (chat, message) of each CancelChat
+        self.model_option = True              # False: this host refuses options.model (www.kimi.com, 2026-08)
+        self.numeric_statuses = False         # parse progress as numbers (3: success), as some clients see it
+        self.quota_calls = 0
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post(self.CHAT, self.chat)
@@ -684,11 +694,23 @@ class FakeConnectKimi(FakeKimiBase):
         app.router.add_post("/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels", self.models)
         app.router.add_post("/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription", self.subscription)
         app.router.add_post("/apiv2/kimi.chat.v1.ChatService/DeleteChat", self.delete_chat)
+        app.router.add_post("/apiv2/kimi.gateway.chat.v1.ChatService/CancelChat", self.cancel_chat)
+        app.router.add_post("/apiv2/kimi.gateway.membership.v2.MembershipService/GetSubscriptionStats", self.stats)
         app.router.add_post("/apiv2-files/file/upload", self.upload)
         app.router.add_post("/apiv2-files/kimi.gateway.file.v1.FileService/GetFileParseProgress", self.parse_progress)
 
     def auth_error(self) -> web.Response:
-        return connect_error(401, "unauthenticated", "token is expired")
+        return web.json_response(UNAUTHENTICATED, status=401)
+
+    UNARY = re.compile(r"/apiv2/(?!kimi\.gateway\.chat\.v1\.ChatService/Chat$).*|/apiv2-files/.+Service/.*")
+
+    @web.middleware
+    async def _record_and_inject_faults(self, request: web.Request, handler):
+        """Unary calls without a JSON body type get 415 and an empty body, before the token is looked at."""
+        if self.UNARY.fullmatch(request.path) and request.content_type != "application/json":
+            self.calls.append((request.method, request.path))
+            return web.Response(status=415)
+        return await super()._record_and_inject_faults(request, handler)
 
     def new_chat_id(self) -> str:
         return kimi_uuid("chat")
@@ -734,6 +756,31 @@ class FakeConnectKimi(FakeKimiBase):
         if user_id is None:
             return self.auth_error()
         return web.json_response({"subscription": {"userId": user_id, "userName": "kimi_user", "email": ""}})
+
+    async def cancel_chat(self, request: web.Request) -> web.Response:
+        """Stops the answer being written (an answer already done is left as it is)."""
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        body = await self._json_body(request) or {}
+        chat_id, message_id = pick(body, "chat_id", "chatId"), pick(body, "message_id", "messageId")
+        chat = self.chats.get(chat_id)
+        if chat is None or chat.owner != user_id or chat.deleted:
+            return connect_error(404, "not_found", "chat not found")
+        if message_id != chat.last_message:
+            return connect_error(400, "invalid_argument", "not the answer being written")
+        self.cancels.append((chat_id, message_id))
+        chat.streaming = False
+        return web.json_response({})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        user_id = self._authenticated_user(request)
+        if user_id is None:
+            return self.auth_error()
+        self.quota_calls += 1
+        if (await self._json_body(request) or {}).get("domain") != "DOMAIN_KIMI":
+            return connect_error(400, "invalid_argument", "unsupported domain")
+        return web.json_response(SUBSCRIPTION_STATS)
 
     async def delete_chat(self, request: web.Request) -> web.Response:
         user_id = self._authenticated_user(request)
@@ -796,8 +843,9 @@ class FakeConnectKimi(FakeKimiBase):
                     file["status"] = "polled"
                 elif file["status"] == "polled":
                     file["status"] = "parsed" if "parse_fail" not in file["name"] else "failed"
-            status = {"parsed": "PROCESS_STATUS_SUCCESS", "failed": "PROCESS_STATUS_FAILED"}.get(file["status"])
-            progresses.append({"fileId": file_id, "status": status or "PROCESS_STATUS_PROCESSING"})
+            status = ({"parsed": 3, "failed": 4} if self.numeric_statuses else
+                      {"parsed": "PROCESS_STATUS_SUCCESS", "failed": "PROCESS_STATUS_FAILED"}).get(file["status"])
+            progresses.append({"fileId": file_id, "status": status or ("PROCESS_STATUS_PROCESSING", 2)[self.numeric_statuses]})
         return web.json_response({"progresses": progresses})
 
     def _attached_files_problem(self, ids: list, user_id: str) -> str | None:
@@ -888,7 +936,11 @@ class FakeConnectKimi(FakeKimiBase):
         options = body.get("options")
         if not isinstance(options, dict) or not isinstance(options.get("thinking"), bool):
             return "options.thinking is required"
-        entry = CATALOG_ENTRIES.get(options.get("model"))
+        if "model" in options and not self.model_option:
+            return f"unknown model {options['model']}"  # a guess at the words real Kimi uses
+        # without options.model, the scenario's entry (as the web app on www.kimi.com asked in 2026-08)
+        entry = CATALOG_ENTRIES.get(options["model"]) if "model" in options else \
+            next((e for e in CATALOG["availableModels"] if e["scenario"] == body.get("scenario")), None)
         if entry is None:
             return "unknown model"  # a guess at what real Kimi does with a key or a made-up id
         message = body.get("message")
@@ -1002,6 +1054,7 @@ class FakeConnectKimi(FakeKimiBase):
                      event(op="set", mask="message.refs.searchChunks", message={"id": assistant_id, "refs": {"searchChunks": results}})]
             # the citation marker arrives split across two deltas
             answer = [text("", op="set"), text(ANSWER[0] + CITE[:9]), text(CITE[9:] + ANSWER[1]), text(ANSWER[2])]
+        ref = f"<REF>cite✦tools://web_search:1#0:~:text={ANSWER[0]}...✦tools://web_search:1#1:~:text=x</REF>"
         tail = [event(op="set", mask="chat.name", chat={"id": chat_id, "name": "长城简介"}),
                 event(op="set", notification={"type": "TYPE_MODEL_DEGRADE", "message": "High demand.", "paywall": {}}),
                 event(op="set", mask="message.status", message={"id": assistant_id, "status": "MESSAGE_STATUS_COMPLETED"}),
@@ -1023,6 +1076,10 @@ class FakeConnectKimi(FakeKimiBase):
                 event(op="set", mask="block.think", block={"id": "6", "parentId": "2", "think": {"content": THINKING[1]}}),
                 text(ANSWER[1], "4")] + tail,
             "two_blocks": lambda: head + [text("第一块", "4", "set"), text("第二块", "7", "set")] + tail,
+            "too_long": lambda: head + [event(**TOO_LONG_EVENT), connect_end()],
+            "too_long_later": lambda: head + [text(ANSWER[0], op="set"), event(**TOO_LONG_EVENT)],
+            "ref_citations": lambda: head + [text(ANSWER[0], op="set"), text(ref[:13]), text(ref[13:40]), text(ref[40:]),
+                                             text(ANSWER[1])] + tail,
             "reply": lambda: head + [text("", op="set")] + self.reply_script(text) + tail,
         }.get(scenario, lambda: render_script(SCENARIOS.get(scenario, PLAIN_SCRIPT), head, answer, 2, tail,
                                               [connect_end(overloaded)], text))()
@@ -2046,7 +2103,9 @@ async def test_token_check(http, proxy, kimi, token):
         response = await http.post(proxy + "/token/check", json=body)
         return response.status, await response.json()
 
-    assert await check({"token": token}) == (200, {"live": True})
+    status, body = await check({"token": token})
+    assert status == 200 and list(body)[0] == "live" and body["live"] is True
+    assert ("quota" in body) == (kimi.PROTOCOL == "connect")  # (the legacy site tells no quota)
     assert await check({"token": "expired"}) == (200, {"live": False})
     status, body = await check({"tok": token})
     assert status == 400 and assert_envelope(body, param="token")
@@ -2635,7 +2694,7 @@ async def test_connect_accepts_an_access_token(http, proxy, kimi):
     response = await post_chat(http, proxy, access, stream=True)
     assert content_of(sse_payloads(await response.read())) == "".join(ANSWER)
     assert kimi.refreshes == Counter() and kimi.completions[0]["user"] == user_id
-    assert await (await http.post(proxy + "/token/check", json={"token": access})).json() == {"live": True}
+    assert (await (await http.post(proxy + "/token/check", json={"token": access})).json())["live"] is True
     kimi.revoke_access_tokens()  # Kimi no longer takes it, and an access token cannot be renewed
     response = await post_chat(http, proxy, access)
     assert response.status == 401
@@ -2643,7 +2702,7 @@ async def test_connect_accepts_an_access_token(http, proxy, kimi):
     expired = kimi.issue_access_token(user_id, ttl=-10)
     calls = len(kimi.calls)
     response = await post_chat(http, proxy, expired)
-    assert response.status == 401 and "kimi-auth" in (await response.json())["error"]["message"]
+    assert response.status == 401 and "15 minutes" in (await response.json())["error"]["message"]
     assert kimi.calls[calls:] == []  # refused without asking Kimi
 
 
@@ -2683,7 +2742,7 @@ async def test_fake_connect_kimi_is_strict(http, kimi, token):
                  connect_frame({**good, "chat_id": ""}),
                  connect_frame({**good, "scenario": "SCENARIO_NOPE"}),
                  connect_frame({**good, "options": {"thinking": False, "model": "k3"}}),  # a key, not an id
-                 connect_frame({**good, "options": {"thinking": False}}),
+                 connect_frame({**good, "options": {"model": "k2d6-chat"}}),
                  connect_frame({**good, "options": {"thinking": True, "model": "k2d6-chat",
                                                     "reasoning_effort": "REASONING_EFFORT_HIGH"}}),
                  connect_frame({**k3, "kimiplus_id": None}),
@@ -2696,6 +2755,13 @@ async def test_fake_connect_kimi_is_strict(http, kimi, token):
     response = await http.post(kimi.url + kimi.CHAT, headers=headers,
                                data=connect_frame({**good, "chat_id": "19fdf14e-bd52-88b5-8000-092152992fca"}))
     assert orjson.loads(kp.FrameDecoder().feed(await response.read())[0][1])["error"]["code"] == "not_found"
+    # unary calls: a JSON body type is required (415, before the token is looked at); quota only for the Kimi domain
+    for path in ("/apiv2/kimi.chat.v1.ChatService/DeleteChat", "/apiv2/kimi.gateway.chat.v1.ChatService/CancelChat"):
+        response = await http.post(kimi.url + path, data=b'{"chat_id": "x"}', headers=auth(refreshed["accessToken"]))
+        assert response.status == 415 and await response.read() == b""
+    stats = kimi.url + "/apiv2/kimi.gateway.membership.v2.MembershipService/GetSubscriptionStats"
+    response = await http.post(stats, json={"domain": "DOMAIN_NEXUS"}, headers=auth(refreshed["accessToken"]))
+    assert (await response.json())["code"] == "invalid_argument"
     again = await refresh_by_rpc(http, kimi, token)
     assert again.status == 401 and (await again.json())["code"] == "unauthenticated"  # Kimi rotates refresh tokens
     assert kimi.created == []
@@ -2897,6 +2963,208 @@ async def test_a_redirect_or_a_web_page_from_kimi_is_a_502_that_says_so(http, pr
     assert response.status == 502
     assert ("redirected" if answer == "redirect" else "web page") in error["message"]
     assert len(kimi.calls) - calls == 1  # the redirect was not followed
+
+
+# ---------------------------------------------------------------------------------------------
+# Kimi late 2026: answers stopped when abandoned, full chats, quota, the tokens users have
+# ---------------------------------------------------------------------------------------------
+
+
+def kimi_order(kimi, *paths: str) -> list[str]:
+    """Which of these calls the fake saw, in order (by the last part of the path)."""
+    return [path.rsplit("/", 1)[1] for method, path in kimi.calls if path.rsplit("/", 1)[1] in paths]
+
+
+async def assert_cancelled_once_before(kimi, chat_id: str, then: str) -> None:
+    """Exactly one CancelChat for this chat's answer, with the answer's own message id, before `then`."""
+    await kimi.wait_deleted(len(kimi.created))
+    assert [chat for chat, _ in kimi.cancels] == [chat_id]  # (the fake takes only the answer's own message id)
+    order = kimi_order(kimi, "CancelChat", then)
+    assert order.index("CancelChat") < order.index(then)
+
+
+async def test_a_client_that_leaves_mid_answer_has_kimi_stop_it(http, proxy, token, kimi):
+    kimi.linger = 5.0  # Kimi goes on writing what nobody reads, unless told to stop
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"))
+    async for line in response.content:
+        if b'"content":"0 "' in line:
+            break
+    response.close()
+    await kimi.wait_deleted(1)
+    await assert_cancelled_once_before(kimi, kimi.created[0], "DeleteChat")
+    assert not kimi.chats[kimi.created[0]].streaming
+
+
+async def test_an_answer_cut_after_its_only_call_is_stopped(http, proxy, token, kimi):
+    kimi.reply_pause, kimi.linger = 0.01, 5.0
+    _, answer = await ask_with_tools(http, proxy, token, [block() + "\n" + "后面还有很多字。" * 20], kimi,
+                                     parallel_tool_calls=False)
+    assert answer["choices"][0]["finish_reason"] == "tool_calls"
+    await assert_cancelled_once_before(kimi, kimi.completions[0]["chat"], "DeleteChat")
+
+
+async def test_a_repair_turn_after_an_abandoned_answer_waits_for_the_cancel(http, proxy, token, kimi):
+    """A stop sequence ends the first answer early; its call is bad; Kimi, still writing the first
+    answer, would refuse the repair turn if it were not stopped first."""
+    kimi.reply_pause, kimi.linger = 0.01, 5.0
+    kimi.replies = [block(city=1) + " 停。后面还有很多字。" * 10, block()]
+    response = await post_messages(http, proxy, token, messages=user(ASK), tools=[CLAUDE_TOOL], stop_sequences=["停。"])
+    message = await response.json()
+    assert response.status == 200 and message["stop_reason"] == "tool_use", message
+    chat_id = kimi.completions[0]["chat"]
+    assert [c["chat"] for c in kimi.completions] == [chat_id, chat_id]
+    await assert_cancelled_once_before(kimi, chat_id, "DeleteChat")
+    assert kimi_order(kimi, "Chat", "CancelChat") == ["Chat", "CancelChat", "Chat"]  # stopped before the repair
+
+
+async def test_a_kept_chats_next_turn_after_a_disconnect_waits_for_the_cancel(http, proxy, token, kimi):
+    kimi.linger = 5.0
+    response = await post_chat(http, proxy, token, stream=True, messages=user("scenario:endless"),
+                               conversation_id="new")
+    chat_id = response.headers["X-Conversation-Id"]
+    async for line in response.content:
+        if b'"content":"0 "' in line:
+            break
+    response.close()
+    for _ in range(100):
+        if kimi.cancels:
+            break
+        await asyncio.sleep(0.01)
+    second = await post_chat(http, proxy, token, messages=user("还在吗？"), conversation_id=chat_id)
+    assert second.status == 200, await second.text()
+    assert [chat for chat, _ in kimi.cancels] == [chat_id]  # (the fake takes only the answer's own message id)
+    assert kimi_order(kimi, "Chat", "CancelChat") == ["Chat", "CancelChat", "Chat"]
+    assert kimi.live_chats == [chat_id]  # kept: the client has its id
+
+
+async def test_a_finished_answer_is_not_cancelled(http, proxy, token, kimi):
+    await (await post_chat(http, proxy, token)).read()
+    _, answer = await ask_with_tools(http, proxy, token, [block() + block(city="Rome")], kimi)
+    await kimi.wait_deleted(2)
+    assert kimi.cancels == [] and len(answer["choices"][0]["message"]["tool_calls"]) == 2
+
+
+@pytest.mark.parametrize("path", API_BODIES)
+async def test_a_full_chat_is_a_400_before_the_answer_and_an_error_in_it_after(http, proxy, token, kimi, path):
+    message = TOO_LONG_EVENT["block"]["exception"]["error"]["localizedMessage"]["message"]
+    response = await http.post(proxy + path, json=API_BODIES[path]("scenario:too_long"), headers=auth(token))
+    assert response.status == 400
+    body = await response.json()
+    if path == "/v1/messages":
+        assert body["error"]["type"] == "invalid_request_error" and message in body["error"]["message"]
+    else:
+        assert message in assert_envelope(body, "context_length_exceeded")["message"]
+    response = await http.post(proxy + path, json=API_BODIES[path]("scenario:too_long_later"), headers=auth(token))
+    raw = await response.read()
+    assert response.status == 200 and message.encode() in raw
+    if path == "/v1/chat/completions":
+        assert_envelope(sse_payloads(raw)[-1], "context_length_exceeded")
+    elif path == "/v1/responses":
+        assert responses_events(raw)[-1]["response"]["error"]["code"] == "context_length_exceeded"
+    else:
+        assert anthropic_events(raw)[-1]["type"] == "error"
+    await kimi.wait_deleted(2)
+    assert kimi.cancels == []  # Kimi ended those answers itself
+
+
+async def test_words_of_the_users_own_message_are_never_a_failure(sdk, kimi):
+    """Kimi echoes the user's message in a `message` frame: only `error` and block.exception fail."""
+    text = 'unauthenticated {"error": {"code": "resource_exhausted"}} block.exception REASON_TOKEN_LENGTH_TOO_LONG'
+    reply = await sdk.chat.completions.create(model="kimi", messages=user(text))
+    assert reply.choices[0].message.content == "".join(ANSWER)
+    assert kimi.completions[0]["prompt"] == text
+
+
+async def test_quota_in_token_check_and_healthz(start_proxy, http, kimi):
+    pool = [kimi.add_user(), kimi.add_user()]
+    proxy = await start_proxy(KIMI_TOKENS=",".join(pool), API_KEYS=POOL_KEY)
+    checked = await (await http.post(proxy + "/token/check", json={"token": pool[0]}, headers=auth(POOL_KEY))).json()
+    assert list(checked) == ["live", "quota"] and checked["live"] is True
+    assert checked["quota"] == {
+        "5h": {"used": 0.3472, "enabled": True, "resets_at": "2026-09-29T10:30:32.618725Z"},
+        "7d": {"used": 0.4811, "enabled": True, "resets_at": "2026-10-05T00:30:32.618725Z"},
+        "balance": {"feature": "FEATURE_OMNI", "unit": "UNIT_CREDIT", "used": 0.5937, "expires_at": "2026-10-10T00:00:00Z"}}
+    for _ in range(3):
+        health = await (await http.get(proxy + "/healthz", headers=auth(POOL_KEY))).json()
+    assert [token["quota"]["5h"]["used"] for token in health["tokens"]] == [0.3472, 0.3472]
+    assert kimi.quota_calls == 2  # once a token: remembered for a minute
+    dead = await (await http.post(proxy + "/token/check", json={"token": "expired"}, headers=auth(POOL_KEY))).json()
+    assert dead == {"live": False}
+
+
+async def test_a_request_refused_for_quota_says_when_the_window_resets(http, proxy, token, kimi):
+    kimi.rate_limited.add(kimi.user_of(token))
+    response = await post_chat(http, proxy, token)
+    assert response.status == 429
+    message = assert_envelope(await response.json(), "rate_limit_exceeded")["message"]
+    assert "5h window 35% used, resets at 2026-09-29T10:30:32.618725Z" in message and "7d window 48% used" in message
+
+
+async def test_the_retired_kimi_auth_cookie_is_refused_with_what_to_send_instead(http, proxy, kimi):
+    now = int(time.time())
+    cookie = make_jwt({"iss": "user-center", "typ": "access", "sub": xid(), "iat": now, "exp": now + 30 * 86400})
+    response = await post_chat(http, proxy, cookie)
+    assert response.status == 401
+    message = assert_envelope(await response.json(), "invalid_api_key")["message"]
+    assert "kimi-auth" in message and "Local Storage" in message and "refresh_token" in message
+    assert kimi.calls == []  # known without asking Kimi
+
+
+async def test_kimis_401_body_of_2026_rejects_the_token(http, proxy, kimi):
+    access = kimi.issue_access_token(xid(), ttl=3600)
+    kimi.revoke_access_tokens()  # Kimi answers with the real 401 body (REASON_INVALID_AUTH_TOKEN)
+    response = await post_chat(http, proxy, access)
+    assert response.status == 401 and assert_envelope(await response.json(), "invalid_api_key")
+
+
+async def test_ref_citations_become_references(sdk, kimi):
+    reply = await sdk.chat.completions.create(model="kimi-search", messages=user("scenario:ref_citations"))
+    lines = "".join(f"【检索 {n}】 [{title}]({url})\n" for n, (title, url) in enumerate(SOURCES, 1))
+    assert reply.choices[0].message.content == lines + "\n" + ANSWER[0] + "[^1][^2]" + ANSWER[1]
+    silent = await sdk.chat.completions.create(model="kimi-search-silent", messages=user("scenario:ref_citations"))
+    assert silent.choices[0].message.content == ANSWER[0] + ANSWER[1]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a<REF>cite✦tools://web_search:1#1:~:text=x</REF>b", "a[^2]b"),
+    ("a <REF>not a citation</REF> b", "a <REF>not a citation</REF> b"),
+    ("x < y and <RE", "x < y and <RE"),
+])
+def test_ref_markers_however_split(text, expected):
+    for size in range(1, len(text) + 1):
+        rewriter = kp.CitationRewriter()
+        out = "".join(rewriter.feed(text[i:i + size], {"web_search:1#0": 1, "web_search:1#1": 2}, False)
+                      for i in range(0, len(text), size)) + rewriter.flush()
+        assert out == expected, size
+
+
+async def test_a_host_that_refuses_options_model_is_asked_by_scenario(sdk, kimi, caplog):
+    kimi.model_option = False
+    for _ in range(2):
+        reply = await sdk.chat.completions.create(model="kimi", messages=user("hi"))
+        assert reply.choices[0].message.content == "".join(ANSWER)
+    assert kimi_order(kimi, "Chat") == ["Chat"] * 3  # refused once, then asked by scenario, twice
+    assert ["model" in c["body"]["options"] for c in kimi.completions] == [False, False]
+    assert [r.message for r in caplog.records if "refuses options.model" in r.message] == \
+        [f"Kimi refuses options.model k2d6-chat at {kimi.url}: asking for it by its scenario only"]
+    await kimi.wait_deleted(len(kimi.created))
+    assert kimi.live_chats == []
+
+
+async def test_numeric_file_statuses_read_like_their_names(sdk, kimi):
+    kimi.numeric_statuses = True
+    await sdk.chat.completions.create(model="kimi", messages=with_files(
+        {"type": "file", "file": {"file_data": data_uri("application/pdf", PDF), "filename": "a.pdf"}}))
+    (seen,) = kimi.completions
+    assert [kimi.files[f]["name"] for f in seen["files"]] == ["a.pdf"]
+
+
+def test_chat_stop_sequences():
+    assert chat_request({"messages": user("q"), "stop": "END"}).stop == ("END",)
+    assert chat_request({"messages": user("q"), "stop": ["a", "b"]}).stop == ("a", "b")
+    with pytest.raises(kp.ProxyError) as caught:
+        chat_request({"messages": user("q"), "stop": ["a"] * 5})
+    assert caught.value.param == "stop"
 
 
 # ---------------------------------------------------------------------------------------------
