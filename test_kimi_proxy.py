@@ -2270,6 +2270,9 @@ async def test_chats_are_deleted_during_shutdown(kimi, token, http):
     assert time.monotonic() - started < 5
     assert sorted(kimi.deleted) == sorted(kimi.created) and len(kimi.created) == 2
     assert kimi.closed_streams == [kimi.created[1]]
+    if kimi.PROTOCOL == "connect":  # the answer cut at shutdown was stopped, before its chat went
+        assert [chat for chat, _ in kimi.cancels] == [kimi.created[1]]
+        assert kimi_order(kimi, "CancelChat", "DeleteChat")[-2:] == ["CancelChat", "DeleteChat"]
     *chunks, error = sse_payloads(first_line + await streaming.read())  # the client can tell it was cut
     assert chunks and assert_envelope(error, "shutting_down")
 
