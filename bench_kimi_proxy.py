@@ -1,10 +1,13 @@
-"""Benchmark kimi_proxy: added latency, CPU per relayed chunk, memory, and a 100 MB upload.
+"""Benchmark kimi_proxy: added latency, CPU per relayed chunk, memory per open stream, large bodies.
 
 Starts the fake Kimi of the test suite and the proxy as real processes on this machine, drives
-load with an aiohttp client, and prints one table (or JSON with --json). Each figure is taken
---runs times and the median is reported, since shared machines are noisy.
+load with an aiohttp client, and prints one table (or JSON with --json). With the connect dialect
+it also starts a minimal relay (below: one ClientSession, decode and forward, nothing else) in
+front of a fake of its own, and reports the proxy's figures as ratios to the relay's, measured
+alternately in the same run. Each figure is taken --runs times and the median is reported, since
+shared machines are noisy.
 
-    python bench_kimi_proxy.py                 # the full run (a few minutes)
+    python bench_kimi_proxy.py                 # the full run (several minutes)
     python bench_kimi_proxy.py --quick --json  # tiny sizes, to prove it works
     python bench_kimi_proxy.py --soak 100000   # memory over a long mixed workload with faults
 """
@@ -30,16 +33,18 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 FULL = {"runs": 3, "ttfb_requests": 200, "cpu_requests": 200, "cpu_chunks": 200, "cpu_concurrency": 32,
-        "open_streams": 1000, "stream_seconds": 10, "upload_mb": 100}
+        "open_streams": 1000, "stream_seconds": 10, "upload_mb": 100, "body_mb": 19}
 QUICK = {"runs": 1, "ttfb_requests": 10, "cpu_requests": 8, "cpu_chunks": 20, "cpu_concurrency": 4,
-         "open_streams": 20, "stream_seconds": 1, "upload_mb": 2}
-TARGETS = {"added_ttfb_ms_median": 0.5, "cpu_us_per_chunk": 8.0, "idle_rss_mb": 45.0, "streams_rss_mb": 80.0,
-           "streams_failed": 0, "upload_rss_growth_mb": 32.0, "upload_spooled_rss_growth_mb": 32.0, "chats_left": 0,
-           "body_rss_ratio": 3.0}
+         "open_streams": 20, "stream_seconds": 1, "upload_mb": 2, "body_mb": 2}
+# the targets: ratios to the minimal relay (connect), and the client APIs beside Chat Completions
+TARGETS = {"added_ttfb_ms_over_relay": 0.2, "stream_kb_ratio_to_relay": 1.15, "streams_failed": 0,
+           "upload_rss_growth_mb": 32.0, "upload_spooled_rss_growth_mb": 32.0, "chats_left": 0,
+           "body_rss_ratio": 3.0, "sent_body_rss_ratio": 3.0, "cpu_ratio_messages": 1.1, "cpu_ratio_responses": 1.1,
+           "stream_kb_ratio_messages": 1.1, "stream_kb_ratio_responses": 1.1}
 
 
 # ---------------------------------------------------------------------------------------------
-# The fake Kimi process: the test suite's fake plus a file server, in a process of its own
+# The processes: the fake Kimi (the test suite's, plus a file server), the minimal relay
 # ---------------------------------------------------------------------------------------------
 
 
@@ -77,6 +82,53 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     return response
 
 
+CONNECT_CHAT = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
+
+
+async def serve_relay(kimi: str, access: str, port: int) -> None:
+    """The floor: a Chat Completions stream relayed from Kimi's Connect stream by the least code
+    that can, with one ClientSession: no tokens to renew, no checks, no chat deletion."""
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=120))
+    headers = {"Authorization": f"Bearer {access}", "Content-Type": "application/connect+json",
+               "Connect-Protocol-Version": "1"}
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        prompt = (await request.json())["messages"][-1]["content"]
+        payload = orjson.dumps({"scenario": "SCENARIO_CHAT", "tools": [],
+                                "options": {"thinking": False, "model": "k2d6-chat"},
+                                "message": {"role": "user", "scenario": "SCENARIO_CHAT",
+                                            "blocks": [{"message_id": "", "text": {"content": prompt}}]}})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        async with session.post(kimi + CONNECT_CHAT, data=b"\0" + len(payload).to_bytes(4, "big") + payload,
+                                headers=headers) as upstream:
+            await response.prepare(request)
+            buffer = bytearray()
+            async for data in upstream.content.iter_any():
+                buffer += data
+                out = []
+                while len(buffer) >= 5 and len(buffer) >= 5 + int.from_bytes(buffer[1:5], "big"):
+                    end = 5 + int.from_bytes(buffer[1:5], "big")
+                    message = orjson.loads(buffer[5:end])
+                    del buffer[:end]
+                    text = (message.get("block") or {}).get("text") if isinstance(message, dict) else None
+                    if text and text.get("content"):
+                        out.append(b"data: " + orjson.dumps({"choices": [{"delta": {"content": text["content"]}}]})
+                                   + b"\n\n")
+                if out:
+                    await response.write(b"".join(out))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/ping", lambda request: web.Response(text="pong"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes and measurements
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +162,17 @@ async def start_fake(dialect: str, quiet: bool = False) -> tuple[asyncio.subproc
     return process, ready[1], ready[2], ready[3]
 
 
+async def wait_serving(http: aiohttp.ClientSession, url: str, what: str) -> None:
+    for _ in range(400):
+        try:
+            async with http.get(url + "/ping") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.025)
+    raise SystemExit(f"the {what} did not start")
+
+
 async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession,
                       quiet: bool = False) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
@@ -119,37 +182,63 @@ async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession,
     process = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", cwd=HERE, env=env,
                                                    stderr=asyncio.subprocess.DEVNULL if quiet else None)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            async with http.get(url + "/ping") as response:
-                if response.status == 200:
-                    return process, url
-        except aiohttp.ClientConnectionError:
-            await asyncio.sleep(0.025)
-    raise SystemExit("the proxy did not start")
+    await wait_serving(http, url, "proxy")
+    return process, url
 
 
-def chat_body(prompt: str, stream: bool = True, **extra) -> dict:
-    return {"model": "kimi", "stream": stream, "messages": [{"role": "user", "content": prompt}], **extra}
+async def start_relay(kimi_url: str, access: str, http: aiohttp.ClientSession) -> tuple[asyncio.subprocess.Process, str]:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(sys.executable, __file__, "--serve-relay", kimi_url, access,
+                                                   str(port), cwd=HERE)
+    url = f"http://127.0.0.1:{port}"
+    await wait_serving(http, url, "relay")
+    return process, url
 
 
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}}, "required": ["city"]}}}
 
+# Each client API's streamed question, and what marks a piece of answer text in its stream
+API_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+TEXT_MARKS = {"chat": b'"content":"', "messages": b'"text_delta"', "responses": b'"response.output_text.delta"'}
+END_MARKS = {"chat": b"data: [DONE]", "messages": b"event: message_stop", "responses": b"event: response.completed"}
 
-async def proxy_stream(http, proxy: str, token: str, prompt: str, **extra) -> tuple[float, int, bool, bool]:
-    """(seconds to the first content byte, content chunks, ended with [DONE], ended with a tool call)."""
+
+def api_body(api: str, prompt: str, stream: bool = True, tools: list | None = None, **extra) -> dict:
+    if api == "messages":
+        body = {"model": "kimi", "stream": stream, "max_tokens": 1024, "messages": [{"role": "user", "content": prompt}]}
+        if tools:
+            body["tools"] = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in tools]
+    elif api == "responses":
+        body = {"model": "kimi", "stream": stream, "input": prompt, "store": False}
+        if tools:
+            body["tools"] = [{"type": "function", **t["function"]} for t in tools]
+    else:
+        body = {"model": "kimi", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+        if tools:
+            body["tools"] = tools
+    return {**body, **extra}
+
+
+def chat_body(prompt: str, stream: bool = True, **extra) -> dict:
+    return api_body("chat", prompt, stream, **extra)
+
+
+async def proxy_stream(http, proxy: str, token: str, prompt: str, api: str = "chat",
+                       **extra) -> tuple[float, int, bool, bool]:
+    """(seconds to the first content byte, content chunks, ended as the API ends, ended with a tool call)."""
     started = time.perf_counter()
     first, chunks, done, called = 0.0, 0, False, False
-    async with http.post(proxy + "/v1/chat/completions", json=chat_body(prompt, **extra),
+    text, end = TEXT_MARKS[api], END_MARKS[api]
+    async with http.post(proxy + API_PATHS[api], json=api_body(api, prompt, **extra),
                          headers={"Authorization": f"Bearer {token}"}) as response:
         async for line in response.content:
-            if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+            if text in line and b'"content":""' not in line:
                 chunks += 1
                 first = first or time.perf_counter() - started
-            elif line.startswith(b"data: [DONE]"):
+            elif line.startswith(end):
                 done = True
-            called = called or b'"finish_reason":"tool_calls"' in line
+            called = called or b'"tool_calls"' in line or b'"tool_use"' in line or b'"function_call"' in line
     return first, chunks, done, called
 
 
@@ -178,8 +267,7 @@ async def direct_first_content(http, kimi: str, access: str, dialect: str) -> fl
                             "message": {"role": "user", "scenario": "SCENARIO_CHAT",
                                         "blocks": [{"message_id": "", "text": {"content": "scenario:chunks_5"}}]}})
     chat_id = None
-    async with http.post(kimi + "/apiv2/kimi.gateway.chat.v1.ChatService/Chat",
-                         data=b"\0" + len(payload).to_bytes(4, "big") + payload,
+    async with http.post(kimi + CONNECT_CHAT, data=b"\0" + len(payload).to_bytes(4, "big") + payload,
                          headers={**headers, "Content-Type": "application/connect+json",
                                   "Connect-Protocol-Version": "1"}) as response:
         async for data in response.content.iter_any():
@@ -191,37 +279,59 @@ async def direct_first_content(http, kimi: str, access: str, dialect: str) -> fl
                          headers={**headers, "Connect-Protocol-Version": "1"}) as response:
         if response.status != 200:
             raise SystemExit(f"the direct call to the fake Kimi failed: HTTP {response.status}")
-        pass
     return first
 
 
-async def measure_ttfb(http, proxy, kimi, token, access, dialect, requests: int) -> dict:
-    through, direct = [], []
-    for _ in range(requests):  # interleaved, so drift on a shared machine hits both alike
+async def measure_ttfb(http, proxy, relay, kimi, token, access, dialect, requests: int) -> dict:
+    through, relayed, direct = [], [], []
+    for _ in range(requests):  # interleaved, so drift on a shared machine hits all alike
         through.append((await proxy_stream(http, proxy, token, "scenario:chunks_5"))[0])
+        if relay:
+            relayed.append((await proxy_stream(http, relay, token, "scenario:chunks_5"))[0])
         direct.append(await direct_first_content(http, kimi, access, dialect))
     through_ms = sorted(1000 * t for t in through)
     direct_ms = sorted(1000 * t for t in direct)
-    return {"ttfb_ms_median": statistics.median(through_ms), "ttfb_ms_p99": percentile(through_ms, 99),
-            "direct_ttfb_ms_median": statistics.median(direct_ms), "direct_ttfb_ms_p99": percentile(direct_ms, 99),
-            "added_ttfb_ms_median": statistics.median(through_ms) - statistics.median(direct_ms),
-            "added_ttfb_ms_p99": percentile(through_ms, 99) - percentile(direct_ms, 99)}
+    figures = {"ttfb_ms_median": statistics.median(through_ms), "ttfb_ms_p99": percentile(through_ms, 99),
+               "direct_ttfb_ms_median": statistics.median(direct_ms),
+               "added_ttfb_ms_median": statistics.median(through_ms) - statistics.median(direct_ms)}
+    if relay:
+        relay_ms = sorted(1000 * t for t in relayed)
+        figures.update(relay_ttfb_ms_median=statistics.median(relay_ms),
+                       added_ttfb_ms_over_relay=statistics.median(through_ms) - statistics.median(relay_ms))
+    return figures
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0  # (tiny sizes can measure nothing)
 
 
 def percentile(ordered: list[float], p: int) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def measure_cpu(http, proxy, pid, token, requests: int, chunks: int, concurrency: int) -> dict:
-    plain = await cpu_per_chunk(http, proxy, pid, token, requests, chunks, concurrency, "chunks")
-    offered = await cpu_per_chunk(http, proxy, pid, token, requests, chunks, concurrency, "chunks", tools=[WEATHER_TOOL])
-    called = await cpu_per_chunk(http, proxy, pid, token, requests, chunks, concurrency, "call", tools=[WEATHER_TOOL])
-    return {"cpu_us_per_chunk": plain[0], "chunks_per_s": plain[1], "cpu_us_per_chunk_tools_offered": offered[0],
-            "cpu_us_per_chunk_tool_call": called[0], "cpu_incomplete": plain[2] + offered[2] + called[2]}
+async def measure_cpu(http, proxy, pid, relay, relay_pid, token, requests: int, chunks: int, concurrency: int) -> dict:
+    args = (requests, chunks, concurrency)
+    plain = await cpu_per_chunk(http, proxy, pid, token, *args, "chunks")
+    figures = {"cpu_us_per_chunk": plain[0], "chunks_per_s": plain[1]}
+    incomplete = plain[2]
+    if relay:
+        relayed = await cpu_per_chunk(http, relay, relay_pid, token, *args, "chunks")
+        figures.update(relay_cpu_us_per_chunk=relayed[0], cpu_ratio_to_relay=ratio(plain[0], relayed[0]))
+        incomplete += relayed[2]
+    for api in ("messages", "responses"):
+        other = await cpu_per_chunk(http, proxy, pid, token, *args, "chunks", api=api)
+        figures[f"cpu_us_per_chunk_{api}"] = other[0]
+        figures[f"cpu_ratio_{api}"] = ratio(other[0], plain[0])
+        incomplete += other[2]
+    offered = await cpu_per_chunk(http, proxy, pid, token, *args, "chunks", tools=[WEATHER_TOOL])
+    called = await cpu_per_chunk(http, proxy, pid, token, *args, "call", tools=[WEATHER_TOOL])
+    figures.update(cpu_us_per_chunk_tools_offered=offered[0], cpu_us_per_chunk_tool_call=called[0],
+                   cpu_incomplete=incomplete + offered[2] + called[2])
+    return figures
 
 
 async def cpu_per_chunk(http, proxy, pid, token, requests: int, chunks: int, concurrency: int, scenario: str,
-                        **extra) -> tuple[float, float, int]:
+                        api: str = "chat", **extra) -> tuple[float, float, int]:
     """(CPU µs per answer piece Kimi sent, pieces per second, answers incomplete). An answer with a
     tool call is `chunks` pieces of text and then the call in pieces."""
     from test_kimi_proxy import bulk_pieces
@@ -231,7 +341,8 @@ async def cpu_per_chunk(http, proxy, pid, token, requests: int, chunks: int, con
 
     async def one() -> tuple[int, bool]:
         async with gate:
-            _, received, done, called = await proxy_stream(http, proxy, token, f"scenario:{scenario}_{chunks}", **extra)
+            _, received, done, called = await proxy_stream(http, proxy, token, f"scenario:{scenario}_{chunks}", api,
+                                                           **extra)
             return received, done and called == (scenario == "call")
 
     cpu_before, started = cpu_seconds(pid), time.perf_counter()
@@ -241,8 +352,11 @@ async def cpu_per_chunk(http, proxy, pid, token, requests: int, chunks: int, con
             sum(1 for received, done in results if received < chunks or not done))
 
 
-async def measure_open_streams(http, proxy, pid, token, streams: int, seconds: int) -> dict:
-    peak = rss_mb(pid)
+async def measure_open_streams(http, url, pid, token, streams: int, seconds: int,
+                               api: str = "chat") -> tuple[float, float, int]:
+    """(peak RSS in MB, KB per open stream above what the process held before, streams failed)."""
+    await asyncio.sleep(0.3)
+    before = peak = rss_mb(pid)
     running = True
 
     async def sample() -> None:
@@ -253,13 +367,42 @@ async def measure_open_streams(http, proxy, pid, token, streams: int, seconds: i
 
     sampler = asyncio.ensure_future(sample())
     try:
-        results = await asyncio.gather(*(proxy_stream(http, proxy, token, f"scenario:trickle_{seconds}")
+        results = await asyncio.gather(*(proxy_stream(http, url, token, f"scenario:trickle_{seconds}", api)
                                          for _ in range(streams)), return_exceptions=True)
     finally:
         running = False
         await sampler
     failed = sum(1 for r in results if isinstance(r, BaseException) or r[1] != seconds or not r[2])
-    return {"streams_rss_mb": peak, "streams_failed": failed}
+    return peak, 1024 * (peak - before) / streams, failed
+
+
+async def fresh_streams(http, start, token, streams: int, seconds: int, api: str = "chat") -> tuple[float, float, int]:
+    """measure_open_streams in a process of its own, started for it: memory a process has used
+    once stays in its RSS, so each figure needs a process that has not held streams before."""
+    process, url = await start()
+    try:
+        await proxy_stream(http, url, token, "scenario:chunks_5", api)  # warm: token, catalog, connections
+        return await measure_open_streams(http, url, process.pid, token, streams, seconds, api)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def measure_streams(http, start_proxy_process, start_relay_process, token, streams: int, seconds: int) -> dict:
+    """Memory per open stream: the proxy's for each client API, the relay's, alternately."""
+    peak, per_stream, failed = await fresh_streams(http, start_proxy_process, token, streams, seconds)
+    figures = {"streams_rss_mb": peak, "stream_kb": per_stream}
+    if start_relay_process:
+        _, relayed, relay_failed = await fresh_streams(http, start_relay_process, token, streams, seconds)
+        figures.update(relay_stream_kb=relayed, stream_kb_ratio_to_relay=ratio(per_stream, relayed))
+        failed += relay_failed
+    for api in ("messages", "responses"):
+        _, other, other_failed = await fresh_streams(http, start_proxy_process, token, streams, seconds, api)
+        figures[f"stream_kb_{api}"] = other
+        figures[f"stream_kb_ratio_{api}"] = ratio(other, per_stream)
+        failed += other_failed
+    figures["streams_failed"] = failed
+    return figures
 
 
 async def measure_upload(http, proxy, pid, token, kimi, megabytes: int, with_length: bool) -> float:
@@ -303,6 +446,17 @@ async def measure_body(http, proxy, pid, megabytes: int) -> float:
     return growth / (len(body) / 2**20)
 
 
+async def measure_sent_body(http, proxy, pid, token, megabytes: int) -> float:
+    """Peak RSS growth of the proxy, in multiples of the body, while a message of `megabytes` MB
+    is read, planned and sent on to Kimi, who answers it."""
+    body = orjson.dumps(chat_body("scenario:chunks_5 " + "长城" * (megabytes * 2**20 // 6), stream=False))
+    growth, status = await peak_rss_growth(pid, http.post(proxy + "/v1/chat/completions", data=io.BytesIO(body),
+                                                          headers={"Authorization": f"Bearer {token}"}))
+    if status != 200:
+        raise SystemExit(f"the big message was not answered: HTTP {status}")
+    return growth / (len(body) / 2**20)
+
+
 async def chats_left(http, kimi: str) -> int:
     for _ in range(100):  # deletions run after the answers: give them a moment
         async with http.get(kimi + "/_bench/state") as response:
@@ -313,70 +467,106 @@ async def chats_left(http, kimi: str) -> int:
     return state["created"] - state["deleted"]
 
 
+def collect(figures: dict[str, list], measured: dict) -> None:
+    for name, value in measured.items():
+        figures.setdefault(name, []).append(value)
+
+
 async def run(dialect: str, sizes: dict) -> dict:
     fake, kimi, token, access = await start_fake(dialect)
+    processes = [fake]
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        proxy_process, proxy = await start_proxy(dialect, kimi, http)
-        pid = proxy_process.pid
         try:
+            proxy_process, proxy = await start_proxy(dialect, kimi, http)
+            processes.append(proxy_process)
+            relay = relay_pid = None
+            start_another_relay = None
+            if dialect == "connect":  # the relay has a fake of its own, so that chats_left counts the proxy's
+                relay_fake, relay_kimi, _, relay_access = await start_fake(dialect)
+                processes.append(relay_fake)
+                relay_process, relay = await start_relay(relay_kimi, relay_access, http)
+                processes.append(relay_process)
+                relay_pid = relay_process.pid
+                await proxy_stream(http, relay, token, "scenario:chunks_5")
+                start_another_relay = lambda: start_relay(relay_kimi, relay_access, http)  # noqa: E731
+            pid = proxy_process.pid
             await proxy_stream(http, proxy, token, "scenario:chunks_5")  # warm: token, catalog, connections
             await asyncio.sleep(0.5)
             figures: dict[str, list] = {"idle_rss_mb": [rss_mb(pid)]}
             for _ in range(sizes["runs"]):
-                for name, value in (await measure_ttfb(http, proxy, kimi, token, access, dialect,
-                                                       sizes["ttfb_requests"])).items():
-                    figures.setdefault(name, []).append(value)
-                for name, value in (await measure_cpu(http, proxy, pid, token, sizes["cpu_requests"],
-                                                      sizes["cpu_chunks"], sizes["cpu_concurrency"])).items():
-                    figures.setdefault(name, []).append(value)
+                collect(figures, await measure_ttfb(http, proxy, relay, kimi, token, access, dialect,
+                                                    sizes["ttfb_requests"]))
+                collect(figures, await measure_cpu(http, proxy, pid, relay, relay_pid, token, sizes["cpu_requests"],
+                                                   sizes["cpu_chunks"], sizes["cpu_concurrency"]))
+            # (a fresh connect proxy could not use the refresh token: the first one has rotated it)
+            fresh_token = access if dialect == "connect" else token
             for _ in range(sizes["runs"]):
-                for name, value in (await measure_open_streams(http, proxy, pid, token, sizes["open_streams"],
-                                                               sizes["stream_seconds"])).items():
-                    figures.setdefault(name, []).append(value)
-                figures.setdefault("upload_rss_growth_mb", []).append(
-                    await measure_upload(http, proxy, pid, token, kimi, sizes["upload_mb"], with_length=True))
-                figures.setdefault("upload_spooled_rss_growth_mb", []).append(
-                    await measure_upload(http, proxy, pid, token, kimi, sizes["upload_mb"], with_length=False))
+                collect(figures, await measure_streams(http, lambda: start_proxy(dialect, kimi, http),
+                                                       start_another_relay, fresh_token, sizes["open_streams"],
+                                                       sizes["stream_seconds"]))
+                collect(figures, {"upload_rss_growth_mb": await measure_upload(http, proxy, pid, token, kimi,
+                                                                               sizes["upload_mb"], with_length=True),
+                                  "upload_spooled_rss_growth_mb": await measure_upload(
+                                      http, proxy, pid, token, kimi, sizes["upload_mb"], with_length=False)})
             for _ in range(sizes["runs"]):
-                figures.setdefault("body_rss_ratio", []).append(
-                    await measure_body(http, proxy, pid, sizes["upload_mb"]))
+                collect(figures, {"body_rss_ratio": await measure_body(http, proxy, pid, sizes["body_mb"]),
+                                  "sent_body_rss_ratio": await measure_sent_body(http, proxy, pid, token,
+                                                                                 sizes["body_mb"])})
             figures["chats_left"] = [await chats_left(http, kimi)]
         finally:
-            for process in (proxy_process, fake):
+            for process in reversed(processes):
                 process.terminate()
                 await process.wait()
     return {name: statistics.median(values) for name, values in figures.items()}
 
 
+ROWS = [("added time to first content, over the minimal relay (ms)", "added_ttfb_ms_over_relay"),
+        ("added time to first content, over Kimi itself (ms)", "added_ttfb_ms_median"),
+        ("time to first content through the proxy, median (ms)", "ttfb_ms_median"),
+        ("time to first content through the relay, median (ms)", "relay_ttfb_ms_median"),
+        ("CPU per relayed chunk, Chat Completions (µs)", "cpu_us_per_chunk"),
+        ("CPU per relayed chunk, the minimal relay (µs)", "relay_cpu_us_per_chunk"),
+        ("  ratio to the relay", "cpu_ratio_to_relay"),
+        ("CPU per relayed chunk, Anthropic Messages (µs)", "cpu_us_per_chunk_messages"),
+        ("  ratio to Chat Completions", "cpu_ratio_messages"),
+        ("CPU per relayed chunk, Responses (µs)", "cpu_us_per_chunk_responses"),
+        ("  ratio to Chat Completions", "cpu_ratio_responses"),
+        ("CPU per relayed chunk, tools offered, plain answer (µs)", "cpu_us_per_chunk_tools_offered"),
+        ("CPU per Kimi piece, answer ending in a tool call (µs)", "cpu_us_per_chunk_tool_call"),
+        ("chunks relayed per second", "chunks_per_s"),
+        ("resident memory, idle (MB)", "idle_rss_mb"),
+        ("resident memory, {open_streams} open streams (MB)", "streams_rss_mb"),
+        ("memory per open stream, Chat Completions (KB)", "stream_kb"),
+        ("memory per open stream, the minimal relay (KB)", "relay_stream_kb"),
+        ("  ratio to the relay", "stream_kb_ratio_to_relay"),
+        ("memory per open stream, Anthropic Messages (KB)", "stream_kb_messages"),
+        ("  ratio to Chat Completions", "stream_kb_ratio_messages"),
+        ("memory per open stream, Responses (KB)", "stream_kb_responses"),
+        ("  ratio to Chat Completions", "stream_kb_ratio_responses"),
+        ("open streams failed or incomplete", "streams_failed"),
+        ("RSS growth, {upload_mb} MB upload with a length (MB)", "upload_rss_growth_mb"),
+        ("RSS growth, {upload_mb} MB upload without one, spooled (MB)", "upload_spooled_rss_growth_mb"),
+        ("RSS growth reading a {body_mb} MB data-URI body refused (times its size)", "body_rss_ratio"),
+        ("RSS growth sending a {body_mb} MB message to Kimi (times its size)", "sent_body_rss_ratio"),
+        ("Kimi chats left undeleted", "chats_left")]
+
+
 def table(dialect: str, sizes: dict, results: dict) -> str:
-    rows = [("added time to first content, median (ms)", "added_ttfb_ms_median"),
-            ("added time to first content, p99 (ms)", "added_ttfb_ms_p99"),
-            ("time to first content through the proxy, median (ms)", "ttfb_ms_median"),
-            ("time to first content from the fake directly, median (ms)", "direct_ttfb_ms_median"),
-            ("CPU per relayed chunk (µs)", "cpu_us_per_chunk"),
-            ("CPU per relayed chunk, tools offered, plain answer (µs)", "cpu_us_per_chunk_tools_offered"),
-            ("CPU per Kimi piece, answer ending in a tool call (µs)", "cpu_us_per_chunk_tool_call"),
-            ("chunks relayed per second", "chunks_per_s"),
-            ("resident memory, idle (MB)", "idle_rss_mb"),
-            (f"resident memory, {sizes['open_streams']} open streams (MB)", "streams_rss_mb"),
-            ("open streams failed or incomplete", "streams_failed"),
-            (f"RSS growth, {sizes['upload_mb']} MB upload with a length (MB)", "upload_rss_growth_mb"),
-            (f"RSS growth, {sizes['upload_mb']} MB upload without one, spooled (MB)", "upload_spooled_rss_growth_mb"),
-            (f"RSS growth reading a {sizes['upload_mb']} MB data-URI body (times its size)", "body_rss_ratio"),
-            ("Kimi chats left undeleted", "chats_left")]
     lines = [f"kimi_proxy benchmark: {dialect} dialect, fake Kimi, median of {sizes['runs']} runs, "
-             f"{os.cpu_count()} cores", f"{'figure':<62}{'value':>12}{'target':>10}"]
-    for label, key in rows:
-        target = TARGETS.get(key)
-        lines.append(f"{label:<62}{results[key]:>12.2f}{'' if target is None else f'<= {target:g}':>10}")
+             f"{os.cpu_count()} cores", f"{'figure':<72}{'value':>10}{'target':>10}"]
+    for label, key in ROWS:
+        if key in results:
+            target = TARGETS.get(key)
+            lines.append(f"{label.format(**sizes):<72}{results[key]:>10.2f}{'' if target is None else f'<= {target:g}':>10}")
     return "\n".join(lines)
 
 
 # The soak's mix: (what the request does, how often), with faults from both sides
 SOAK_MIX = [("stream", 6), ("json", 4), ("chunks", 2), ("tool_call", 2), ("call_required", 1), ("error", 1),
-            ("error_first", 1), ("drop", 1), ("disconnect", 1), ("bad_body", 1), ("no_key", 1), ("unknown_path", 1)]
+            ("error_first", 1), ("drop", 1), ("disconnect", 1), ("bad_body", 1), ("no_key", 1), ("unknown_path", 1),
+            ("messages", 2), ("responses", 2)]
 
 
 async def soak_request(http, proxy: str, token: str, kind: str) -> None:
@@ -385,6 +575,12 @@ async def soak_request(http, proxy: str, token: str, kind: str) -> None:
     if kind in ("stream", "json", "chunks", "error", "error_first", "drop"):
         prompt = {"stream": "写一首短诗", "json": "写一首短诗", "chunks": "scenario:chunks_20"}.get(kind, f"scenario:{kind}")
         async with http.post(url, json=chat_body(prompt, stream=kind != "json"), headers=headers) as response:
+            await response.read()
+    elif kind in ("messages", "responses"):  # the other client APIs, one streamed and one not, in turn
+        body = api_body(kind, "scenario:call_5", stream=True, tools=[WEATHER_TOOL]) if soak_request.turn % 2 else \
+            api_body(kind, "写一首短诗", stream=False)
+        soak_request.turn += 1
+        async with http.post(proxy + API_PATHS[kind], json=body, headers=headers) as response:
             await response.read()
     elif kind in ("tool_call", "call_required"):  # a streamed call; a required call never made (a re-ask, a 502)
         body = chat_body("scenario:call_5", tools=[WEATHER_TOOL]) if kind == "tool_call" else \
@@ -406,6 +602,9 @@ async def soak_request(http, proxy: str, token: str, kind: str) -> None:
             await response.read()
 
 
+soak_request.turn = 0
+
+
 async def measure_soak(http, proxy, pid, token, requests: int, concurrency: int = 64) -> dict:
     """RSS after each tenth of `requests` requests of SOAK_MIX, 64 at once."""
     kinds = [kind for kind, weight in SOAK_MIX for _ in range(weight)]
@@ -425,7 +624,8 @@ async def measure_soak(http, proxy, pid, token, requests: int, concurrency: int 
 
     await asyncio.gather(*(worker(number) for number in range(concurrency)))
     return {"rss_mb_each_tenth": samples, "client_errors": failures,
-            "growth_from_10_percent": round(100 * (samples[-1] - samples[0]) / samples[0], 1)}
+            "growth_from_10_percent": round(100 * (samples[-1] - samples[0]) / samples[0], 1),
+            "growth_over_second_half": round(100 * (samples[-1] - samples[4]) / samples[4], 1)}
 
 
 async def soak(dialect: str, requests: int) -> dict:
@@ -450,9 +650,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--soak", type=int, metavar="N", help="only the soak: N requests of a mixed workload")
     parser.add_argument("--serve-fake", metavar="DIALECT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-relay", nargs=3, metavar=("KIMI", "ACCESS", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake:
         asyncio.run(serve_fake(args.serve_fake))
+        return
+    if args.serve_relay:
+        kimi, access, port = args.serve_relay
+        asyncio.run(serve_relay(kimi, access, int(port)))
         return
     if args.soak:
         print(json.dumps(asyncio.run(soak(args.dialect, args.soak))))
