@@ -92,7 +92,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from contextlib import aclosing, asynccontextmanager, contextmanager, nullcontext
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import NamedTuple
 
 import aiohttp
@@ -344,6 +344,7 @@ TOKEN_STORE = web.AppKey("token_store", "TokenStore")
 OPEN_REQUESTS = web.AppKey("open_requests", "OpenRequests")
 STARTED_AT = web.AppKey("started_at", float)
 LIMITS = web.AppKey("limits", "Limits")  # what parsers enforce from the settings
+KEEPALIVE_CLOCK = web.AppKey("keepalive_clock", "KeepAliveClock")
 RESPONSES = web.AppKey("responses", "ResponseStore")  # recent responses, for previous_response_id
 # what the request log line reports
 MODEL = web.RequestKey("model", str)
@@ -839,6 +840,7 @@ class AccessTokens:
 
 @dataclasses.dataclass(slots=True)
 class TokenState:
+    token: str               # the one copy of the token that its requests use while they are answered
     dead_until: float = 0.0  # loop time; a dead token is tried again after a while, so a pool heals
     cool_until: float = 0.0  # loop time
     resting_after: str = ""  # what made it rest: "a rate limit" or "a Kimi failure"
@@ -862,7 +864,7 @@ class TokenHealth:
     the healthy token with the fewest answers in flight, at most `cap` at once per token."""
 
     def __init__(self, pool: tuple[str, ...], cap: int, queue_timeout: float) -> None:
-        self._pool = {token: TokenState() for token in pool}
+        self._pool = {token: TokenState(token) for token in pool}
         self._seen = BoundedMap()  # passthrough tokens, forgotten oldest first
         self._cap = cap
         self._queue_timeout = queue_timeout
@@ -871,7 +873,7 @@ class TokenHealth:
     def state(self, token: str) -> TokenState:
         state = self._pool.get(token) or self._seen.get(token)
         if state is None:
-            state = self._seen[token] = TokenState()
+            state = self._seen[token] = TokenState(token)
         return state
 
     async def acquire(self, candidates: list[str], tried: list[str]) -> str:
@@ -1054,6 +1056,25 @@ def json_body(value: object) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
+class Pieces:
+    """A request body of several parts, sent a piece at a time as often as a call is tried: no
+    copy of the whole is made (a prompt may be most of a large request), and the socket's buffer
+    holds a piece of it, not all of it."""
+
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        if self.size <= CHUNK:  # most bodies: one write
+            yield b"".join(self.parts)
+            return
+        for part in self.parts:
+            view = memoryview(part)
+            for start in range(0, len(part), CHUNK):
+                yield view[start:start + CHUNK]
+
+
 async def read_kimi_json(response: aiohttp.ClientResponse) -> object:
     """A Kimi JSON body, or None when it is not JSON."""
     try:
@@ -1183,7 +1204,7 @@ class KimiHTTP:
         async with await self._call(credential, method, path, data, self.json_headers) as response:
             return await read_kimi_json(response)
 
-    async def _call(self, credential: str, method: str, path: str, data: bytes | None = None,
+    async def _call(self, credential: str, method: str, path: str, data: "bytes | Pieces | None" = None,
                     headers: dict | None = None) -> aiohttp.ClientResponse:
         """An authenticated call that answered 2xx; an access token Kimi rejects is renewed once."""
         for _ in range(2):
@@ -1199,47 +1220,44 @@ class KimiHTTP:
             self.tokens.discard_if_current(credential, grant)
         raise self._token_rejection(credential)
 
-    async def _stream(self, credential: str, path: str, data: bytes, headers: dict) -> AsyncIterator[bytes]:
-        """A streamed Kimi answer's bytes as they arrive; its transport failures become
-        ProxyErrors, and the response is closed when reading ends, however it ends."""
+    async def _stream(self, credential: str, path: str, data: "bytes | Pieces", headers: dict, decode) -> AsyncIterator[list]:
+        """A streamed Kimi answer, decoded as it arrives: `decode(data, batch)` appends what each
+        network read holds to `batch` and says whether the answer is over. A Kimi error inside a
+        read is raised after what came before it; transport failures become ProxyErrors; the
+        response is closed when reading ends, however it ends."""
         async with await self._call(credential, "POST", path, data, headers) as response:
             if response.content_type == "application/json":  # an error body with status 200 instead of a stream
                 raise self._error_for(response.status, await read_kimi_json(response), None)
             try:
                 async for data in response.content.iter_any():
-                    yield data
+                    batch: list = []
+                    try:
+                        over = decode(data, batch)
+                    except ProxyError:
+                        if batch:
+                            yield batch
+                        raise
+                    if batch:
+                        yield batch
+                    if over:
+                        return
             except asyncio.TimeoutError:
                 raise upstream_timeout(f"Kimi sent nothing for {self._read_timeout:g} s") from None
             except aiohttp.ClientError:
                 raise upstream_error("The connection to Kimi broke off mid-answer") from None
 
-    @staticmethod
-    async def _read_events(reads: AsyncIterator[bytes], to_events, over) -> AsyncIterator[list[Event]]:
-        """The events of each network read, decoded by `to_events(data)` until `over()`; a Kimi error
-        inside a read is raised after the events that came before it in that read."""
-        async for data in reads:
-            batch: list[Event] = []
-            try:
-                for event in to_events(data):
-                    batch.append(event)
-            except ProxyError:
-                if batch:
-                    yield batch
-                raise
-            if batch:
-                yield batch
-            if over():
-                return
-
-    async def _send(self, method: str, path: str, headers: dict, data: bytes | None = None) -> aiohttp.ClientResponse:
+    async def _send(self, method: str, path: str, headers: dict, data: "bytes | Pieces | None" = None) -> aiohttp.ClientResponse:
         """One HTTP call to `path` on Kimi (or a full URL), tried again (twice at most) on a dead
         connection or a 5xx. Redirects are never followed, and a web page is no API answer."""
         if data is not None and hdrs.CONTENT_TYPE not in headers:
             headers = {**headers, hdrs.CONTENT_TYPE: "application/json"}
+        if isinstance(data, Pieces):
+            headers = {**headers, hdrs.CONTENT_LENGTH: str(data.size)}
         url = path if path.startswith("http") else self._base + path
         for backoff in (*RETRY_BACKOFF, None):
             try:
-                response = await self._session.request(method, url, headers=headers, data=data, allow_redirects=False)
+                body = data.pieces() if isinstance(data, Pieces) else data
+                response = await self._session.request(method, url, headers=headers, data=body, allow_redirects=False)
             except asyncio.TimeoutError:
                 raise upstream_timeout("Kimi did not answer in time") from None
             except aiohttp.ClientError as error:
@@ -1321,15 +1339,17 @@ class KimiHTTP:
 
     async def _parse_progress(self, credential: str, file_id: str) -> str | None:
         """The last status the parse_process stream reports (it ends when parsing ends, or earlier)."""
-        status, decoder = None, SSEDecoder()
-        async with aclosing(self._stream(credential, "/api/file/parse_process", json_body({"ids": [file_id]}),
-                                         {})) as reads:
-            async for data in reads:
-                for payload in decoder.feed(data):
-                    status = from_parse_event(payload) or status
-                    if status in ("parsed", "failed"):
-                        return status
-        return status
+        decoder, statuses = SSEDecoder(), [None]
+
+        def decode(data: bytes, batch: list) -> bool:
+            statuses.extend(filter(None, map(from_parse_event, decoder.feed(data))))
+            return statuses[-1] in ("parsed", "failed")
+
+        async with aclosing(self._stream(credential, "/api/file/parse_process", json_body({"ids": [file_id]}), {},
+                                         decode)) as reads:
+            async for _ in reads:
+                pass
+        return statuses[-1]
 
 
 def from_parse_event(payload: bytes) -> str | None:
@@ -1442,19 +1462,19 @@ class LegacyKimi(KimiHTTP):
                               segment: "SegmentState") -> AsyncIterator[list[Event]]:
         decoder = SSEDecoder()
 
-        def to_events(data: bytes):
+        def decode(data: bytes, batch: list[Event]) -> bool:
             for payload in decoder.feed(data):
                 event = from_legacy_payload(payload, segment)
                 if event is not None:
-                    yield event
+                    batch.append(event)
                 if segment.finished:  # nothing after the end counts
-                    return
+                    return True
+            return False
 
         async with aclosing(self._stream(credential, f"/api/chat/{chat_id}/completion/stream", json_body(body),
-                                         {hdrs.REFERER: f"{self._base}/chat/{chat_id}"})) as reads:
-            async with aclosing(self._read_events(reads, to_events, lambda: segment.finished)) as batches:
-                async for batch in batches:
-                    yield batch
+                                         {hdrs.REFERER: f"{self._base}/chat/{chat_id}"}, decode)) as batches:
+            async for batch in batches:
+                yield batch
         if not (segment.finished or segment.truncated):
             raise upstream_error("Kimi ended the answer stream before finishing the answer")
 
@@ -1586,6 +1606,7 @@ def from_legacy_payload(payload: bytes, segment: SegmentState) -> Event | None:
 
 
 CONNECT_PROTOCOL_VERSION = istr("Connect-Protocol-Version")  # on every Connect call but uploads
+CHAT_HEADERS = {hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"}
 CHAT_RPC = "/apiv2/kimi.gateway.chat.v1.ChatService/Chat"
 MODELS_RPC = "/apiv2/kimi.gateway.config.v1.ConfigService/GetAvailableModels"
 SUBSCRIPTION_RPC = "/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription"
@@ -1632,9 +1653,23 @@ COMPRESSED = 0x01   # never seen from Kimi (we ask for no compression)
 MAX_FRAME = 16 * 1024 * 1024
 
 
-def frame_message(payload: bytes) -> bytes:
-    """One Connect envelope of a request: flags byte 0, big-endian uint32 length, payload."""
-    return b"\0" + len(payload).to_bytes(4, "big") + payload
+PROMPT_MARK = "\ue000kimi-proxy: the prompt\ue000"  # stands for the prompt in the JSON around it
+PROMPT_SLICE = 2**18  # characters of the prompt written into the request at a time
+
+
+def to_envelope(chat: dict) -> Pieces:
+    """The Chat request as one Connect envelope (flags byte 0, big-endian uint32 length, the
+    JSON). The prompt, which may be most of a large request, is written into the JSON a slice at
+    a time: orjson would keep a UTF-8 copy of it beside the text and make more while it writes,
+    and framing would copy the whole once again. (`chat` is the request's own dict: its prompt is
+    taken out of it.)"""
+    text = chat["message"]["blocks"][0]["text"]
+    prompt, text["content"] = text["content"], PROMPT_MARK
+    head, tail = orjson.dumps(chat).split(PROMPT_MARK.encode(), 1)
+    slices = [json.encoder.encode_basestring(prompt[start:start + PROMPT_SLICE])[1:-1].encode()
+              for start in range(0, len(prompt), PROMPT_SLICE)]
+    size = len(head) + len(tail) + sum(map(len, slices))
+    return Pieces(b"\0" + size.to_bytes(4, "big"), head, *slices, tail)
 
 
 class FrameDecoder:
@@ -2185,11 +2220,12 @@ class ConnectKimi(KimiHTTP):
             yield [Event(CHAT, question.chat_id)]  # a continued chat's stream need not name it
         renewed = False
         while True:
-            chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files,
-                                   name_model=model.id not in self._no_model_option)
+            named = model.id not in self._no_model_option
+            body = to_envelope(to_connect_chat(question, catalog, self._parents.get(question.chat_id), files,
+                                               name_model=named))
             state = ConnectState(silent=question.silent, chat_id=question.chat_id)
             try:
-                async with aclosing(self._stream_chat(credential, frame_message(orjson.dumps(chat)), state)) as batches:
+                async with aclosing(self._stream_chat(credential, body, state)) as batches:
                     async for batch in batches:
                         yield batch
             except StreamUnauthenticated:
@@ -2201,7 +2237,7 @@ class ConnectKimi(KimiHTTP):
                 continue
             except ModelRefused:
                 # a host whose catalog differs: ask once more by the scenario alone, for good
-                if state.answered or "model" not in chat["options"]:
+                if state.answered or not named:
                     raise
                 log.warning("Kimi refuses options.model %s at %s: asking for it by its scenario only", model.id,
                             self._base)
@@ -2254,20 +2290,19 @@ class ConnectKimi(KimiHTTP):
         if note:
             error.message = f"{error.message} ({note})"
 
-    async def _stream_chat(self, credential: str, request: bytes, state: "ConnectState") -> AsyncIterator[list[Event]]:
+    async def _stream_chat(self, credential: str, request: "Pieces", state: "ConnectState") -> AsyncIterator[list[Event]]:
         decoder = FrameDecoder()
 
-        def to_events(data: bytes):
+        def decode(data: bytes, batch: list[Event]) -> bool:
             for flags, payload in decoder.feed(data):
-                yield from from_connect_frame(flags, payload, state)
+                batch += from_connect_frame(flags, payload, state)
                 if state.ended:
-                    return
+                    return True
+            return False
 
-        async with aclosing(self._stream(credential, CHAT_RPC, request, {
-                hdrs.CONTENT_TYPE: "application/connect+json", CONNECT_PROTOCOL_VERSION: "1"})) as reads:
-            async with aclosing(self._read_events(reads, to_events, lambda: state.ended)) as batches:
-                async for batch in batches:
-                    yield batch
+        async with aclosing(self._stream(credential, CHAT_RPC, request, CHAT_HEADERS, decode)) as batches:
+            async for batch in batches:
+                yield batch
         yield from_connect_ending(state)
 
     async def _delete(self, credential: str, chat_id: str) -> None:
@@ -2490,28 +2525,20 @@ class KimiSession:
                     raise strongest_refusal(refusals) from None
                 tried.append(self._credential)
             try:
-                async with aclosing(self._turn(self._credential, question)) as batches:
+                async with aclosing(self._app[KIMI].converse(self._credential, question)) as batches:
                     async for batch in batches:
+                        self._record(batch, question)
                         yield batch
                 return
-            except (TokenRejected, RateLimited) as error:
-                if self._answered or not handing_over:
+            except ProxyError as error:
+                self._app[TOKEN_HEALTH].learn_from(self._credential, error)
+                if not isinstance(error, (TokenRejected, RateLimited)) or self._answered or not handing_over:
                     raise
                 log.info("Kimi refused token %s (%s); trying another", fingerprint(self._credential), error.code)
                 refusals.append(error)
                 self.close()  # the failed attempt's chats go at once
 
-    async def _turn(self, credential: str, question: Question) -> AsyncIterator[list[Event]]:
-        try:
-            async with aclosing(self._app[KIMI].converse(credential, question)) as batches:
-                async for batch in batches:
-                    self._record(batch, credential, question)
-                    yield batch
-        except ProxyError as error:
-            self._app[TOKEN_HEALTH].learn_from(credential, error)
-            raise
-
-    def _record(self, batch: list[Event], credential: str, question: Question) -> None:
+    def _record(self, batch: list[Event], question: Question) -> None:
         """Note the chats a batch names (a kept one with its owner), and whether it shows anything."""
         for event in batch:
             if event.kind == CHAT:
@@ -2519,7 +2546,7 @@ class KimiSession:
                 if question.chat_id is None and event.text not in self._created:
                     self._created.append(event.text)
                     if question.keep:
-                        self._app[CHAT_OWNERS][event.text] = credential
+                        self._app[CHAT_OWNERS][event.text] = self._credential
             elif event.kind in VISIBLE:
                 self._answered = True
 
@@ -2773,7 +2800,18 @@ def source_line(citation: Citation) -> str:
 
 def prompt_tokens(question: Question) -> int:
     """The estimate of what Kimi is asked (the folded prompt)."""
-    return estimate_tokens(len(question.prompt.encode()))
+    return estimate_tokens(utf8_size(question.prompt))
+
+
+UTF8_SLICE = 2**20  # characters encoded at a time to count a large text's bytes
+
+
+def utf8_size(text: str) -> int:
+    """The UTF-8 size of a text, counted a slice at a time: a prompt may be most of a large
+    request, and a copy of it would double what the request costs."""
+    if text.isascii():
+        return len(text)
+    return sum(len(text[start:start + UTF8_SLICE].encode()) for start in range(0, len(text), UTF8_SLICE))
 
 
 class StopScanner:
@@ -3780,15 +3818,16 @@ class AnswerStream:
 
 class SSEStream:
     """The client's event stream. Its headers go out late, with the first event or keep-alive,
-    so that anything failing before then still gets a real HTTP status."""
+    so that anything failing before then still gets a real HTTP status. While it is kept alive
+    (an `async with` of it), the keep-alive clock pings it when it falls silent."""
 
-    def __init__(self, request: web.Request, keepalive_interval: float, renderer: AnswerStream) -> None:
+    def __init__(self, request: web.Request, renderer: AnswerStream, clock: "KeepAliveClock | None") -> None:
         self._request = request
-        self._interval = keepalive_interval
         self._renderer = renderer
-        self._loop = asyncio.get_running_loop()
-        self._last_write = self._loop.time()
+        self._clock = clock
         self._start_lock = asyncio.Lock()
+        self._ping: asyncio.Task | None = None  # a keep-alive being written
+        self.last_write = asyncio.get_running_loop().time()
         self.response = web.StreamResponse(headers={
             hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
             hdrs.CACHE_CONTROL: "no-cache",
@@ -3806,27 +3845,51 @@ class SSEStream:
                     self.response.headers.update(self._renderer.headers)
                     await self.response.prepare(self._request)
                     data = self._renderer.opening() + data
-        self._last_write = self._loop.time()
+        self.last_write = asyncio.get_running_loop().time()
         await self.response.write(data)
 
-    @asynccontextmanager
-    async def kept_alive(self) -> AsyncIterator[None]:
-        """Inside it, the renderer's keep-alive keeps a silent answer open."""
-        pinger = asyncio.ensure_future(self._keep_alive())
-        try:
-            yield
-        finally:
-            pinger.cancel()
-            await asyncio.gather(pinger, return_exceptions=True)
+    async def __aenter__(self) -> "SSEStream":
+        if self._clock is not None:
+            self._clock.streams.add(self)
+        return self
+
+    async def __aexit__(self, *exception) -> None:
+        if self._clock is not None:
+            self._clock.streams.discard(self)
+        if self._ping is not None:  # (before anything else is written)
+            self._ping.cancel()
+            await asyncio.gather(self._ping, return_exceptions=True)
+
+    def ping(self) -> None:
+        """Write the renderer's keep-alive, unless one is being written (the clock does not wait)."""
+        if self._ping is None:
+            self._ping = asyncio.ensure_future(self._keep_alive())
 
     async def _keep_alive(self) -> None:
         try:
-            while True:
-                await asyncio.sleep(self._last_write + self._interval - self._loop.time())
-                if self._loop.time() - self._last_write >= self._interval:
-                    await self.send(self._renderer.KEEPALIVE)
+            await self.send(self._renderer.KEEPALIVE)
         except ConnectionError:
             pass  # the client left; the answer finds out on its own write or by cancellation
+        finally:
+            self._ping = None
+
+
+class KeepAliveClock:
+    """One clock for every open stream (not a task for each): a stream that has been silent for
+    close to KEEPALIVE_INTERVAL seconds gets its keep-alive, so that none stays silent longer."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.tick = interval / 4
+        self.streams: set[SSEStream] = set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            silent_since = loop.time() - self.interval + self.tick
+            for stream in [stream for stream in self.streams if stream.last_write <= silent_since]:
+                stream.ping()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5137,24 +5200,18 @@ class OpenRequests:
     def count(self) -> int:
         return len(self._deadlines)
 
-    @asynccontextmanager
-    async def track(self) -> AsyncIterator[None]:
+    def track(self) -> "Tracked":
         """Answer one request under a deadline that shutdown can bring forward."""
-        deadline = asyncio.timeout(None)
-        try:
-            async with deadline:
-                self._deadlines.add(deadline)
-                self._idle.clear()
-                try:
-                    yield
-                finally:
-                    self._deadlines.discard(deadline)
-                    if not self._deadlines:
-                        self._idle.set()
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise ProxyError(503, "kimi_proxy is shutting down; ask again", code="shutting_down") from None
+        return Tracked(self)
+
+    def _enter(self, deadline: asyncio.Timeout) -> None:
+        self._deadlines.add(deadline)
+        self._idle.clear()
+
+    def _leave(self, deadline: asyncio.Timeout) -> None:
+        self._deadlines.discard(deadline)
+        if not self._deadlines:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -5168,6 +5225,26 @@ class OpenRequests:
         now = asyncio.get_running_loop().time()
         for deadline in self._deadlines:
             deadline.reschedule(now)
+
+
+class Tracked:
+    """One answer under a deadline that shutdown can bring forward: reaching it ends the answer
+    with a 503 the client can read. (A class, not a generator: it lives as long as the answer.)"""
+
+    def __init__(self, requests: OpenRequests) -> None:
+        self._requests = requests
+        self._deadline = asyncio.timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self._deadline.__aenter__()
+        self._requests._enter(self._deadline)
+
+    async def __aexit__(self, kind, error, trace) -> None:
+        self._requests._leave(self._deadline)
+        try:
+            await self._deadline.__aexit__(kind, error, trace)
+        except TimeoutError:
+            raise ProxyError(503, "kimi_proxy is shutting down; ask again", code="shutting_down") from None
 
 
 
@@ -5213,7 +5290,8 @@ def request_credentials(request: web.Request) -> list[str]:
     if not all(TOKEN_TEXT.fullmatch(credential) for credential in credentials):
         # refused before the token is stored or sent anywhere
         raise ProxyError(401, "The API key holds characters a Kimi token cannot contain", code="invalid_api_key")
-    return credentials
+    health = request.app[TOKEN_HEALTH]  # its copy of each token, kept while the answer streams (not the request's)
+    return [health.state(credential).token for credential in credentials]
 
 
 TOKEN_TEXT = re.compile(r"[\x21-\x7e]{1,8192}")  # visible ASCII: what JWTs and API keys are made of
@@ -5300,12 +5378,11 @@ async def answer(request: web.Request, api: ClientAPI) -> web.StreamResponse:
 
 async def stream_answer(request: web.Request, renderer: AnswerStream, batches: AsyncIterator[list[Part]],
                         keep_alive: bool) -> web.StreamResponse:
-    stream = SSEStream(request, request.app[CONFIG].keepalive_interval, renderer)
+    stream = SSEStream(request, renderer, request.app[KEEPALIVE_CLOCK] if keep_alive else None)
     writes = 0
     try:
         try:
-            kept_alive = stream.kept_alive() if keep_alive else nullcontext()
-            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), kept_alive:
+            async with request.app[OPEN_REQUESTS].track(), aclosing(batches), stream:
                 async for parts in batches:
                     data = renderer.feed(parts)
                     if data:  # what one read from Kimi brought goes out in one write
@@ -5625,6 +5702,15 @@ async def kimi_client(app: web.Application):
         app[KIMI].close()
 
 
+async def keepalive_clock(app: web.Application):
+    """The keep-alive clock of every stream, for the app's life."""
+    clock = app[KEEPALIVE_CLOCK] = KeepAliveClock(app[CONFIG].keepalive_interval)
+    ticking = asyncio.ensure_future(clock.run())
+    yield
+    ticking.cancel()
+    await asyncio.gather(ticking, return_exceptions=True)
+
+
 def create_app(config: Config) -> web.Application:
     guard_server_logs()
     app = web.Application(client_max_size=int(config.max_body_mb * 1024 * 1024), middlewares=[errors_and_logging])
@@ -5636,6 +5722,7 @@ def create_app(config: Config) -> web.Application:
     app[LIMITS] = Limits(config.max_messages, int(config.max_file_mb * 2**20))
     app[RESPONSES] = ResponseStore(config.responses_store, config.responses_ttl)
     app.cleanup_ctx.append(kimi_client)
+    app.cleanup_ctx.append(keepalive_clock)
     app.on_shutdown.append(finish_open_requests)
     app.on_response_prepare.append(add_common_headers)
     for path, api in CLIENT_APIS.items():

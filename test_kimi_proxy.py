@@ -2459,7 +2459,10 @@ def test_frames_survive_any_split():
         decoder = kp.FrameDecoder()
         got = [frame for start in range(0, len(frames), size) for frame in decoder.feed(frames[start:start + size])]
         assert [(flags, orjson.loads(payload)) for flags, payload in got] == [(0, {"a": "长城"}), (0, {"b": 1}), (2, {})]
-    assert kp.frame_message(b'{"a":1}') == bytes.fromhex("00000000077B2261223A317D")
+    chat = {"a": 1, "message": {"blocks": [{"text": {"content": 'hi "长城"\n\t' * 40000}}]}}
+    envelope = kp.to_envelope(copy.deepcopy(chat))
+    framed = b"".join(envelope.parts)
+    assert framed == connect_frame(chat) and envelope.size == len(framed) and len(envelope.parts) > 3
     with pytest.raises(kp.ProxyError):
         kp.FrameDecoder().feed(b"\x00\xff\xff\xff\xff")
 
