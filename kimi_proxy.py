@@ -1226,13 +1226,14 @@ class KimiHTTP:
         read is raised after what came before it; transport failures become ProxyErrors; the
         response is closed when reading ends, however it ends."""
         async with await self._call(credential, "POST", path, data, headers) as response:
+            del data  # sent: an answer may stream for minutes, and its request may be most of a large body
             if response.content_type == "application/json":  # an error body with status 200 instead of a stream
                 raise self._error_for(response.status, await read_kimi_json(response), None)
             try:
-                async for data in response.content.iter_any():
+                async for read in response.content.iter_any():
                     batch: list = []
                     try:
-                        over = decode(data, batch)
+                        over = decode(read, batch)
                     except ProxyError:
                         if batch:
                             yield batch
@@ -2221,11 +2222,10 @@ class ConnectKimi(KimiHTTP):
         renewed = False
         while True:
             named = model.id not in self._no_model_option
-            body = to_envelope(to_connect_chat(question, catalog, self._parents.get(question.chat_id), files,
-                                               name_model=named))
+            chat = to_connect_chat(question, catalog, self._parents.get(question.chat_id), files, name_model=named)
             state = ConnectState(silent=question.silent, chat_id=question.chat_id)
             try:
-                async with aclosing(self._stream_chat(credential, body, state)) as batches:
+                async with aclosing(self._stream_chat(credential, chat, state)) as batches:
                     async for batch in batches:
                         yield batch
             except StreamUnauthenticated:
@@ -2290,7 +2290,7 @@ class ConnectKimi(KimiHTTP):
         if note:
             error.message = f"{error.message} ({note})"
 
-    async def _stream_chat(self, credential: str, request: "Pieces", state: "ConnectState") -> AsyncIterator[list[Event]]:
+    async def _stream_chat(self, credential: str, chat: dict, state: "ConnectState") -> AsyncIterator[list[Event]]:
         decoder = FrameDecoder()
 
         def decode(data: bytes, batch: list[Event]) -> bool:
@@ -2300,7 +2300,7 @@ class ConnectKimi(KimiHTTP):
                     return True
             return False
 
-        async with aclosing(self._stream(credential, CHAT_RPC, request, CHAT_HEADERS, decode)) as batches:
+        async with aclosing(self._stream(credential, CHAT_RPC, to_envelope(chat), CHAT_HEADERS, decode)) as batches:
             async for batch in batches:
                 yield batch
         yield from_connect_ending(state)
@@ -4553,7 +4553,7 @@ class ResponsesStream(AnswerStream):
         self._options: ResponsesOptions = wanted.options
         self._id = "resp_" + new_id()
         self._created_at = int(time.time())
-        self._sequence = itertools.count()
+        self._sequence = itertools.count(2)  # 0 and 1 are the opening's, whenever it is written
         self._output: list[dict] = []     # the items done
         self._open: str | None = None     # "reasoning" or "message": the item open now
         self._item_id = ""
@@ -4563,16 +4563,15 @@ class ResponsesStream(AnswerStream):
         self._usage: Usage | None = None
         self._chat_id: str | None = None
         self._failed = False
-        response = self._response("in_progress")  # (numbered first, though it goes out with the first event)
-        self._opening = self._event("response.created", response=response) + \
-            self._event("response.in_progress", response=response)
 
     def kept(self, chat_id: str) -> None:
         super().kept(chat_id)
         self._chat_id = chat_id
 
     def opening(self) -> bytes:
-        return self._opening
+        response = to_response(self._wanted, self._id, self._created_at, "in_progress", [], None, None, None)
+        return self._event("response.created", 0, response=response) + \
+            self._event("response.in_progress", 1, response=response)
 
     def feed(self, parts: list[Part]) -> bytes:
         out = []
@@ -4624,8 +4623,9 @@ class ResponsesStream(AnswerStream):
         return to_response(self._wanted, self._id, self._created_at, status, list(self._output), usage, error,
                            self._chat_id)
 
-    def _event(self, kind: str, **fields) -> bytes:
-        return sse_event({"type": kind, "sequence_number": next(self._sequence), **fields}, kind)
+    def _event(self, kind: str, number: int | None = None, **fields) -> bytes:
+        number = next(self._sequence) if number is None else number
+        return sse_event({"type": kind, "sequence_number": number, **fields}, kind)
 
     def _into(self, kind: str) -> list[bytes]:
         """Open an item of this kind unless it is open: its added event and its first part."""
