@@ -10,6 +10,7 @@ shared machines are noisy.
     python bench_kimi_proxy.py                 # the full run (several minutes)
     python bench_kimi_proxy.py --quick --json  # tiny sizes, to prove it works
     python bench_kimi_proxy.py --soak 100000   # memory over a long mixed workload with faults
+    python bench_kimi_proxy.py --soak 100000 --module  # the same, started as python -m kimi_proxy
 """
 
 from __future__ import annotations
@@ -174,12 +175,14 @@ async def wait_serving(http: aiohttp.ClientSession, url: str, what: str) -> None
 
 
 async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession,
-                      quiet: bool = False) -> tuple[asyncio.subprocess.Process, str]:
+                      quiet: bool = False, as_module: bool = False) -> tuple[asyncio.subprocess.Process, str]:
+    """The proxy as `python kimi_proxy.py`, or as `python -m kimi_proxy` (as the Docker image runs it)."""
     port = free_port()
     env = {**os.environ, "KIMI_PROTOCOL": dialect, "KIMI_BASE_URL": kimi_url, "HOST": "127.0.0.1",
            "PORT": str(port), "LOG_LEVEL": "WARNING", "MAX_STREAMS_PER_TOKEN": "5000",
            "ALLOW_PRIVATE_FILE_URLS": "1", "MAX_FILE_MB": "200", "MAX_BODY_MB": "200"}
-    process = await asyncio.create_subprocess_exec(sys.executable, "kimi_proxy.py", cwd=HERE, env=env,
+    command = ("-m", "kimi_proxy") if as_module else ("kimi_proxy.py",)
+    process = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=HERE, env=env,
                                                    stderr=asyncio.subprocess.DEVNULL if quiet else None)
     url = f"http://127.0.0.1:{port}"
     await wait_serving(http, url, "proxy")
@@ -628,11 +631,11 @@ async def measure_soak(http, proxy, pid, token, requests: int, concurrency: int 
             "growth_over_second_half": round(100 * (samples[-1] - samples[4]) / samples[4], 1)}
 
 
-async def soak(dialect: str, requests: int) -> dict:
+async def soak(dialect: str, requests: int, as_module: bool) -> dict:
     fake, kimi, token, _ = await start_fake(dialect, quiet=True)  # (the faults make both sides log a lot)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
-        proxy_process, proxy = await start_proxy(dialect, kimi, http, quiet=True)
+        proxy_process, proxy = await start_proxy(dialect, kimi, http, quiet=True, as_module=as_module)
         try:
             result = await measure_soak(http, proxy, proxy_process.pid, token, requests)
             result["chats_left"] = await chats_left(http, kimi)
@@ -640,7 +643,8 @@ async def soak(dialect: str, requests: int) -> dict:
             for process in (proxy_process, fake):
                 process.terminate()
                 await process.wait()
-    return {"dialect": dialect, "requests": requests, **result}
+    return {"dialect": dialect, "requests": requests, "command": "python -m kimi_proxy" if as_module else
+            "python kimi_proxy.py", **result}
 
 
 def main() -> None:
@@ -649,6 +653,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmark works")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--soak", type=int, metavar="N", help="only the soak: N requests of a mixed workload")
+    parser.add_argument("--module", action="store_true", help="soak the proxy started as python -m kimi_proxy")
     parser.add_argument("--serve-fake", metavar="DIALECT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-relay", nargs=3, metavar=("KIMI", "ACCESS", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -660,7 +665,7 @@ def main() -> None:
         asyncio.run(serve_relay(kimi, access, int(port)))
         return
     if args.soak:
-        print(json.dumps(asyncio.run(soak(args.dialect, args.soak))))
+        print(json.dumps(asyncio.run(soak(args.dialect, args.soak, args.module))))
         return
     sizes = QUICK if args.quick else FULL
     results = asyncio.run(run(args.dialect, sizes))

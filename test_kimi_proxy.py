@@ -4741,12 +4741,9 @@ async def claude(proxy, token):
     await client.close()
 
 
-def anthropic_events(raw: bytes) -> list[dict]:
-    """The events of an Anthropic stream, checking what its SDKs and Claude Code rely on: an
-    `event:` line naming every event as its JSON `type` does, message_start first, one content
-    block open at a time with indices 0, 1, 2..., each started and stopped once, a tool's input
-    only in input_json_delta pieces that join into one JSON object, message_stop last (or an error
-    and nothing after it)."""
+def named_events(raw: bytes) -> list[dict]:
+    """The events of a stream whose every event has an `event:` line naming it as its JSON `type`
+    does (comments skipped), as the Anthropic and Responses streams are written."""
     assert b"\r" not in raw and raw.endswith(b"\n\n")
     events = []
     for block in raw.decode().split("\n\n")[:-1]:
@@ -4757,6 +4754,16 @@ def anthropic_events(raw: bytes) -> list[dict]:
         event = json.loads(data[len("data: "):])
         assert event["type"] == name[len("event: "):]
         events.append(event)
+    return events
+
+
+def anthropic_events(raw: bytes) -> list[dict]:
+    """The events of an Anthropic stream, checking what its SDKs and Claude Code rely on: an
+    `event:` line naming every event as its JSON `type` does, message_start first, one content
+    block open at a time with indices 0, 1, 2..., each started and stopped once, a tool's input
+    only in input_json_delta pieces that join into one JSON object, message_stop last (or an error
+    and nothing after it)."""
+    events = named_events(raw)
     kinds = [event["type"] for event in events if event["type"] != "ping"]
     assert kinds[0] == "message_start" and events[0]["type"] == "message_start"
     start = events[0]["message"]
@@ -5155,16 +5162,7 @@ def responses_events(raw: bytes) -> list[dict]:
     then in_progress first with one response id throughout, every item added before its deltas
     and done after them (same id and type), output indices 0, 1, 2..., a message's part added
     before its text, and exactly one terminal event, last, whose output is every item done."""
-    assert b"\r" not in raw and raw.endswith(b"\n\n")
-    events = []
-    for block in raw.decode().split("\n\n")[:-1]:
-        if block.startswith(":"):
-            continue
-        name, data = block.split("\n")
-        assert name.startswith("event: ") and data.startswith("data: "), block
-        event = json.loads(data[len("data: "):])
-        assert event["type"] == name[len("event: "):]
-        events.append(event)
+    events = named_events(raw)
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
     assert [event["type"] for event in events[:2]] == ["response.created", "response.in_progress"]
     response_id = events[0]["response"]["id"]
@@ -5608,7 +5606,7 @@ async def test_claude_code_runs_a_tool_kimi_calls_and_finishes(proxy, token, kim
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark (its numbers are for people to read; here it only has to run)
+# The module's layout
 # ---------------------------------------------------------------------------------------------
 
 
@@ -5646,6 +5644,11 @@ def test_each_section_of_the_module_uses_only_the_sections_above_it():
     assert backwards == []
 
 
+# ---------------------------------------------------------------------------------------------
+# The benchmark (its numbers are for people to read; here it only has to run)
+# ---------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("dialect_name", ["connect", "legacy"])
 def test_benchmark_runs_with_tiny_sizes(dialect_name):
     result = subprocess.run([sys.executable, "bench_kimi_proxy.py", "--quick", "--json", "--dialect", dialect_name],
@@ -5654,3 +5657,13 @@ def test_benchmark_runs_with_tiny_sizes(dialect_name):
     figures = json.loads(result.stdout)
     assert figures["chats_left"] == 0 and figures["streams_failed"] == 0 and figures["cpu_incomplete"] == 0
     assert figures["ttfb_ms_median"] > 0 and figures["chunks_per_s"] > 0 and figures["idle_rss_mb"] > 10
+
+
+@pytest.mark.parametrize("command", [[], ["--module"]])
+def test_benchmark_soak_runs(command):
+    result = subprocess.run([sys.executable, "bench_kimi_proxy.py", "--soak", "300", *command],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert figures["chats_left"] == 0 and figures["client_errors"] == 0 and len(figures["rss_mb_each_tenth"]) == 10
+    assert figures["command"] == ("python -m kimi_proxy" if command else "python kimi_proxy.py")
