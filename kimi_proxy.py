@@ -1056,6 +1056,20 @@ def json_body(value: object) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
+PROMPT_MARK = "\ue000kimi-proxy: the prompt\ue000"  # stands for the prompt in the JSON around it
+PROMPT_SLICE = 2**18  # characters of the prompt written into the request at a time
+
+
+def json_with_text(value: object, text: str) -> list[bytes]:
+    """`value` as JSON in parts, with `text` where PROMPT_MARK stands in one of its strings. The
+    text, which may be most of a large request, is written a slice at a time: orjson would keep
+    a UTF-8 copy of it beside the text and make more while it writes."""
+    head, tail = orjson.dumps(value).split(PROMPT_MARK.encode(), 1)
+    slices = [json.encoder.encode_basestring(text[start:start + PROMPT_SLICE])[1:-1].encode()
+              for start in range(0, len(text), PROMPT_SLICE)]
+    return [head, *slices, tail]
+
+
 class Pieces:
     """A request body of several parts, sent a piece at a time as often as a call is tried: no
     copy of the whole is made (a prompt may be most of a large request), and the socket's buffer
@@ -1428,10 +1442,10 @@ class LegacyKimi(KimiHTTP):
             await self._check_research_quota(credential)
         chat_id = question.chat_id or await self._create_chat(credential, question)
         yield [Event(CHAT, chat_id)]
-        body = to_legacy_completion(question, await self.upload_all(credential, question, chat_id))
+        body, text = to_legacy_completion(question, await self.upload_all(credential, question, chat_id))
         for continuation in range(MAX_CONTINUATIONS + 1):
             segment = SegmentState(silent=question.silent)
-            async with aclosing(self._stream_segment(credential, chat_id, body, segment)) as batches:
+            async with aclosing(self._stream_segment(credential, chat_id, body, text, segment)) as batches:
                 async for batch in batches:
                     yield batch
             if not segment.truncated:
@@ -1439,7 +1453,7 @@ class LegacyKimi(KimiHTTP):
                 return
             if segment.id is None or continuation == MAX_CONTINUATIONS:
                 break
-            body = to_legacy_continuation(question, segment.id)
+            body, text = to_legacy_continuation(question, segment.id)
         yield [LENGTH_EVENT, DONE_EVENT]
 
     def _registration(self, kind: str, source: FileBytes, signed: dict, chat_id: str | None) -> dict:
@@ -1459,7 +1473,7 @@ class LegacyKimi(KimiHTTP):
         async with await self._call(credential, "DELETE", f"/api/chat/{chat_id}"):
             pass
 
-    async def _stream_segment(self, credential: str, chat_id: str, body: dict,
+    async def _stream_segment(self, credential: str, chat_id: str, body: dict, text: str,
                               segment: "SegmentState") -> AsyncIterator[list[Event]]:
         decoder = SSEDecoder()
 
@@ -1472,8 +1486,9 @@ class LegacyKimi(KimiHTTP):
                     return True
             return False
 
-        async with aclosing(self._stream(credential, f"/api/chat/{chat_id}/completion/stream", json_body(body),
-                                         {hdrs.REFERER: f"{self._base}/chat/{chat_id}"}, decode)) as batches:
+        path, headers = f"/api/chat/{chat_id}/completion/stream", {hdrs.REFERER: f"{self._base}/chat/{chat_id}"}
+        async with aclosing(self._stream(credential, path, Pieces(*json_with_text(body, text)), headers,
+                                         decode)) as batches:
             async for batch in batches:
                 yield batch
         if not (segment.finished or segment.truncated):
@@ -1533,12 +1548,13 @@ def to_legacy_new_chat(question: Question) -> dict:
     return {"enter_method": "new_chat", "is_example": False, "kimiplus_id": to_kimiplus_id(question), "name": "未命名会话"}
 
 
-def to_legacy_completion(question: Question, files: list = ()) -> dict:
+def to_legacy_completion(question: Question, files: list = ()) -> tuple[dict, str]:
+    """(the completion request, the message's text to write where PROMPT_MARK stands in it)."""
     # the web app ends every message with a newline, and describes each file as its upload widget does
-    return {"kimiplus_id": to_kimiplus_id(question), "messages": [{"role": "user", "content": question.prompt + "\n"}],
+    return {"kimiplus_id": to_kimiplus_id(question), "messages": [{"role": "user", "content": PROMPT_MARK + "\n"}],
             "refs": [file.id for file in files], "refs_file": [to_legacy_ref_file(file) for file in files],
             "use_math": question.math, "use_research": question.research, "use_search": question.search,
-            "extend": {"sidebar": True}}
+            "extend": {"sidebar": True}}, question.prompt
 
 
 def to_legacy_ref_file(file: "KimiFile") -> dict:
@@ -1547,9 +1563,9 @@ def to_legacy_ref_file(file: "KimiFile") -> dict:
             "upload_status": "success"}
 
 
-def to_legacy_continuation(question: Question, segment_id: str) -> dict:
-    return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": " "}],
-            "kimiplus_id": to_kimiplus_id(question), "extend": {"sidebar": True}}
+def to_legacy_continuation(question: Question, segment_id: str) -> tuple[dict, str]:
+    return {"segment_id": segment_id, "action": "continue", "messages": [{"role": "user", "content": PROMPT_MARK}],
+            "kimiplus_id": to_kimiplus_id(question), "extend": {"sidebar": True}}, " "
 
 
 @dataclasses.dataclass(slots=True)
@@ -1654,23 +1670,14 @@ COMPRESSED = 0x01   # never seen from Kimi (we ask for no compression)
 MAX_FRAME = 16 * 1024 * 1024
 
 
-PROMPT_MARK = "\ue000kimi-proxy: the prompt\ue000"  # stands for the prompt in the JSON around it
-PROMPT_SLICE = 2**18  # characters of the prompt written into the request at a time
-
-
 def to_envelope(chat: dict) -> Pieces:
     """The Chat request as one Connect envelope (flags byte 0, big-endian uint32 length, the
-    JSON). The prompt, which may be most of a large request, is written into the JSON a slice at
-    a time: orjson would keep a UTF-8 copy of it beside the text and make more while it writes,
-    and framing would copy the whole once again. (`chat` is the request's own dict: its prompt is
-    taken out of it.)"""
+    JSON), its prompt written in slices, so that framing makes no copy of the whole either.
+    (`chat` is the request's own dict: its prompt is taken out of it.)"""
     text = chat["message"]["blocks"][0]["text"]
     prompt, text["content"] = text["content"], PROMPT_MARK
-    head, tail = orjson.dumps(chat).split(PROMPT_MARK.encode(), 1)
-    slices = [json.encoder.encode_basestring(prompt[start:start + PROMPT_SLICE])[1:-1].encode()
-              for start in range(0, len(prompt), PROMPT_SLICE)]
-    size = len(head) + len(tail) + sum(map(len, slices))
-    return Pieces(b"\0" + size.to_bytes(4, "big"), head, *slices, tail)
+    parts = json_with_text(chat, prompt)
+    return Pieces(b"\0" + sum(map(len, parts)).to_bytes(4, "big"), *parts)
 
 
 class FrameDecoder:

@@ -2467,6 +2467,12 @@ def test_frames_survive_any_split():
         kp.FrameDecoder().feed(b"\x00\xff\xff\xff\xff")
 
 
+def test_a_large_text_is_written_into_its_json_in_slices():
+    text = 'a "quote", a \\ backslash, \x01\x1f\x7f controls, 长城 and 🧱\n' * 20000  # > 3 slices
+    parts = kp.json_with_text({"messages": [{"content": kp.PROMPT_MARK + "\n"}], "n": 1}, text)
+    assert len(parts) > 4 and orjson.loads(b"".join(parts)) == {"messages": [{"content": text + "\n"}], "n": 1}
+
+
 def frames_to_events(*messages, silent=False) -> tuple[list, kp.ConnectState]:
     state = kp.ConnectState(silent=silent)
     frames = [m if isinstance(m, tuple) else (0, orjson.dumps(m)) for m in messages]
