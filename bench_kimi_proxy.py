@@ -11,6 +11,7 @@ shared machines are noisy.
     python bench_kimi_proxy.py --quick --json  # tiny sizes, to prove it works
     python bench_kimi_proxy.py --soak 100000   # memory over a long mixed workload with faults
     python bench_kimi_proxy.py --soak 100000 --module  # the same, started as python -m kimi_proxy
+    python bench_kimi_proxy.py --against DIR   # CPU and memory beside another checkout, in turn
 """
 
 from __future__ import annotations
@@ -175,14 +176,16 @@ async def wait_serving(http: aiohttp.ClientSession, url: str, what: str) -> None
 
 
 async def start_proxy(dialect: str, kimi_url: str, http: aiohttp.ClientSession,
-                      quiet: bool = False, as_module: bool = False) -> tuple[asyncio.subprocess.Process, str]:
-    """The proxy as `python kimi_proxy.py`, or as `python -m kimi_proxy` (as the Docker image runs it)."""
+                      quiet: bool = False, as_module: bool = False,
+                      checkout: str = HERE) -> tuple[asyncio.subprocess.Process, str]:
+    """The proxy as `python kimi_proxy.py`, or as `python -m kimi_proxy` (as the Docker image runs
+    it), from this checkout or another."""
     port = free_port()
     env = {**os.environ, "KIMI_PROTOCOL": dialect, "KIMI_BASE_URL": kimi_url, "HOST": "127.0.0.1",
            "PORT": str(port), "LOG_LEVEL": "WARNING", "MAX_STREAMS_PER_TOKEN": "5000",
            "ALLOW_PRIVATE_FILE_URLS": "1", "MAX_FILE_MB": "200", "MAX_BODY_MB": "200"}
     command = ("-m", "kimi_proxy") if as_module else ("kimi_proxy.py",)
-    process = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=HERE, env=env,
+    process = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=checkout, env=env,
                                                    stderr=asyncio.subprocess.DEVNULL if quiet else None)
     url = f"http://127.0.0.1:{port}"
     await wait_serving(http, url, "proxy")
@@ -566,6 +569,65 @@ def table(dialect: str, sizes: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
+# Before and after: this checkout against another (`--against DIR`, e.g. a `git worktree` of an
+# older commit), alternately in one run
+AGAINST_FIGURES = [("CPU per relayed chunk (µs)", "cpu_us_per_chunk"),
+                   ("CPU per relayed chunk, tools offered, plain answer (µs)", "cpu_us_per_chunk_tools_offered"),
+                   ("CPU per Kimi piece, answer ending in a tool call (µs)", "cpu_us_per_chunk_tool_call"),
+                   ("memory per open stream (KB)", "stream_kb")]
+
+
+async def measure_checkout(http, dialect: str, kimi: str, token: str, checkout: str, sizes: dict) -> dict:
+    """One run of the AGAINST_FIGURES for the proxy of one checkout, each in a fresh process."""
+    process, url = await start_proxy(dialect, kimi, http, quiet=True, checkout=checkout)
+    try:
+        await proxy_stream(http, url, token, "scenario:call_5", tools=[WEATHER_TOOL])  # warm
+        args = (sizes["cpu_requests"], sizes["cpu_chunks"], sizes["cpu_concurrency"])
+        plain = await cpu_per_chunk(http, url, process.pid, token, *args, "chunks")
+        offered = await cpu_per_chunk(http, url, process.pid, token, *args, "chunks", tools=[WEATHER_TOOL])
+        called = await cpu_per_chunk(http, url, process.pid, token, *args, "call", tools=[WEATHER_TOOL])
+    finally:
+        process.terminate()
+        await process.wait()
+    _, per_stream, failed = await fresh_streams(
+        http, lambda: start_proxy(dialect, kimi, http, quiet=True, checkout=checkout), token, sizes["open_streams"],
+        sizes["stream_seconds"])
+    return {"cpu_us_per_chunk": plain[0], "cpu_us_per_chunk_tools_offered": offered[0],
+            "cpu_us_per_chunk_tool_call": called[0], "stream_kb": per_stream,
+            "failed": plain[2] + offered[2] + called[2] + failed}
+
+
+async def against(dialect: str, other: str, sizes: dict) -> dict:
+    """The AGAINST_FIGURES of this checkout and of `other`, taken in turn (ABBA), with the median
+    of each and this one's ratio to the other's."""
+    fake, kimi, token, access = await start_fake(dialect, quiet=True)
+    token = access if dialect == "connect" else token  # (each fresh connect proxy would rotate the refresh token)
+    checkouts = [("this", HERE), ("other", os.path.abspath(other))]
+    runs: dict[str, dict[str, list]] = {"this": {}, "other": {}}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=120)) as http:
+        try:
+            for run in range(sizes["runs"]):
+                for name, checkout in checkouts if run % 2 == 0 else checkouts[::-1]:
+                    collect(runs[name], await measure_checkout(http, dialect, kimi, token, checkout, sizes))
+        finally:
+            fake.terminate()
+            await fake.wait()
+    this, that = ({key: statistics.median(values) for key, values in runs[name].items()} for name in ("this", "other"))
+    return {"dialect": dialect, "other": os.path.abspath(other), "runs": sizes["runs"], "failed": int(this["failed"] + that["failed"]),
+            **{key: {"this": this[key], "other": that[key], "ratio": ratio(this[key], that[key])}
+               for _, key in AGAINST_FIGURES}}
+
+
+def against_table(results: dict) -> str:
+    lines = [f"kimi_proxy benchmark: this checkout against {results['other']}, {results['dialect']} dialect, "
+             f"median of {results['runs']} runs taken in turn", f"{'figure':<60}{'this':>10}{'other':>10}{'ratio':>8}"]
+    for label, key in AGAINST_FIGURES:
+        figure = results[key]
+        lines.append(f"{label:<60}{figure['this']:>10.2f}{figure['other']:>10.2f}{figure['ratio']:>8.3f}")
+    return "\n".join(lines + [f"streams or answers failed: {results['failed']}"])
+
+
 # The soak's mix: (what the request does, how often), with faults from both sides
 SOAK_MIX = [("stream", 6), ("json", 4), ("chunks", 2), ("tool_call", 2), ("call_required", 1), ("error", 1),
             ("error_first", 1), ("drop", 1), ("disconnect", 1), ("bad_body", 1), ("no_key", 1), ("unknown_path", 1),
@@ -654,6 +716,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--soak", type=int, metavar="N", help="only the soak: N requests of a mixed workload")
     parser.add_argument("--module", action="store_true", help="soak the proxy started as python -m kimi_proxy")
+    parser.add_argument("--against", metavar="DIR", help="only CPU and memory, beside another checkout's proxy")
     parser.add_argument("--serve-fake", metavar="DIALECT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-relay", nargs=3, metavar=("KIMI", "ACCESS", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -668,6 +731,10 @@ def main() -> None:
         print(json.dumps(asyncio.run(soak(args.dialect, args.soak, args.module))))
         return
     sizes = QUICK if args.quick else FULL
+    if args.against:
+        results = asyncio.run(against(args.dialect, args.against, {**sizes, "runs": max(2, sizes["runs"] * 2)}))
+        print(json.dumps(results, indent=2) if args.json else against_table(results))
+        return
     results = asyncio.run(run(args.dialect, sizes))
     print(json.dumps(results, indent=2) if args.json else table(args.dialect, sizes, results))
 

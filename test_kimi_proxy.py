@@ -5673,3 +5673,13 @@ def test_benchmark_soak_runs(command):
     figures = json.loads(result.stdout)
     assert figures["chats_left"] == 0 and figures["client_errors"] == 0 and len(figures["rss_mb_each_tenth"]) == 10
     assert figures["command"] == ("python -m kimi_proxy" if command else "python kimi_proxy.py")
+
+
+def test_benchmark_compares_two_checkouts():
+    result = subprocess.run([sys.executable, "bench_kimi_proxy.py", "--quick", "--json", "--against", "."],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert figures["failed"] == 0 and figures["runs"] == 2
+    for key in ("cpu_us_per_chunk", "cpu_us_per_chunk_tools_offered", "cpu_us_per_chunk_tool_call", "stream_kb"):
+        assert figures[key]["this"] > 0 and figures[key]["other"] > 0 and figures[key]["ratio"] > 0
