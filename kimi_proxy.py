@@ -3292,11 +3292,8 @@ class CallScanner:
         self._open: str | None = None  # the mark of the block being read, if one is
         self._opened_at = 0       # where in `held` that block's content starts
         self.segments: list[tuple[str, str]] = []  # ("block", its content) or ("prose", text)
+        self.blocks: list[str] = []  # the blocks' contents alone
         self.finished = False
-
-    @property
-    def blocks(self) -> list[str]:
-        return [content for kind, content in self.segments if kind == "block"]
 
     def feed(self, text: str) -> str:
         """Take more answer text; return the prose that may go out now."""
@@ -3356,6 +3353,7 @@ class CallScanner:
                 self._scanned = max(self._opened_at, len(self.held) - len(close))
                 return
             self.segments.append(("block", self.held[self._opened_at:end]))
+            self.blocks.append(self.segments[-1][1])
             self._open, self._scanned = None, end + len(close)
 
     def _add_prose(self, text: str) -> None:
@@ -3435,7 +3433,7 @@ class AnswerReading:
         self.stops = wanted.stop
         self.live = live
         self._text: list[str] = []
-        self.prose = ""          # the text before the first block (all of it when there is none)
+        self._prose: list[str] = []  # the text before the first block (all of it when there is none)
         self.sent = 0            # characters of the prose that went out
         self.reasoning: list[str] = []  # thinking kept back
         self.checked: list[tuple[Call | None, str | None]] = []  # each closed block's call, or its problem
@@ -3446,6 +3444,14 @@ class AnswerReading:
     def text(self) -> str:
         """The answer as far as it was read."""
         return "".join(self._text)
+
+    @property
+    def prose(self) -> str:
+        return "".join(self._prose)
+
+    def answer_with(self, text: str) -> None:
+        """What is left to send is `text` instead of the prose (the JSON found in it)."""
+        self._prose, self.sent = [text], 0
 
     @property
     def ended(self) -> bool:
@@ -3463,7 +3469,7 @@ class AnswerReading:
             kind, value = part
             if kind == TEXT:
                 self._text.append(value)
-                out += self._prose(self.scanner.feed(value) if self.scanner else value)
+                out += self._prose_out(self.scanner.feed(value) if self.scanner else value)
                 self._check_new_blocks()
             elif kind == REASONING and not self.live:
                 self.reasoning.append(value)
@@ -3480,17 +3486,21 @@ class AnswerReading:
         self.usage = self.usage or translator.usage()
         if self.scanner is None:
             return []
-        out = self._prose(self.scanner.finish())
+        out = self._prose_out(self.scanner.finish())
         self._check_new_blocks()
         return out
 
     def _check_new_blocks(self) -> None:
         blocks = self.scanner.blocks if self.scanner else ()
-        self.checked += [to_tool_call(block, self.tools) for block in blocks[len(self.checked):]]
+        if len(blocks) > len(self.checked):
+            self.checked += [to_tool_call(block, self.tools) for block in blocks[len(self.checked):]]
 
-    def _prose(self, prose: str) -> list[Part]:
-        self.prose += prose
-        if not (self.live and prose):
+    def _prose_out(self, prose: str) -> list[Part]:
+        """Keep prose read; when live, it goes out at once."""
+        if not prose:
+            return []
+        self._prose.append(prose)
+        if not self.live:
             return []
         self.sent += len(prose)
         return [Part(TEXT, prose)]
@@ -3500,7 +3510,8 @@ class AnswerReading:
 
     def unsent(self) -> list[Part]:
         """The prose before the first block that has not gone out yet."""
-        return [Part(TEXT, self.prose[self.sent:])] if self.prose[self.sent:] else []
+        unsent = self.prose[self.sent:]
+        return [Part(TEXT, unsent)] if unsent else []
 
     def as_written(self) -> list[Part]:
         """The whole answer as plain text: what has not gone out of it yet."""
@@ -3532,7 +3543,7 @@ def judge(wanted: Request, reading: AnswerReading) -> list[Part] | BadAnswer:
         if problem:
             return BadAnswer(f"the answer is not the JSON asked for: {problem}",
                              f"That answer is not the JSON asked for: {problem}. Answer again with the JSON only.")
-        reading.prose, reading.sent = text, 0
+        reading.answer_with(text)
     return [Part(FINISH, reading.finish)]
 
 
